@@ -716,7 +716,7 @@ def find_gpu(query: str, gpus: Iterable[GPU] | None = None) -> GPU:
     """
     pool = tuple(gpus) if gpus is not None else load_gpus()
     index = _index(pool)
-    norm = _normalize(query or "")
+    norm = _normalize(str(query) if query is not None else "")
     if not norm:
         raise UnknownGPUError("empty GPU name; give a name like 'H100 SXM', 'RTX 4090' or 'M3 Max 128GB'")
     for candidate in (norm, _strip_prefixes(norm)):
