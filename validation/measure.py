@@ -1,0 +1,691 @@
+"""Measure real peak GPU memory for validation cases, exactly in the regimes of ../shared/SPEC.md.
+
+    python -m validation.measure --cases validation/cases.yaml --out validation/results/h100.jsonl
+
+Each case runs in its own process (forked from a parent that never touches CUDA, so imports are
+paid once while every case's allocator and peak counters start clean). Models are random-weight
+bf16 checkpoints built from catalog configs: memory depends on shapes, not values. A case that
+fails, OOM included, is written as such and the run goes on. One JSON line per case.
+
+This is the only part of the project that needs CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from validation.cases import Case, load_cases, select
+
+GIB = 1024**3
+
+# CANIRUN_MEASURE_DEVICE=cpu runs the whole harness on the CPU with zeroed memory counters: a dry run
+# for tests and for checking a case file before spending GPU time. Real measurements need CUDA.
+DEVICE = os.environ.get("CANIRUN_MEASURE_DEVICE", "cuda")
+
+
+class _NoCuda:
+    """Stands in for torch.cuda in a CPU dry run: every counter reads 0."""
+
+    def __getattr__(self, name):
+        if name in ("get_device_name",):
+            return lambda *a, **k: "cpu (dry run)"
+        if name == "mem_get_info":
+            return lambda *a, **k: (0, 0)
+        if name == "memory_stats":
+            return lambda *a, **k: {}
+        return lambda *a, **k: 0
+
+
+def _cuda():
+    import torch
+
+    return torch.cuda if DEVICE == "cuda" else _NoCuda()
+
+
+# ---------------------------------------------------------------------------------------------
+# Device memory as nvidia-smi sees it (NVML), process-independent
+# ---------------------------------------------------------------------------------------------
+def _nvml_used_bytes() -> int | None:
+    try:
+        import pynvml  # nvidia-ml-py
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(int(os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or 0))
+        return int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
+    except Exception:  # noqa: BLE001 - NVML is optional; mem_get_info is the fallback
+        return None
+
+
+class DeviceProbe:
+    """Samples memory at named points: allocator stats plus device use over a pre-CUDA baseline."""
+
+    def __init__(self) -> None:
+        self.baseline_used = _nvml_used_bytes()
+        self.samples: dict[str, dict] = {}
+        self.device_used_max = 0
+
+    def device_used(self) -> int:
+        import torch
+
+        used = _nvml_used_bytes()
+        if used is not None and self.baseline_used is not None:
+            return used - self.baseline_used
+        free, total = _cuda().mem_get_info()
+        return total - free
+
+    def sample(self, name: str) -> dict:
+        import torch
+
+        _cuda().synchronize()
+        row = {
+            "allocated": _cuda().memory_allocated(),
+            "reserved": _cuda().memory_reserved(),
+            "max_allocated": _cuda().max_memory_allocated(),
+            "max_reserved": _cuda().max_memory_reserved(),
+            "device_used": self.device_used(),
+        }
+        self.device_used_max = max(self.device_used_max, row["device_used"])
+        self.samples[name] = row
+        return row
+
+
+# ---------------------------------------------------------------------------------------------
+# Random-weight checkpoints from catalog configs
+# ---------------------------------------------------------------------------------------------
+def catalog_config(model: str) -> dict:
+    from estimator.catalog import find_entry
+
+    entry = find_entry(model)
+    if entry is None:
+        raise ValueError(f"{model!r} is not in the offline catalog")
+    return entry.config()
+
+
+def catalog_config_file(model: str) -> dict:
+    """The catalog's config file for a repo id, read directly (the harness's only need)."""
+    path = Path(__file__).resolve().parent.parent / "estimator" / "catalog" / "configs" / (model.replace("/", "--") + ".json")
+    if path.exists():
+        return json.loads(path.read_text())
+    return catalog_config(model)
+
+
+def build_checkpoint(model: str, directory: Path) -> None:
+    """Save a random bf16 checkpoint of `model` (built on the GPU: fast), as users' checkpoints are."""
+    import torch
+    import transformers
+
+    raw = catalog_config_file(model)
+    config = transformers.AutoConfig.for_model(**raw)
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        net = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    net.tie_weights()
+    with torch.no_grad():
+        for name, param in net.named_parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, 0.02)
+            elif name.endswith("bias"):
+                param.zero_()
+    net.save_pretrained(directory, safe_serialization=True)
+    (directory / "READY").write_text("ok")
+
+
+# ---------------------------------------------------------------------------------------------
+# One case, in its own process
+# ---------------------------------------------------------------------------------------------
+_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, _DTYPES[name])
+
+
+def _bnb_config(job, *, four_bit: bool, quant: str):
+    import torch
+    import transformers
+
+    if not four_bit:
+        return transformers.BitsAndBytesConfig(load_in_8bit=True)
+    return transformers.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant,
+        bnb_4bit_use_double_quant=job.double_quant,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+
+
+def load_model(case: Case, ckpt: Path):
+    """`from_pretrained(..., device_map={"": 0})` with the dtype or quantization the job names."""
+    import torch
+    import transformers
+
+    job = case.job
+    kwargs: dict = {"device_map": {"": 0 if DEVICE == "cuda" else "cpu"}, "attn_implementation": job.attn.value}
+    mode = job.mode.value
+    if mode == "inference":
+        weights = job.weights.value
+        if weights in ("int8", "nf4", "fp4"):
+            kwargs["quantization_config"] = _bnb_config(job, four_bit=weights != "int8", quant=weights)
+            kwargs["dtype"] = torch.bfloat16
+        else:
+            kwargs["dtype"] = _torch_dtype(weights)
+    elif mode == "full":
+        precision = job.precision.value
+        kwargs["dtype"] = torch.float32 if precision.startswith("amp_") else _torch_dtype(precision)
+    elif mode == "lora":
+        kwargs["dtype"] = _torch_dtype(job.base_dtype.value)
+    else:  # qlora
+        kwargs["quantization_config"] = _bnb_config(job, four_bit=True, quant=job.quant.value)
+        kwargs["dtype"] = torch.bfloat16
+    return transformers.AutoModelForCausalLM.from_pretrained(str(ckpt), **kwargs)
+
+
+def make_optimizer(name: str, params):
+    import torch
+
+    if name == "adamw_fused":
+        return torch.optim.AdamW(params, lr=1e-5, fused=True)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=1e-5, foreach=True)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=1e-5, momentum=0.9)
+    if name == "adafactor":
+        from transformers import Adafactor
+
+        return Adafactor(params)
+    import bitsandbytes as bnb
+
+    cls = {
+        "adamw_8bit": bnb.optim.AdamW8bit,
+        "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+        "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
+    }[name]
+    return cls(params, lr=1e-5)
+
+
+def _lora_config(job):
+    from peft import LoraConfig
+
+    targets = "all-linear" if job.lora_targets == ("all-linear",) else list(job.lora_targets)
+    return LoraConfig(
+        r=job.lora_r,
+        lora_alpha=job.lora_alpha,
+        lora_dropout=job.lora_dropout,
+        target_modules=targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+class SavedTensorCensus:
+    """Counts what autograd saves for backward during one forward, by module and dtype.
+
+    Storages are counted once (several saves of one tensor, or views of it, share a storage).
+    Parameters are recognised by storage and reported apart: they are not activations.
+    """
+
+    def __init__(self, model) -> None:
+        import torch
+
+        self.model = model
+        self.param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.stack: list[str] = []
+        self.seen: set[int] = set()
+        self.rows: dict[tuple, list[int]] = {}
+        self.total = 0
+        self.handles = []
+        for name, module in model.named_modules():
+            self.handles.append(module.register_forward_pre_hook(self._enter(name)))
+            self.handles.append(module.register_forward_hook(self._leave()))
+        self.ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda x: x)
+
+    def _enter(self, name):
+        def hook(module, args):
+            self.stack.append(name)
+
+        return hook
+
+    def _leave(self):
+        def hook(module, args, output):
+            if self.stack:
+                self.stack.pop()
+
+        return hook
+
+    @staticmethod
+    def _where(name: str) -> str | None:
+        """Layer 0 and everything outside the layer stack; other layers repeat layer 0."""
+        parts = name.split(".")
+        for i, part in enumerate(parts[:-1]):
+            if part in ("layers", "h", "layer", "blocks") and parts[i + 1].isdigit():
+                if parts[i + 1] != "0":
+                    return None
+                return ".".join(parts[:i] + ["N"] + parts[i + 2 :])
+        return name
+
+    def _pack(self, tensor):
+        try:
+            storage = tensor.untyped_storage()
+            ptr = storage.data_ptr()
+            nbytes = storage.nbytes()
+        except Exception:  # noqa: BLE001 - e.g. tensor subclasses without storage
+            return tensor
+        if ptr in self.seen or nbytes == 0:
+            return tensor
+        self.seen.add(ptr)
+        self.total += nbytes
+        module = self.stack[-1] if self.stack else ""
+        where = self._where(module)
+        if where is not None:
+            kind = "param" if ptr in self.param_ptrs else "act"
+            key = (where, kind, str(tensor.dtype).replace("torch.", ""), "x".join(map(str, tensor.shape)))
+            row = self.rows.setdefault(key, [0, 0])
+            row[0] += 1
+            row[1] += nbytes
+        return tensor
+
+    def __enter__(self):
+        self.ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.ctx.__exit__(*exc)
+        for handle in self.handles:
+            handle.remove()
+
+    def report(self) -> dict:
+        rows = [
+            {"module": k[0], "kind": k[1], "dtype": k[2], "shape": k[3], "count": v[0], "bytes": v[1]}
+            for k, v in sorted(self.rows.items())
+        ]
+        return {"total_saved_bytes": self.total, "rows": rows}
+
+
+def run_training(case: Case, ckpt: Path, probe: DeviceProbe, result: dict, diag: bool) -> None:
+    import torch
+
+    job = case.job
+    mode = job.mode.value
+    model = load_model(case, ckpt)
+    probe.sample("loaded")
+    result["params_total"] = _count_params(model)
+    model.config.use_cache = False
+    if mode == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=job.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+        probe.sample("kbit_prepared")
+    elif job.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if job.uses_lora:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, _lora_config(job))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    result["params_trainable"] = sum(p.numel() for p in params)
+    optimizer = make_optimizer(job.optimizer.value, params)
+    vocab = model.config.get_text_config().vocab_size
+    torch.manual_seed(0)
+    ids = torch.randint(0, vocab, (job.batch_size, job.seq_len), device=DEVICE)
+    if mode == "full" and job.precision.is_amp:
+        amp_dtype = torch.bfloat16 if job.precision.value == "amp_bf16" else torch.float16
+    elif mode == "full":
+        amp_dtype = None
+    else:
+        amp_dtype = torch.bfloat16
+
+    def forward():
+        if amp_dtype is None:
+            return model(input_ids=ids, labels=ids).loss
+        with torch.autocast(DEVICE, dtype=amp_dtype):
+            return model(input_ids=ids, labels=ids).loss
+
+    setup = probe.sample("setup")
+    result["static_after_setup_bytes"] = setup["allocated"]
+    _cuda().reset_peak_memory_stats()
+    steps = []
+    for step in range(3):
+        row = {"start_allocated": _cuda().memory_allocated()}
+        _cuda().reset_peak_memory_stats()
+        loss = forward()
+        s = probe.sample(f"step{step}_forward")
+        row.update(forward_peak=s["max_allocated"], after_forward=s["allocated"])
+        _cuda().reset_peak_memory_stats()
+        loss.backward()
+        del loss
+        s = probe.sample(f"step{step}_backward")
+        row.update(backward_peak=s["max_allocated"], after_backward=s["allocated"])
+        _cuda().reset_peak_memory_stats()
+        optimizer.step()
+        s = probe.sample(f"step{step}_optimizer")
+        row.update(optimizer_peak=s["max_allocated"], after_optimizer=s["allocated"])
+        optimizer.zero_grad(set_to_none=True)
+        s = probe.sample(f"step{step}_zero_grad")
+        row.update(after_zero_grad=s["allocated"], reserved=s["max_reserved"])
+        steps.append(row)
+    result["steps"] = steps
+    result["peak_allocated_bytes"] = max(max(r["forward_peak"], r["backward_peak"], r["optimizer_peak"]) for r in steps)
+    result["peak_reserved_bytes"] = max(s["max_reserved"] for s in probe.samples.values())
+    result["optimizer_state_bytes"] = steps[1]["start_allocated"] - steps[0]["start_allocated"]
+    if diag:
+        _cuda().reset_peak_memory_stats()
+        with SavedTensorCensus(model) as census:
+            loss = forward()
+        result["saved_tensors"] = census.report()
+        del loss
+
+
+def _count_params(model) -> int:
+    """Parameters as the model has them; a 4-bit tensor holds two weights per stored element."""
+    total = 0
+    for p in model.parameters():
+        total += p.numel() * (2 if p.__class__.__name__ == "Params4bit" else 1)
+    return total
+
+
+class _StepProbe:
+    """A logits processor that changes nothing and records memory at each generation step."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[int, int]] = []
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        self.rows.append((_cuda().max_memory_allocated(), _cuda().memory_allocated()))
+        return scores
+
+
+def run_inference(case: Case, ckpt: Path, probe: DeviceProbe, result: dict) -> None:
+    import torch
+    from transformers import LogitsProcessorList
+
+    job = case.job
+    model = load_model(case, ckpt)
+    probe.sample("loaded")
+    result["params_total"] = _count_params(model)
+    model.eval()
+    result["params_trainable"] = 0
+    setup = probe.sample("setup")
+    result["static_after_setup_bytes"] = setup["allocated"]
+    vocab = model.config.get_text_config().vocab_size
+    torch.manual_seed(0)
+    ids = torch.randint(0, vocab, (job.batch_size, job.prompt_len), device=DEVICE)
+    mask = torch.ones_like(ids)
+    step_probe = _StepProbe()
+    pad = model.generation_config.pad_token_id
+    if pad is None:
+        eos = model.generation_config.eos_token_id
+        pad = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
+    _cuda().reset_peak_memory_stats()
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=job.new_tokens,
+            min_new_tokens=job.new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            logits_processor=LogitsProcessorList([step_probe]),
+        )
+    s = probe.sample("generated")
+    result["generated_tokens"] = int(out.shape[1] - ids.shape[1])
+    result["peak_allocated_bytes"] = s["max_allocated"]
+    result["peak_reserved_bytes"] = max(x["max_reserved"] for x in probe.samples.values())
+    rows = step_probe.rows
+    result["generate_steps"] = {
+        "prefill_peak": rows[0][0] if rows else None,
+        "after_prefill": rows[0][1] if rows else None,
+        "last_step_allocated": rows[-1][1] if rows else None,
+        "steps": len(rows),
+    }
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    import torch
+
+    out = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda, "device": DEVICE}
+    for name in ("transformers", "peft", "accelerate", "bitsandbytes", "safetensors"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _gpu_info() -> dict:
+    import torch
+
+    if DEVICE != "cuda":
+        return {"name": "cpu (dry run)", "total_bytes": 0, "driver": None}
+    info = {"name": torch.cuda.get_device_name(0), "total_bytes": torch.cuda.get_device_properties(0).total_memory}
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        info["driver"] = pynvml.nvmlSystemGetDriverVersion()
+        if isinstance(info["driver"], bytes):
+            info["driver"] = info["driver"].decode()
+    except Exception:  # noqa: BLE001
+        info["driver"] = None
+    return info
+
+
+def measure_case(case: Case, ckpt: Path, diag: bool) -> dict:
+    """Run one case in this (fresh) process and return its result row."""
+    import torch
+
+    result: dict = {"case": case.id, "model": case.model, "holdout": case.holdout, "job": case.job.to_dict()}
+    t0 = time.time()
+    probe = DeviceProbe()
+    try:
+        _cuda().init()
+        torch.empty(1, device=DEVICE)
+        first = probe.sample("context")
+        result["context_bytes"] = first["device_used"] - first["reserved"]
+        # The first matmul creates cuBLAS/cuBLASLt handles and workspaces, as the job's first forward would.
+        a = torch.ones(64, 64, device=DEVICE, dtype=torch.bfloat16)
+        (a @ a).sum().item()
+        del a
+        blas = probe.sample("blas")
+        result["blas_workspace_allocated_bytes"] = blas["allocated"] - first["allocated"]
+        result["blas_device_bytes"] = blas["device_used"] - first["device_used"]
+        if case.job.mode.value == "inference":
+            run_inference(case, ckpt, probe, result)
+        else:
+            run_training(case, ckpt, probe, result, diag)
+        result["status"] = "ok"
+    except torch.OutOfMemoryError as err:
+        result["status"] = "oom"
+        result["error"] = str(err).splitlines()[0][:500]
+        result["peak_allocated_bytes"] = _cuda().max_memory_allocated()
+    except Exception as err:  # noqa: BLE001 - a failing case is recorded, not fatal
+        result["status"] = "error"
+        result["error"] = f"{type(err).__name__}: {err}"[:2000]
+        result["traceback"] = traceback.format_exc()[-4000:]
+    try:
+        stats = _cuda().memory_stats()
+        result["allocator"] = {k: stats.get(k) for k in ("num_alloc_retries", "num_ooms", "inactive_split_bytes.all.peak", "segment.all.peak")}
+        result["device_total_bytes"] = probe.device_used_max
+        result["samples"] = probe.samples
+        result["gpu"] = _gpu_info()
+        result["versions"] = _versions()
+    except Exception:  # noqa: BLE001
+        pass
+    result["wall_s"] = round(time.time() - t0, 2)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# The parent: checkpoints, one forked child per case, results appended as JSON lines
+# ---------------------------------------------------------------------------------------------
+def _in_child(target, args, timeout_s: float) -> dict:
+    ctx = multiprocessing.get_context("fork")
+    parent_end, child_end = ctx.Pipe(duplex=False)
+
+    def body():
+        try:
+            value = target(*args)
+        except BaseException as err:  # noqa: BLE001
+            value = {"status": "error", "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
+        child_end.send(value)
+        child_end.close()
+
+    proc = ctx.Process(target=body)
+    proc.start()
+    child_end.close()
+    value = None
+    if parent_end.poll(timeout_s):
+        try:
+            value = parent_end.recv()
+        except EOFError:
+            value = None
+    proc.join(timeout=30)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+    if value is None:
+        value = {"status": "error", "error": f"the case process ended without a result (exit code {proc.exitcode})"}
+    return value
+
+
+def _in_subprocess(case: Case, ckpt: Path, diag: bool, timeout_s: float) -> dict:
+    """Run one case in a fresh interpreter (slower than a fork: it pays the imports again)."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = Path(tmp) / "case.json"
+        out = Path(tmp) / "result.json"
+        spec.write_text(json.dumps({"case": case.to_dict(), "ckpt": str(ckpt), "diag": diag}))
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-m", "validation.measure", "--run-one", str(spec), "--result", str(out)],
+                timeout=timeout_s,
+                capture_output=True,
+                text=True,
+            )
+        except subprocess.TimeoutExpired:
+            return {"status": "error", "error": f"timed out after {timeout_s:.0f} s"}
+        if out.exists():
+            return json.loads(out.read_text())
+        return {"status": "error", "error": f"exit code {proc.returncode}: {proc.stderr[-2000:]}"}
+
+
+def _checkpoint(model: str, work: Path) -> Path:
+    directory = work / "ckpt" / model
+    if not (directory / "READY").exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        out = _in_child(lambda: (build_checkpoint(model, directory), {"status": "ok"})[1], (), 1800)
+        if out.get("status") != "ok":
+            raise RuntimeError(f"could not build a checkpoint for {model}: {out.get('error')}")
+    return directory
+
+
+def _done_ids(path: Path) -> set[str]:
+    done = set()
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                done.add(json.loads(line)["case"])
+    return done
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m validation.measure", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", default="validation/cases.yaml", help="YAML cases file")
+    parser.add_argument("--only", action="append", help="case id pattern (* wildcards); repeatable")
+    parser.add_argument("--out", default="validation/results/measured.jsonl", help="JSON lines file to append to")
+    parser.add_argument("--work", default="/tmp/canirun", help="scratch folder for random checkpoints")
+    parser.add_argument("--skip-done", action="store_true", help="skip case ids already in --out")
+    parser.add_argument("--diag", action="store_true", help="also record a census of saved activations")
+    parser.add_argument("--case-timeout", type=float, default=600.0, help="seconds before a case is abandoned")
+    parser.add_argument("--keep-checkpoints", action="store_true", help="don't delete a model's checkpoint after its cases")
+    parser.add_argument("--list", action="store_true", help="print the selected cases and exit")
+    parser.add_argument(
+        "--isolation",
+        choices=["fork", "spawn"],
+        default="fork",
+        help="fork: children of a parent that imported the libraries once; spawn: a fresh interpreter per case",
+    )
+    parser.add_argument("--run-one", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.run_one:
+        spec = json.loads(Path(args.run_one).read_text())
+        row = measure_case(Case.from_dict(spec["case"]), Path(spec["ckpt"]), spec["diag"])
+        Path(args.result).write_text(json.dumps(row))
+        return 0
+
+    cases = select(load_cases(args.cases), args.only)
+    out = Path(args.out)
+    if args.skip_done:
+        done = _done_ids(out)
+        cases = [c for c in cases if c.id not in done]
+    if args.list:
+        for case in cases:
+            print(case.id)
+        return 0
+    if args.isolation == "fork":
+        # Imported once here, inherited by every forked case. CUDA must stay untouched in the parent:
+        # PYTORCH_NVML_BASED_CUDA_CHECK keeps is_available() from initialising the driver.
+        os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+        import torch
+        import transformers  # noqa: F401
+        from transformers import AutoModelForCausalLM  # noqa: F401
+
+        if torch.cuda.is_initialized():
+            raise SystemExit("the parent process must not initialise CUDA")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work)
+    by_model: dict[str, list[Case]] = {}
+    for case in cases:
+        by_model.setdefault(case.model, []).append(case)
+    for model, group in by_model.items():
+        try:
+            ckpt = _checkpoint(model, work)
+        except Exception as err:  # noqa: BLE001
+            for case in group:
+                row = {"case": case.id, "model": model, "holdout": case.holdout, "job": case.job.to_dict()}
+                row.update(status="error", error=str(err))
+                with out.open("a") as handle:
+                    handle.write(json.dumps(row) + "\n")
+            continue
+        for case in group:
+            if args.isolation == "fork":
+                row = _in_child(measure_case, (case, ckpt, args.diag), args.case_timeout)
+            else:
+                row = _in_subprocess(case, ckpt, args.diag, args.case_timeout)
+            row.setdefault("case", case.id)
+            row.setdefault("model", model)
+            row.setdefault("job", case.job.to_dict())
+            with out.open("a") as handle:
+                handle.write(json.dumps(row) + "\n")
+            peak = row.get("peak_allocated_bytes")
+            shown = f"{peak / GIB:7.2f} GiB" if isinstance(peak, int) else "      -"
+            print(f"{row.get('status', '?'):5} {shown}  {row.get('wall_s', 0):6.1f}s  {case.id}", flush=True)
+        if not args.keep_checkpoints:
+            import shutil
+
+            shutil.rmtree(work / "ckpt" / model, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
