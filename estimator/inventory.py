@@ -1,0 +1,436 @@
+"""The model's inventory: every parameter and every module that matters for memory, built exactly.
+
+The model is built on the meta device (`accelerate.init_empty_weights()` plus
+`AutoModelForCausalLM.from_config`), so nothing is downloaded or allocated and the counts are the
+installed transformers' own: fused qkv, GQA, MoE experts, biases and tied weights come out as the
+real model has them. Which linears bitsandbytes quantizes and which PEFT's `all-linear` targets
+are decided by those libraries' own rules, run on the meta model.
+
+Building costs a transformers import and a meta build (about a second), so inventories are cached
+per config: they are pure functions of it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass, field
+from typing import Literal
+
+ParamKind = Literal["linear", "bias", "embedding", "norm", "expert", "router", "other"]
+LinearRole = Literal["attn_in", "attn_out", "mlp_in", "mlp_out", "router", "lm_head", "other"]
+
+
+class UnsupportedModelError(ValueError):
+    """The config names a model the estimator cannot size (not a causal LM, unknown to transformers…)."""
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter tensor, counted once even when tied."""
+
+    name: str
+    shape: tuple[int, ...]
+    kind: ParamKind
+    layer: int | None  # decoder layer index; None outside the layer stack
+    in_quantized_linear: bool = False  # the weight of a linear that bitsandbytes converts
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class Linear:
+    """A linear layer (nn.Linear or GPT-2's Conv1D) with what memory depends on."""
+
+    name: str
+    in_features: int
+    out_features: int
+    bias: bool
+    layer: int | None
+    role: LinearRole
+    bnb_quantized: bool  # bitsandbytes converts it (transformers' replace_with_bnb_linear rules)
+    peft_all_linear: bool  # PEFT's "all-linear" adapts it
+    exact_linear: bool  # `type(m) is nn.Linear` or Conv1D, as bitsandbytes requires
+
+    @property
+    def weight_params(self) -> int:
+        return self.in_features * self.out_features
+
+
+@dataclass(frozen=True)
+class MoE:
+    num_experts: int
+    top_k: int
+    expert_intermediate_size: int
+    shared_intermediate_size: int  # 0 when there is no shared expert
+    layers: tuple[int, ...]  # which decoder layers are MoE
+
+
+@dataclass(frozen=True)
+class Inventory:
+    model_type: str
+    architecture: str
+    params: tuple[Param, ...]
+    linears: tuple[Linear, ...]
+    buffer_bytes: int  # buffers as built (rotary inv_freq, masks…), at their own dtypes
+    tied_embeddings: bool
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    kv_head_dim: int  # per-head width of cached keys (MLA caches differ from q's head_dim)
+    v_head_dim: int
+    intermediate_size: int  # dense MLP width (0 if every layer is MoE)
+    mlp_gated: bool  # SwiGLU/GeGLU style: act(gate) * up
+    hidden_act: str
+    norm_kind: Literal["rms", "layer"]
+    norm_style: Literal["llama", "gemma", "layer"]  # how the norm casts: see terms/activations.py
+    norms_per_layer: int
+    layer_types: tuple[str, ...]  # "full_attention" / "sliding_attention" per layer
+    sliding_window: int | None
+    moe: MoE | None
+    attention_dropout: float
+    hidden_dropout: float
+    embedding_dropout: float
+    final_logit_softcapping: float | None
+    attn_logit_softcapping: float | None
+    qk_norm: bool
+    learned_positions: bool
+    text_only_of: str | None = None  # set when a multimodal config was sized by its text model
+    notes: tuple[str, ...] = field(default=())
+
+    # ---- totals -----------------------------------------------------------------------------
+    @functools.cached_property
+    def params_total(self) -> int:
+        return sum(p.numel for p in self.params)
+
+    def params_of(self, *kinds: ParamKind) -> int:
+        return sum(p.numel for p in self.params if p.kind in kinds)
+
+    @functools.cached_property
+    def layer_linears(self) -> tuple[tuple[Linear, ...], ...]:
+        """Linears per decoder layer, in module order."""
+        rows: list[list[Linear]] = [[] for _ in range(self.num_layers)]
+        for lin in self.linears:
+            if lin.layer is not None and lin.layer < self.num_layers:
+                rows[lin.layer].append(lin)
+        return tuple(tuple(r) for r in rows)
+
+    @property
+    def lm_head(self) -> Linear | None:
+        for lin in self.linears:
+            if lin.role == "lm_head":
+                return lin
+        return None
+
+    @functools.cached_property
+    def largest_param_numel(self) -> int:
+        return max((p.numel for p in self.params), default=0)
+
+    def layer_param_numel(self, layer: int) -> int:
+        return sum(p.numel for p in self.params if p.layer == layer)
+
+
+# -------------------------------------------------------------------------------------------------
+# Building
+# -------------------------------------------------------------------------------------------------
+_OUT_NAMES = {"o_proj", "out_proj", "dense", "c_proj", "down_proj", "fc2", "dense_4h_to_h", "w2", "wo", "proj_out"}
+_ATTN_HINTS = ("attn", "attention")
+_MLP_HINTS = ("mlp", "feed_forward", "ffn", "moe", "expert")
+_LAYER_LIST_NAMES = ("layers", "h", "blocks", "layer")
+
+
+def _canonical(config: dict) -> str:
+    return json.dumps(config, sort_keys=True, default=str)
+
+
+def inventory_from_config(config: dict) -> Inventory:
+    """Build (or fetch from the cache) the inventory of a `config.json` dict."""
+    if not isinstance(config, dict):
+        raise UnsupportedModelError("a model config must be a JSON object")
+    return _build_cached(_canonical(config))
+
+
+@functools.lru_cache(maxsize=64)
+def _build_cached(canonical: str) -> Inventory:
+    return _build(json.loads(canonical))
+
+
+def _text_config(raw: dict) -> tuple[dict, str | None]:
+    """Multimodal configs (LLaVA-like, Gemma 3) keep the language model in `text_config`."""
+    if "text_config" in raw and isinstance(raw["text_config"], dict) and "vision_config" in raw:
+        return raw["text_config"], raw.get("model_type")
+    return raw, None
+
+
+def _make_config(raw: dict):
+    import transformers
+
+    model_type = raw.get("model_type")
+    if not model_type:
+        raise UnsupportedModelError("the config has no model_type, so transformers cannot tell which model it is")
+    if model_type not in transformers.CONFIG_MAPPING:
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} is not known to transformers {transformers.__version__}; "
+            "it may need trust_remote_code, which the estimator never runs"
+        )
+    kwargs = {k: v for k, v in raw.items() if k != "model_type"}
+    try:
+        return transformers.CONFIG_MAPPING[model_type](**kwargs)
+    except Exception as err:  # noqa: BLE001 - any failure here is a malformed config
+        raise UnsupportedModelError(f"the {model_type} config is malformed: {err}") from None
+
+
+def _build(raw: dict) -> Inventory:
+    import warnings
+
+    import accelerate
+    import torch
+    import transformers
+    from transformers.pytorch_utils import Conv1D
+    from transformers.quantizers.base import get_keys_to_not_convert
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    text_raw, multimodal_type = _text_config(raw)
+    config = _make_config(text_raw)
+    if multimodal_type is not None and getattr(config, "model_type", "") == multimodal_type:
+        raise UnsupportedModelError(f"cannot find the language model inside the {multimodal_type} config")
+    mapping = transformers.MODEL_FOR_CAUSAL_LM_MAPPING
+    if type(config) not in mapping:
+        raise UnsupportedModelError(
+            f"{config.model_type} is not a causal language model in transformers "
+            "(encoder-only, encoder-decoder and non-text models are not supported)"
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        transformers.logging.set_verbosity_error()
+        try:
+            with accelerate.init_empty_weights(include_buffers=False):
+                model = transformers.AutoModelForCausalLM.from_config(config)
+            # from_config leaves tied weights untied on the meta device (and tying inside
+            # init_empty_weights does not take); from_pretrained ties them, so tie here.
+            model.tie_weights()
+        except Exception as err:  # noqa: BLE001
+            raise UnsupportedModelError(f"transformers could not build {config.model_type} from this config: {err}") from None
+
+    cfg = model.config
+    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    num_layers = int(getattr(text_cfg, "num_hidden_layers", None) or getattr(text_cfg, "n_layer", 0))
+
+    # The decoder layer stack: the ModuleList with one entry per hidden layer.
+    stack_prefix = None
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == num_layers and name.split(".")[-1] in _LAYER_LIST_NAMES:
+            stack_prefix = name + "."
+            break
+
+    def layer_of(name: str) -> int | None:
+        if stack_prefix and name.startswith(stack_prefix):
+            head = name[len(stack_prefix) :].split(".", 1)[0]
+            if head.isdigit():
+                return int(head)
+        return None
+
+    # Which linears bitsandbytes converts: transformers' own skip list and matching rule.
+    skip = set(get_keys_to_not_convert(model)) | set(getattr(model, "_keep_in_fp32_modules", None) or [])
+    skip = sorted(skip)
+    output_embeddings = model.get_output_embeddings()
+    output_name = next((n for n, m in model.named_modules() if m is output_embeddings), None)
+
+    linears: list[Linear] = []
+    module_kind: dict[str, str] = {}
+    quantized_weight_names: set[str] = set()
+    for name, module in model.named_modules():
+        is_conv1d = isinstance(module, Conv1D)
+        if isinstance(module, torch.nn.Linear) or is_conv1d:
+            if is_conv1d:
+                in_f, out_f = module.weight.shape
+            else:
+                in_f, out_f = module.in_features, module.out_features
+            exact = is_conv1d or type(module) is torch.nn.Linear
+            quantized = exact and should_convert_module(name, skip)
+            leaf = name.split(".")[-1]
+            lower = name.lower()
+            if name == output_name:
+                role: LinearRole = "lm_head"
+            elif leaf in ("gate", "router", "shared_expert_gate") or "router" in lower:
+                role = "router"
+            elif any(h in lower for h in _ATTN_HINTS):
+                role = "attn_out" if leaf in _OUT_NAMES else "attn_in"
+            elif any(h in lower for h in _MLP_HINTS) or layer_of(name) is not None:
+                role = "mlp_out" if leaf in _OUT_NAMES else "mlp_in"
+            else:
+                role = "other"
+            linears.append(
+                Linear(
+                    name=name,
+                    in_features=int(in_f),
+                    out_features=int(out_f),
+                    bias=getattr(module, "bias", None) is not None,
+                    layer=layer_of(name),
+                    role=role,
+                    bnb_quantized=quantized,
+                    peft_all_linear=name != output_name,
+                    exact_linear=exact,
+                )
+            )
+            module_kind[name] = "linear"
+            if quantized:
+                quantized_weight_names.add(name + ".weight")
+        elif isinstance(module, torch.nn.Embedding):
+            module_kind[name] = "embedding"
+        elif "norm" in type(module).__name__.lower():
+            module_kind[name] = "norm"
+        elif "expert" in type(module).__name__.lower():
+            module_kind[name] = "expert"
+        elif "router" in type(module).__name__.lower():
+            module_kind[name] = "router"
+
+    params: list[Param] = []
+    for pname, p in model.named_parameters():  # named_parameters() yields a tied tensor once
+        owner, _, leaf = pname.rpartition(".")
+        kind = module_kind.get(owner, "other")
+        if kind == "linear" and leaf == "bias":
+            kind = "bias"
+        elif kind == "other" and "norm" in pname.lower():
+            kind = "norm"
+        params.append(
+            Param(
+                name=pname,
+                shape=tuple(int(d) for d in p.shape),
+                kind=kind,  # type: ignore[arg-type]
+                layer=layer_of(pname),
+                in_quantized_linear=pname in quantized_weight_names,
+            )
+        )
+    buffer_bytes = sum(b.numel() * b.element_size() for _, b in model.named_buffers())
+    tied = bool(getattr(model, "all_tied_weights_keys", None))
+
+    # Shapes the activation and cache terms need, read from the built config.
+    hidden = int(getattr(text_cfg, "hidden_size", None) or getattr(text_cfg, "n_embd"))
+    heads = int(getattr(text_cfg, "num_attention_heads", None) or getattr(text_cfg, "n_head"))
+    kv_heads = getattr(text_cfg, "num_key_value_heads", None)
+    if kv_heads is None:
+        kv_heads = 1 if getattr(text_cfg, "multi_query", False) and not getattr(text_cfg, "new_decoder_architecture", False) else (
+            getattr(text_cfg, "num_kv_heads", None) or heads
+        )
+    head_dim = getattr(text_cfg, "head_dim", None) or hidden // heads
+    kv_lora_rank = getattr(text_cfg, "kv_lora_rank", None)
+    qk_rope = getattr(text_cfg, "qk_rope_head_dim", None)
+    v_head_dim = getattr(text_cfg, "v_head_dim", None) or head_dim
+    if kv_lora_rank and qk_rope:  # MLA: transformers caches decompressed k (nope+rope) and v per head
+        kv_head_dim = int(getattr(text_cfg, "qk_nope_head_dim", 0)) + int(qk_rope)
+        head_dim = kv_head_dim
+    else:
+        kv_head_dim = int(head_dim)
+    vocab = int(text_cfg.vocab_size)
+
+    try:
+        from transformers.cache_utils import get_layer_types_and_kwargs
+
+        layer_types, layer_kwargs = get_layer_types_and_kwargs(text_cfg)
+        sliding = layer_kwargs.get("sliding_window")
+    except Exception:  # noqa: BLE001
+        layer_types, sliding = ["full_attention"] * num_layers, None
+    layer_types = tuple(layer_types) + ("full_attention",) * (num_layers - len(layer_types))
+
+    dense_mlp = [lin for lin in linears if lin.role == "mlp_out" and lin.layer is not None and "expert" not in lin.name]
+    intermediate = dense_mlp[0].in_features if dense_mlp else 0
+    mlp_in = [lin for lin in linears if lin.role == "mlp_in" and lin.layer == (dense_mlp[0].layer if dense_mlp else -1)]
+    gated = len(mlp_in) >= 2 or any(lin.out_features == 2 * intermediate and intermediate for lin in mlp_in)
+    act = str(getattr(text_cfg, "hidden_act", None) or getattr(text_cfg, "activation_function", None) or getattr(text_cfg, "hidden_activation", "") or "")
+
+    norm_params = [p for p in params if p.kind == "norm" and p.layer == 0 and p.name.endswith("weight")]
+    norm_layer = any(type(m).__name__ == "LayerNorm" or isinstance(m, torch.nn.LayerNorm) for m in model.modules())
+    norm_classes = {type(m).__name__ for m in model.modules() if "norm" in type(m).__name__.lower()}
+    if norm_layer:
+        norm_style = "layer"
+    elif any(name.startswith("Gemma") for name in norm_classes):
+        norm_style = "gemma"  # (x.float() normalized) * (1 + weight.float()), then .type_as(x)
+    else:
+        norm_style = "llama"  # weight * normalized.to(input_dtype)
+
+    moe = _moe(text_cfg, params, num_layers)
+    qk_norm = any(p.layer == 0 and p.kind == "norm" and any(k in p.name for k in ("q_norm", "k_norm", "q_layernorm", "k_layernorm")) for p in params)
+    notes: list[str] = []
+    if multimodal_type is not None:
+        notes.append(f"{multimodal_type}: only the language model is sized; the vision tower is not counted")
+
+    def _float(*names: str) -> float:
+        for n in names:
+            v = getattr(text_cfg, n, None)
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                return float(v)
+        return 0.0
+
+    return Inventory(
+        model_type=str(cfg.model_type),
+        architecture=type(model).__name__,
+        params=tuple(params),
+        linears=tuple(linears),
+        buffer_bytes=int(buffer_bytes),
+        tied_embeddings=tied,
+        num_layers=num_layers,
+        hidden_size=hidden,
+        vocab_size=vocab,
+        num_heads=heads,
+        num_kv_heads=int(kv_heads),
+        head_dim=int(head_dim),
+        kv_head_dim=int(kv_head_dim),
+        v_head_dim=int(v_head_dim),
+        intermediate_size=int(intermediate),
+        mlp_gated=bool(gated),
+        hidden_act=act,
+        norm_kind="layer" if norm_layer else "rms",
+        norm_style=norm_style,
+        norms_per_layer=len(norm_params),
+        layer_types=layer_types[:num_layers],
+        sliding_window=int(sliding) if sliding else None,
+        moe=moe,
+        attention_dropout=_float("attention_dropout", "attn_pdrop"),
+        hidden_dropout=_float("hidden_dropout", "resid_pdrop", "dropout"),
+        embedding_dropout=_float("embd_pdrop"),
+        final_logit_softcapping=getattr(text_cfg, "final_logit_softcapping", None),
+        attn_logit_softcapping=getattr(text_cfg, "attn_logit_softcapping", None),
+        qk_norm=qk_norm,
+        learned_positions=any(p.kind == "embedding" and p.shape[0] != vocab for p in params),
+        text_only_of=multimodal_type,
+        notes=tuple(notes),
+    )
+
+
+def _moe(cfg, params: list[Param], num_layers: int) -> MoE | None:
+    experts = [p for p in params if p.kind == "expert" and p.layer is not None]
+    if not experts:
+        return None
+    num = 0
+    for name in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            num = value
+            break
+    top_k = 0
+    for name in ("num_experts_per_tok", "moe_topk", "top_k", "num_selected_experts"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            top_k = value
+            break
+    width = 0
+    for name in ("moe_intermediate_size", "expert_intermediate_size", "intermediate_size"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            width = value
+            break
+    shared = getattr(cfg, "shared_expert_intermediate_size", None) or 0
+    n_shared = getattr(cfg, "n_shared_experts", None) or 0
+    if not shared and n_shared:
+        shared = n_shared * width
+    layers = tuple(sorted({p.layer for p in experts if p.layer is not None}))
+    return MoE(num_experts=num, top_k=top_k, expert_intermediate_size=width, shared_intermediate_size=int(shared), layers=layers)

@@ -1,0 +1,215 @@
+"""The job: what the user wants to do with a model, exactly as ../shared/SPEC.md defines it.
+
+A `Job` is a frozen dataclass validated in its constructor, so every presenter (CLI, app,
+validation harness) turns its input into the same typed object, and bad input is refused with a
+`ValueError` whose message a user can act on.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, fields, replace
+
+
+class Mode(str, enum.Enum):
+    INFERENCE = "inference"
+    FULL = "full"
+    LORA = "lora"
+    QLORA = "qlora"
+
+
+class Weights(str, enum.Enum):
+    """How inference weights are stored on the GPU."""
+
+    FP32 = "fp32"
+    BF16 = "bf16"
+    FP16 = "fp16"
+    INT8 = "int8"  # bitsandbytes LLM.int8 (load_in_8bit)
+    NF4 = "nf4"  # bitsandbytes 4-bit, NormalFloat
+    FP4 = "fp4"  # bitsandbytes 4-bit, float
+
+    @property
+    def is_4bit(self) -> bool:
+        return self in (Weights.NF4, Weights.FP4)
+
+
+class Precision(str, enum.Enum):
+    """Full fine-tuning precision. `amp_*` is the HF Trainer's bf16=True/fp16=True: fp32 weights, autocast forward."""
+
+    AMP_BF16 = "amp_bf16"
+    AMP_FP16 = "amp_fp16"
+    BF16 = "bf16"
+    FP16 = "fp16"
+    FP32 = "fp32"
+
+    @property
+    def is_amp(self) -> bool:
+        return self in (Precision.AMP_BF16, Precision.AMP_FP16)
+
+
+class BaseDtype(str, enum.Enum):
+    BF16 = "bf16"
+    FP16 = "fp16"
+    FP32 = "fp32"
+
+
+class Quant(str, enum.Enum):
+    NF4 = "nf4"
+    FP4 = "fp4"
+
+
+class Optimizer(str, enum.Enum):
+    ADAMW_FUSED = "adamw_fused"
+    ADAMW = "adamw"
+    ADAMW_8BIT = "adamw_8bit"
+    PAGED_ADAMW_8BIT = "paged_adamw_8bit"
+    PAGED_ADAMW_32BIT = "paged_adamw_32bit"
+    SGD = "sgd"
+    ADAFACTOR = "adafactor"
+
+    @property
+    def is_paged(self) -> bool:
+        return self in (Optimizer.PAGED_ADAMW_8BIT, Optimizer.PAGED_ADAMW_32BIT)
+
+    @property
+    def uses_bitsandbytes(self) -> bool:
+        return self in (Optimizer.ADAMW_8BIT, Optimizer.PAGED_ADAMW_8BIT, Optimizer.PAGED_ADAMW_32BIT)
+
+
+class Attention(str, enum.Enum):
+    SDPA = "sdpa"
+    EAGER = "eager"
+    FLASH_ATTENTION_2 = "flash_attention_2"
+
+
+# Sizes beyond these are not a memory question any GPU can answer; they are almost surely typos.
+MAX_BATCH_SIZE = 1 << 16
+MAX_TOKENS = 1 << 24
+MAX_LORA_RANK = 1 << 16
+
+DEFAULT_SEQ_LEN = 2048
+DEFAULT_PROMPT_LEN = 512
+DEFAULT_NEW_TOKENS = 256
+
+
+@dataclass(frozen=True)
+class Job:
+    """One job on one model. Field names and defaults follow SPEC's command line.
+
+    `seq_len` is the training sequence length; `prompt_len` and `new_tokens` are inference's.
+    `lora_targets` is `("all-linear",)` or a tuple of module names (PEFT matches them as suffixes).
+    """
+
+    mode: Mode = Mode.INFERENCE
+    batch_size: int = 1
+    seq_len: int = DEFAULT_SEQ_LEN
+    prompt_len: int = DEFAULT_PROMPT_LEN
+    new_tokens: int = DEFAULT_NEW_TOKENS
+    weights: Weights = Weights.BF16
+    precision: Precision = Precision.AMP_BF16
+    base_dtype: BaseDtype = BaseDtype.BF16
+    quant: Quant = Quant.NF4
+    double_quant: bool = True
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] = ("all-linear",)
+    optimizer: Optimizer = Optimizer.ADAMW_FUSED
+    gradient_checkpointing: bool = False
+    attn: Attention = Attention.SDPA
+
+    def __post_init__(self) -> None:
+        coerce = {
+            "mode": Mode,
+            "weights": Weights,
+            "precision": Precision,
+            "base_dtype": BaseDtype,
+            "quant": Quant,
+            "optimizer": Optimizer,
+            "attn": Attention,
+        }
+        for name, kind in coerce.items():
+            value = getattr(self, name)
+            if not isinstance(value, kind):
+                try:
+                    object.__setattr__(self, name, kind(str(value).lower()))
+                except ValueError:
+                    choices = ", ".join(member.value for member in kind)
+                    raise ValueError(f"{name} must be one of {choices}; got {value!r}") from None
+        for name, upper in (
+            ("batch_size", MAX_BATCH_SIZE),
+            ("seq_len", MAX_TOKENS),
+            ("prompt_len", MAX_TOKENS),
+            ("new_tokens", MAX_TOKENS),
+            ("lora_r", MAX_LORA_RANK),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be a whole number; got {value!r}")
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1; got {value}")
+            if value > upper:
+                raise ValueError(f"{name} of {value:,} is beyond any real job (at most {upper:,}); check the number")
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha must be a positive number; got {self.lora_alpha!r}")
+        if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1); got {self.lora_dropout!r}")
+        targets = self.lora_targets
+        if isinstance(targets, str):
+            targets = tuple(t.strip() for t in targets.split(",") if t.strip())
+        targets = tuple(targets)
+        if not targets or any(not isinstance(t, str) or not t for t in targets):
+            raise ValueError("lora_targets must be 'all-linear' or a comma-separated list of module names")
+        if "all-linear" in targets and len(targets) > 1:
+            raise ValueError("lora_targets: 'all-linear' cannot be combined with module names")
+        object.__setattr__(self, "lora_targets", targets)
+
+    # ---- derived views -------------------------------------------------------------------
+    @property
+    def is_training(self) -> bool:
+        return self.mode is not Mode.INFERENCE
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.mode in (Mode.LORA, Mode.QLORA)
+
+    @property
+    def tokens(self) -> int:
+        """Tokens per step: B·S for training, B·(prompt) for inference's prefill."""
+        return self.batch_size * (self.seq_len if self.is_training else self.prompt_len)
+
+    def with_(self, **changes) -> "Job":
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able values, for results files and URLs."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, enum.Enum):
+                value = value.value
+            elif isinstance(value, tuple):
+                value = ",".join(value)
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Job":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown job field(s): {', '.join(unknown)}")
+        return cls(**data)
+
+    def relevant_fields(self) -> tuple[str, ...]:
+        """The fields that matter for this mode (the rest keep their defaults and are ignored)."""
+        common = ("mode", "batch_size", "attn")
+        if self.mode is Mode.INFERENCE:
+            return common + ("prompt_len", "new_tokens", "weights")
+        training = ("seq_len", "optimizer", "gradient_checkpointing")
+        if self.mode is Mode.FULL:
+            return common + training + ("precision",)
+        lora = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets")
+        if self.mode is Mode.LORA:
+            return common + training + ("base_dtype",) + lora
+        return common + training + ("quant", "double_quant") + lora

@@ -1,0 +1,96 @@
+"""Where a model's config comes from: a local path, the offline catalog, or the Hugging Face Hub.
+
+This is the estimator's one edge that reads files and the network; the computation modules never
+do. Every failure becomes a `ModelSourceError` whose message says what went wrong and what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ModelSourceError(ValueError):
+    """A model reference that cannot be turned into a config; the message is user-facing."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A resolved config and where it came from."""
+
+    config: dict
+    name: str  # what to call it in output
+    origin: str  # "catalog" | "file" | "hub" | "hub-cache" | "upload"
+    source: str  # URL or path
+    notes: tuple[str, ...] = field(default=())
+    safetensors_params: dict[str, int] | None = None  # stored parameter counts per dtype, from the Hub
+
+
+_HUB_URL = re.compile(r"^https?://(?:www\.)?huggingface\.co/(?P<repo>[^/\s]+/[^/\s?#]+)(?:/(?:tree|blob)/(?P<rev>[^/\s?#]+))?")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+def parse_config_text(text: str, where: str) -> dict:
+    """JSON text → config dict, or a clear error."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ModelSourceError(f"{where} is not valid JSON ({err.msg} at line {err.lineno}); check the file") from None
+    if not isinstance(data, dict):
+        raise ModelSourceError(f"{where} must hold a JSON object (a config.json), not a {type(data).__name__}")
+    if "model_type" not in data:
+        raise ModelSourceError(f"{where} has no model_type: it does not look like a transformers config.json")
+    return data
+
+
+def read_config_file(path: Path) -> ModelConfig:
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.exists():
+        raise ModelSourceError(f"no config.json at {path}; give a path to a config.json or to a folder holding one")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ModelSourceError(f"cannot read {path}: {err}") from None
+    return ModelConfig(parse_config_text(text, str(path)), name=path.parent.name or str(path), origin="file", source=str(path))
+
+
+def split_reference(reference: str) -> tuple[str, str | None]:
+    """A Hub URL or `org/name[@revision]` → (repo id, revision)."""
+    reference = reference.strip()
+    match = _HUB_URL.match(reference)
+    if match:
+        return match.group("repo"), match.group("rev")
+    if "@" in reference:
+        repo, _, rev = reference.partition("@")
+        return repo.rstrip("/"), rev or None
+    return reference.rstrip("/"), None
+
+
+def resolve(reference: str, *, token: str | None = None, offline: bool | None = None) -> ModelConfig:
+    """Turn what the user typed into a config: a path, a catalog name, or a Hub repo id/URL."""
+    if not isinstance(reference, str) or not reference.strip():
+        raise ModelSourceError("give a model: a Hub repo id (org/name), a catalog name, or a path to a config.json")
+    reference = reference.strip()
+    path = Path(reference).expanduser()
+    if reference.endswith(".json") or path.exists():
+        return read_config_file(path)
+
+    from estimator.catalog import find_entry
+
+    entry = find_entry(reference)
+    repo, revision = split_reference(reference)
+    if entry is not None and revision is None:
+        return ModelConfig(entry.config(), name=entry.name, origin="catalog", source=entry.source)
+    if not _REPO_ID.match(repo):
+        raise ModelSourceError(
+            f"{reference!r} is not a catalog name, a config.json path, or a Hub repo id like meta-llama/Llama-3.1-8B"
+        )
+    from estimator import hub
+
+    if offline is None:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    return hub.fetch_config(repo, revision=revision, token=token, offline=offline)

@@ -1,0 +1,532 @@
+"""What autograd saves for backward: a symbolic trace of one forward, per token.
+
+The trace walks a decoder layer op by op (norm, projections, RoPE, attention, MLP, residual adds)
+carrying, for every tensor, its width per token, its dtype and whether it needs a gradient. Each
+op applies PyTorch's rule for what its backward reads, and saves it only when a gradient needs it
+(the generated autograd code saves conditionally). Storages are counted once, so q/k/v reading
+one shared input save it once, while autocast's per-call casts save one copy each.
+
+The rules, each from the installed sources (torch 2.11 autograd formulas, transformers 5.17,
+peft 0.21, bitsandbytes 0.50) and checked against the saved-tensor census that
+`python -m validation.measure --diag` records (validation/results/*.jsonl, "saved_tensors"):
+
+- `torch.autocast` casts a matmul's input to the compute dtype on every call; only leaf weights
+  that require grad are cached. A frozen fp32 weight is cast per call and its copy is saved when
+  the input needs a gradient (QLoRA's `lm_head`, a LoRA fp32 base).
+- A trainable linear saves its (cast) input; a frozen one saves none. bitsandbytes'
+  `Linear4bit.forward` casts its input to bf16 and returns its output in the input's dtype, and its
+  `MatMul4Bit` saves nothing of the input.
+- LoRA (`peft/tuners/lora/layer.py`): the input is cast to the adapter's fp32 (non-bnb layers),
+  dropout saves a bool mask when its input needs a gradient, `lora_A` saves its bf16 input under
+  autocast, `lora_B` saves `lora_A`'s r-wide output.
+- RMSNorm (Llama style: `weight * x.to(fp32)…to(dtype)`, Gemma style: `(x.float()…) * (1 + w)`):
+  `x.to(float32)` is saved by `pow`; the normalized tensor is saved when the weight trains.
+  LayerNorm (`native_layer_norm`, an fp32 op under autocast) saves its fp32 input plus mean and
+  rstd.
+- RoPE multiplies by cos/sin in the embedding's dtype (fp32 under amp and QLoRA), so q and k leave
+  RoPE in fp32 there and the attention kernel's autocast casts them back.
+- SDPA, as torch picks its kernel: flash (bf16/fp16, head_dim ≤ 256, no explicit mask; GQA native)
+  and memory-efficient (an explicit mask, e.g. a sliding window shorter than the sequence, or fp32
+  without GQA) save q, k, v, the output (whose transpose is already contiguous) and an fp32
+  logsumexp; with an explicit boolean mask, SDPA converts it to a float mask per call and the
+  efficient kernel saves that B·S·S copy. With a mask transformers repeats k/v to every head.
+  The math fallback (fp32 with GQA) saves scaled q, repeated k and v and the S×S probabilities.
+  `eager` saves q, repeated k and v, the fp32 softmax and its compute-dtype cast.
+- SiLU/GELU save their input; GPT-2's `gelu_new` is a composite that saves its input's fp32 copy
+  (pow is an fp32 op under autocast), `tanh`'s output, `1 + tanh` and `0.5·x`.
+- Dropout (p > 0, training) saves a bool mask when its input needs a gradient.
+- In LoRA and QLoRA the embedding is frozen, so nothing before layer 0's first adapter needs a
+  gradient: layer 0 saves less than the others.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+from estimator.inventory import Inventory, Linear
+from estimator.job import Attention, Job, Mode
+
+FP32, BF16, BOOL, INT64 = 4.0, 2.0, 1.0, 8.0
+FLASH_MAX_HEAD_DIM = 256  # torch's flash/efficient SDPA kernels accept head_dim ≤ 256
+
+
+@dataclass
+class T:
+    """A tensor, per token: `width` elements of `dtype` bytes."""
+
+    width: float
+    dtype: float
+    grad: bool
+    sid: int  # storage identity: views share it
+
+
+@dataclass(frozen=True)
+class Flow:
+    """The facts of one job that decide dtypes and what trains."""
+
+    mode: Mode
+    compute: float  # the matmul dtype (autocast's, or the weights' own without it)
+    autocast: bool
+    residual: float  # the embedding's dtype, which the hidden stream starts in
+    base_dtype: float  # dtype of unquantized base weights
+    base_trainable: bool
+    quantized: frozenset[str]  # linears stored in 4-bit
+    adapted: frozenset[str]  # LoRA-adapted linears
+    lora_r: int
+    lora_dropout: float
+    attn: Attention
+    training: bool = True
+
+
+def flow(job: Job, adapted: frozenset[str], quantized: frozenset[str] = frozenset()) -> Flow:
+    if job.mode is Mode.FULL:
+        amp = job.precision.is_amp
+        dtype = FP32 if amp or job.precision.value == "fp32" else BF16
+        compute = BF16 if amp else dtype
+        return Flow(job.mode, compute, amp, dtype, dtype, True, frozenset(), frozenset(), 0, 0.0, job.attn)
+    if job.mode is Mode.LORA:
+        base = FP32 if job.base_dtype.value == "fp32" else BF16
+        return Flow(job.mode, BF16, True, base, base, False, frozenset(), adapted, job.lora_r, job.lora_dropout, job.attn)
+    if job.mode is Mode.QLORA:
+        return Flow(job.mode, BF16, True, FP32, FP32, False, quantized, adapted, job.lora_r, job.lora_dropout, job.attn)
+    dtype = FP32 if job.weights.value == "fp32" else BF16
+    return Flow(job.mode, dtype, False, dtype, dtype, False, quantized, frozenset(), 0, 0.0, job.attn, training=False)
+
+
+@dataclass
+class Trace:
+    """Records saved storages (bytes per token) and autocast weight copies (bytes)."""
+
+    f: Flow
+    inv: Inventory
+    seq_len: int
+    layer_type: str = "full_attention"
+    saved: dict[int, float] = field(default_factory=dict)
+    sizes: dict[int, float] = field(default_factory=dict)  # a storage's bytes per token (views share it)
+    weight_copies_saved: float = 0.0  # fp32 weights cast for a matmul whose input needs a gradient
+    weight_copies_cached: float = 0.0  # trainable fp32 weights cast under autocast (cache until exit)
+    _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
+
+    # ---- primitives -------------------------------------------------------------------------
+    def new(self, width: float, dtype: float, grad: bool) -> T:
+        t = T(width, dtype, grad, next(self._ids))
+        self.sizes[t.sid] = width * dtype
+        return t
+
+    def save(self, t: T) -> None:
+        if self.f.training and t.sid not in self.saved:
+            self.saved[t.sid] = self.sizes.get(t.sid, t.width * t.dtype)
+
+    def save_bytes(self, per_token: float) -> None:
+        if self.f.training:
+            self.saved[next(self._ids)] = per_token
+
+    def cast(self, t: T, dtype: float) -> T:
+        return t if t.dtype == dtype else self.new(t.width, dtype, t.grad)
+
+    def autocast_in(self, t: T) -> T:
+        return self.cast(t, self.f.compute) if self.f.autocast else t
+
+    def dropout(self, t: T, p: float) -> T:
+        if p <= 0 or not self.f.training:
+            return t
+        if t.grad:
+            self.save_bytes(t.width * BOOL)
+        return self.new(t.width, t.dtype, t.grad)
+
+    def add(self, a: T, b: T) -> T:
+        return self.new(a.width, max(a.dtype, b.dtype), a.grad or b.grad)
+
+    def mul(self, a: T, b: T) -> T:
+        if b.grad:
+            self.save(a)
+        if a.grad:
+            self.save(b)
+        return self.new(max(a.width, b.width), max(a.dtype, b.dtype), a.grad or b.grad)
+
+    # ---- modules ----------------------------------------------------------------------------
+    def linear(self, x: T, lin: Linear) -> T:
+        f = self.f
+        quantized = lin.name in f.quantized
+        trainable = f.base_trainable
+        if quantized:
+            out = self.new(lin.out_features, x.dtype, x.grad)  # Linear4bit: .to(inp_dtype)
+        else:
+            xin = self.autocast_in(x)
+            if trainable:
+                self.save(xin)
+            weight_bytes = lin.weight_params * f.compute
+            if f.autocast and f.base_dtype != f.compute:
+                if trainable:
+                    self.weight_copies_cached += weight_bytes
+                if x.grad:
+                    self.weight_copies_saved += weight_bytes
+            out_dtype = f.compute if f.autocast else x.dtype
+            out = self.new(lin.out_features, out_dtype, x.grad or trainable)
+        if lin.name not in f.adapted:
+            return out
+        xl = x
+        if not quantized and f.autocast:  # peft casts to the fp32 adapter; bnb layers skip it under autocast
+            xl = self.cast(x, FP32)
+        d = self.dropout(xl, f.lora_dropout)
+        a_in = self.autocast_in(d)
+        self.save(a_in)  # lora_A's weight gradient
+        a_out = self.new(f.lora_r, f.compute, True)
+        self.save(a_out)  # lora_B's weight gradient
+        b_out = self.new(lin.out_features, f.compute, True)
+        return self.new(lin.out_features, max(out.dtype, b_out.dtype) if quantized else out.dtype, True)
+
+    def rms_norm(self, x: T, width: int | None = None, gemma: bool = False) -> T:
+        w = width or x.width
+        trainable = self.f.base_trainable
+        if x.grad:
+            self.save(self.cast(x, FP32))  # x.to(float32), read by pow and by * rsqrt
+            self.save_bytes(FP32 * (x.width / w))  # rsqrt, one per normalized row
+        normed32 = self.new(x.width, FP32, x.grad)
+        if gemma:
+            if trainable:
+                self.save(normed32)
+            return self.new(x.width, x.dtype, x.grad or trainable)
+        xn = self.cast(normed32, x.dtype)
+        if trainable:
+            self.save(xn)
+        return self.new(x.width, max(self.f.base_dtype, x.dtype), x.grad or trainable)
+
+    def layer_norm(self, x: T) -> T:
+        xin = self.cast(x, FP32) if self.f.autocast else x
+        if x.grad or self.f.base_trainable:
+            self.save(xin)
+            self.save_bytes(2 * FP32)  # mean and rstd
+        return self.new(x.width, xin.dtype, x.grad or self.f.base_trainable)
+
+    def norm(self, x: T) -> T:
+        if self.inv.norm_kind == "layer":
+            return self.layer_norm(x)
+        return self.rms_norm(x, gemma=self.inv.norm_style == "gemma")
+
+    def activation(self, x: T) -> T:
+        act = self.inv.hidden_act
+        if act == "gelu_new":  # 0.5*x*(1+tanh(√(2/π)(x+0.044715·x³))), op by op
+            x3 = self.cast(x, FP32) if self.f.autocast else x
+            if x.grad:
+                self.save(x3)  # pow's input
+            t = self.new(x.width, x3.dtype, x.grad)
+            if x.grad:
+                self.save(t)  # tanh's output
+            half = self.new(x.width, x.dtype, x.grad)
+            one_plus = self.new(x.width, x3.dtype, x.grad)
+            return self.mul(half, one_plus)
+        if act == "relu":
+            out = self.new(x.width, x.dtype, x.grad)
+            if x.grad:
+                self.save(out)
+            return out
+        if x.grad:
+            self.save(x)
+        return self.new(x.width, x.dtype, x.grad)
+
+    # ---- attention --------------------------------------------------------------------------
+    def attention(self, q: T, k: T, v: T) -> T:
+        inv, f = self.inv, self.f
+        heads, kv_heads = inv.num_heads, inv.num_kv_heads
+        gqa = kv_heads != heads
+        mask = self.needs_mask()
+        kind = self.kernel(q.dtype if not f.autocast else f.compute, mask, gqa)
+        s = self.seq_len
+        grad = q.grad or k.grad or v.grad
+        if kind == "eager":
+            qc, kc = self.autocast_in(q), self.autocast_in(k)
+            vc = self.autocast_in(v)
+            if gqa:
+                kc = self.new(heads * inv.kv_head_dim, kc.dtype, kc.grad)
+                vc = self.new(heads * inv.v_head_dim, vc.dtype, vc.grad)
+            if grad:
+                self.save(qc)
+                self.save(kc)
+                self.save(vc)
+                self.save_bytes(heads * s * FP32)  # softmax output, fp32
+                self.save_bytes(heads * s * qc.dtype)  # its cast, read by attn @ v
+                if inv.attention_dropout > 0:
+                    self.save_bytes(heads * s * BOOL)
+            out = self.new(heads * inv.v_head_dim, qc.dtype, grad)
+            return self.new(out.width, out.dtype, grad)  # transpose(1, 2).contiguous() copies
+        qc, kc, vc = self.autocast_in(q), self.autocast_in(k), self.autocast_in(v)
+        if kind == "math":
+            if grad:
+                self.save(self.new(qc.width, qc.dtype, grad))  # q * scale
+                self.save(self.new(heads * inv.kv_head_dim, kc.dtype, grad) if gqa else kc)
+                self.save(self.new(heads * inv.v_head_dim, vc.dtype, grad) if gqa else vc)
+                self.save_bytes(heads * s * qc.dtype)  # probabilities
+            out = self.new(heads * inv.v_head_dim, qc.dtype, grad)
+            return self.new(out.width, out.dtype, grad)
+        if mask and gqa:  # transformers' repeat_kv when SDPA cannot take enable_gqa
+            kc = self.new(heads * inv.kv_head_dim, kc.dtype, kc.grad)
+            vc = self.new(heads * inv.v_head_dim, vc.dtype, vc.grad)
+        out = self.new(heads * inv.v_head_dim, qc.dtype, grad)
+        if grad:
+            for t in (qc, kc, vc, out):
+                self.save(t)
+            self.save_bytes(heads * FP32)  # logsumexp
+            if mask:
+                self.save_bytes(s * qc.dtype)  # the float copy of the boolean mask, per layer
+        return out  # the kernel's output is already laid out so its transpose is contiguous
+
+    def needs_mask(self) -> bool:
+        """SDPA gets an explicit mask when this layer's sliding window is shorter than the sequence."""
+        w = self.inv.sliding_window
+        return bool(w) and self.seq_len > w and self.layer_type != "full_attention"
+
+    def kernel(self, dtype: float, mask: bool, gqa: bool) -> str:
+        if self.f.attn is Attention.EAGER:
+            return "eager"
+        if self.f.attn is Attention.FLASH_ATTENTION_2:
+            return "flash"
+        half = dtype == BF16
+        if half and not mask and self.inv.head_dim <= FLASH_MAX_HEAD_DIM:
+            return "flash"
+        if (mask or not gqa) and self.inv.head_dim <= FLASH_MAX_HEAD_DIM:
+            return "efficient"
+        return "math"
+
+
+# -------------------------------------------------------------------------------------------------
+# Layers
+# -------------------------------------------------------------------------------------------------
+def _split(lins: tuple[Linear, ...]) -> dict[str, list[Linear]]:
+    groups: dict[str, list[Linear]] = {"attn_in": [], "attn_out": [], "mlp_in": [], "mlp_out": [], "router": [], "shared": []}
+    for lin in lins:
+        if "shared_expert" in lin.name and lin.role != "router":
+            groups["shared"].append(lin)
+        elif lin.role in groups:
+            groups[lin.role].append(lin)
+    return groups
+
+
+def _gated_mlp(tr: Trace, x: T, ins: list[Linear], outs: list[Linear]) -> T:
+    if not ins or not outs:
+        return x
+    if len(ins) == 1:  # fused gate_up (Phi-3) or a plain fc1 (GPT-2, OPT)
+        h = tr.linear(x, ins[0])
+        if tr.inv.mlp_gated:
+            gate = T(h.width / 2, h.dtype, h.grad, h.sid)  # chunk(2): views of one storage
+            up = T(h.width / 2, h.dtype, h.grad, h.sid)
+            a = tr.activation(gate)
+            p = tr.mul(up, a)
+        else:
+            p = tr.activation(h)
+    else:
+        gate = tr.linear(x, ins[0])
+        a = tr.activation(gate)
+        up = tr.linear(x, ins[1])
+        p = tr.mul(a, up)
+    return tr.linear(p, outs[0])
+
+
+def _moe(tr: Trace, x: T, groups: dict[str, list[Linear]]) -> T:
+    """transformers 5's fused experts (grouped_mm): top-k copies of each token through gate_up/down."""
+    inv, f = tr.inv, tr.f
+    moe = inv.moe
+    assert moe is not None
+    k, width = moe.top_k, moe.expert_intermediate_size
+    xin = tr.autocast_in(x)
+    if x.grad:
+        tr.save_bytes(moe.num_experts * FP32)  # router probabilities (softmax in fp32)
+        tr.save_bytes(k * inv.hidden_size * f.compute)  # tokens gathered per expert
+        tr.save_bytes(k * 2 * width * f.compute)  # gate_up output (the activation reads the gate half)
+        tr.save_bytes(k * width * f.compute)  # activation output
+        if f.base_trainable:
+            tr.save_bytes(k * width * f.compute)  # down's input, for the experts' weight gradient
+    del xin
+    out = tr.new(inv.hidden_size, f.compute if f.autocast else x.dtype, True)
+    shared = groups["shared"]
+    if shared:
+        ins = [lin for lin in shared if lin.role == "mlp_in"]
+        outs = [lin for lin in shared if lin.role == "mlp_out"]
+        s = _gated_mlp(tr, x, ins, outs)
+        gates = [lin for lin in groups["router"] if lin.out_features == 1]
+        if gates:
+            g = tr.linear(x, gates[0])
+            sig = tr.new(1, g.dtype, g.grad)
+            if g.grad:
+                tr.save(sig)  # sigmoid saves its output
+            s = tr.mul(sig, s)
+        out = tr.add(out, s)
+    return out
+
+
+def trace_layer(tr: Trace, x: T, layer: int) -> T:
+    """One decoder layer; returns its output. Saved tensors accumulate in `tr`."""
+    inv, f = tr.inv, tr.f
+    groups = _split(inv.layer_linears[layer] if layer < len(inv.layer_linears) else ())
+    tr.layer_type = inv.layer_types[layer] if layer < len(inv.layer_types) else "full_attention"
+    residual = x
+    h = tr.norm(x)
+    attn_in = groups["attn_in"]
+    if len(attn_in) == 1:  # fused qkv: q, k, v are views of one output
+        qkv = tr.linear(h, attn_in[0])
+        q = T(inv.num_heads * inv.head_dim, qkv.dtype, qkv.grad, qkv.sid)
+        k = T(inv.num_kv_heads * inv.kv_head_dim, qkv.dtype, qkv.grad, qkv.sid)
+        v = T(inv.num_kv_heads * inv.v_head_dim, qkv.dtype, qkv.grad, qkv.sid)
+    elif len(attn_in) >= 3 and inv.model_type not in ("deepseek_v2", "deepseek_v3"):
+        q, k, v = (tr.linear(h, lin) for lin in attn_in[:3])
+    else:  # MLA and other layouts: project everything, then treat as q/k/v of the stated widths
+        outs = [tr.linear(h, lin) for lin in attn_in]
+        grad = any(o.grad for o in outs)
+        dtype = outs[0].dtype if outs else h.dtype
+        q = tr.new(inv.num_heads * inv.head_dim, dtype, grad)
+        k = tr.new(inv.num_heads * inv.kv_head_dim, dtype, grad)
+        v = tr.new(inv.num_heads * inv.v_head_dim, dtype, grad)
+    if inv.qk_norm:
+        q = tr.rms_norm(q, width=inv.head_dim)
+        k = tr.rms_norm(k, width=inv.kv_head_dim)
+    if not inv.learned_positions:  # RoPE: q*cos + rotate_half(q)*sin, cos/sin in the embedding dtype
+        q = tr.new(q.width, max(q.dtype, f.residual), q.grad)
+        k = tr.new(k.width, max(k.dtype, f.residual), k.grad)
+    o = tr.attention(q, k, v)
+    for lin in groups["attn_out"][:1]:
+        o = tr.linear(o, lin)
+    if inv.norms_per_layer >= 4:  # Gemma 2/3: post_attention_layernorm on the attention output
+        o = tr.norm(o)
+    o = tr.dropout(o, inv.hidden_dropout)
+    x = tr.add(residual, o)
+    residual = x
+    h = tr.norm(x)
+    if inv.moe is not None and layer in inv.moe.layers:
+        m = _moe(tr, h, groups)
+    else:
+        m = _gated_mlp(tr, h, groups["mlp_in"], groups["mlp_out"])
+    if inv.norms_per_layer >= 4:
+        m = tr.norm(m)
+    m = tr.dropout(m, inv.hidden_dropout)
+    return tr.add(residual, m)
+
+
+@dataclass(frozen=True)
+class SavedActivations:
+    """Bytes per token (× B·S) unless named otherwise."""
+
+    layers: tuple[float, ...]  # per decoder layer, without checkpointing
+    checkpointed_input: float  # per layer, with checkpointing: the layer's input
+    outside: float  # embeddings, final norm, lm_head input
+    weight_copies_saved_bytes: float  # autocast copies saved for backward (not per token), all layers
+    weight_copies_cached_bytes: float  # autocast cache at the end of the forward (not per token)
+    layer_weight_copies_bytes: tuple[float, ...]  # per layer, saved copies
+    lm_head_copy_bytes: float
+
+
+def saved_activations(inv: Inventory, job: Job, adapted: frozenset[str], quantized: frozenset[str]) -> SavedActivations:
+    f = flow(job, adapted, quantized)
+    tr = Trace(f, inv, job.seq_len)
+    embed_grad = f.base_trainable
+    if embed_grad:
+        tr.save_bytes(INT64)  # token ids, for the embedding's gradient
+    x = tr.new(inv.hidden_size, f.residual, embed_grad)
+    if inv.learned_positions:
+        if embed_grad:
+            tr.save_bytes(INT64)
+        x = tr.add(x, tr.new(inv.hidden_size, f.residual, embed_grad))
+    x = tr.dropout(x, inv.embedding_dropout)
+    outside = sum(tr.saved.values())
+    layers: list[float] = []
+    layer_copies: list[float] = []
+    input_widths = []
+    for i in range(inv.num_layers):
+        before = sum(tr.saved.values())
+        copies_before = tr.weight_copies_saved
+        input_widths.append(x.width * x.dtype)
+        x = trace_layer(tr, x, i)
+        layers.append(sum(tr.saved.values()) - before)
+        layer_copies.append(tr.weight_copies_saved - copies_before)
+    before = sum(tr.saved.values())
+    copies_before = tr.weight_copies_saved
+    h = tr.norm(x)
+    lm_head = inv.lm_head
+    if lm_head is not None:
+        tr.linear(h, lm_head)
+    outside += sum(tr.saved.values()) - before
+    return SavedActivations(
+        layers=tuple(layers),
+        checkpointed_input=max(input_widths[1:] or input_widths or [0.0]),
+        outside=outside,
+        weight_copies_saved_bytes=tr.weight_copies_saved,
+        weight_copies_cached_bytes=tr.weight_copies_cached,
+        layer_weight_copies_bytes=tuple(layer_copies),
+        lm_head_copy_bytes=tr.weight_copies_saved - copies_before,
+    )
+
+
+# -------------------------------------------------------------------------------------------------
+# Working memory that is not saved: the backward's gradients of intermediates, inference's forward
+# -------------------------------------------------------------------------------------------------
+def _widest(inv: Inventory) -> int:
+    """The widest intermediate per token of one layer's MLP (all routed experts for MoE)."""
+    if inv.moe is not None:
+        return max(inv.moe.top_k * inv.moe.expert_intermediate_size + inv.moe.shared_intermediate_size, inv.intermediate_size)
+    return max(inv.intermediate_size, inv.hidden_size)
+
+
+def backward_working_bytes(inv: Inventory, job: Job) -> float:
+    """Per token, while one layer's backward runs: the product's backward holds the gradient of the
+    product and the two it produces (for the activation output and the up projection), each as wide
+    as the MLP's intermediate, in the compute dtype."""
+    f = flow(job, frozenset())
+    return 3 * _widest(inv) * f.compute
+
+
+def _attention_working(inv: Inventory, job: Job, dtype: float, kind: str, prompt: int) -> float:
+    q = inv.num_heads * inv.head_dim
+    kv = inv.num_kv_heads * (inv.kv_head_dim + inv.v_head_dim)
+    projections = q + kv + 2 * q  # q, k, v, and RoPE's two temporaries (q·cos, rotate_half(q)·sin)
+    scores = 0.0
+    if kind == "eager":  # q@kᵀ·scale (+mask) in dtype, its fp32 softmax and the softmax's cast
+        scores = inv.num_heads * prompt * (dtype + FP32 + dtype)
+    elif kind == "math":  # scores and probabilities
+        scores = inv.num_heads * prompt * 2 * dtype
+    return projections * dtype + scores
+
+
+def prefill_working_bytes(inv: Inventory, job: Job, dtype_name: str) -> int:
+    """The largest transient of `generate`'s prefill: one layer's working set at B·P tokens.
+
+    Alive throughout: the embedding output (the model's forward keeps `inputs_embeds`), the residual
+    and the normed input. On top, the larger of attention's (projections, RoPE temporaries, and for
+    eager/math the S×S scores) and the MLP's (gated: activation output, up projection and their
+    product; GPT-2's composite GELU holds four intermediates). LLM.int8 adds its int32 matmul
+    output; bitsandbytes 4-bit dequantizes one weight to bf16 per matmul when more than one row
+    goes through it.
+    """
+    dtype = FP32 if dtype_name == "fp32" else BF16
+    tokens = job.batch_size * job.prompt_len
+    h = inv.hidden_size
+    widest = _widest(inv)
+    gqa = inv.num_kv_heads != inv.num_heads
+    f = flow(job, frozenset())
+    trace = Trace(f, inv, job.prompt_len)
+    kind = trace.kernel(dtype, False, gqa)
+    attn = _attention_working(inv, job, dtype, kind, job.prompt_len)
+    if inv.hidden_act == "gelu_new":
+        mlp = 4 * widest * dtype
+    elif inv.mlp_gated:
+        fused = any(lin.role == "mlp_in" and lin.out_features >= 2 * inv.intermediate_size for lin in inv.linears if inv.intermediate_size)
+        mlp = (4 if fused else 3) * widest * dtype
+    else:
+        mlp = 2 * widest * dtype
+    if job.weights.value == "int8":
+        mlp += widest * FP32  # int8 matmul accumulates into int32 before dequantizing
+    extra_h = 3 if inv.learned_positions else 2  # GPT-2 keeps token and position embeddings too
+    per_token = (extra_h + 1) * h * dtype + max(attn, mlp)
+    total = per_token * tokens
+    if job.weights.is_4bit:
+        total += max((lin.weight_params for lin in inv.linears if lin.bnb_quantized), default=0) * BF16
+    return int(total)
+
+
+def decode_working_bytes(inv: Inventory, job: Job, dtype_name: str) -> int:
+    """One decoding step's activations (a single new token per sequence) are small."""
+    dtype = FP32 if dtype_name == "fp32" else BF16
+    per_token = (3 * inv.hidden_size + 3 * _widest(inv)) * dtype
+    total = per_token * job.batch_size
+    if job.weights.is_4bit and job.batch_size > 1:
+        total += max((lin.weight_params for lin in inv.linears if lin.bnb_quantized), default=0) * BF16
+    return int(total)
