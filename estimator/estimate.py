@@ -56,6 +56,8 @@ class Estimate:
     breakdown: dict[str, int]  # at the peak phase; sums to device_total_bytes
     phases: dict[str, int]  # peak allocated bytes of each phase
     notes: tuple[str, ...] = field(default=())
+    phase_components: dict[str, dict[str, int]] = field(default_factory=dict, repr=False)  # allocator terms per phase
+    inventory: Inventory | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
         return {
@@ -94,13 +96,7 @@ def estimate(model: Inventory | dict, job: Job) -> Estimate:
     peak_phase = max(phases, key=lambda name: sum(phases[name].values()))
     at_peak = phases[peak_phase]
     peak_allocated = sum(at_peak.values())
-    static = at_peak["weights"] + at_peak["lora_adapters"] + at_peak["optimizer_state"]
-    reserve = _allocator_reserve(inv, job, peak_allocated - static)
-    context = calibration.CUDA_CONTEXT_BYTES + calibration.CUBLAS_HANDLES_BYTES
-    if job.is_training:
-        context += calibration.AUTOGRAD_THREAD_BYTES
-    if job.mode is Mode.INFERENCE and job.weights.value == "int8":
-        context += calibration.BNB_INT8_KERNELS_BYTES
+    reserve, context = device_overheads(inv, job, at_peak)
     breakdown = dict(at_peak)
     breakdown.update(cuda_context=context, allocator_reserve=reserve, paged_optimizer_state=paged)
     breakdown = {name: int(breakdown.get(name, 0)) for name in COMPONENTS}
@@ -114,7 +110,21 @@ def estimate(model: Inventory | dict, job: Job) -> Estimate:
         breakdown=breakdown,
         phases={name: sum(row.values()) for name, row in phases.items()},
         notes=tuple(notes),
+        phase_components={name: dict(row) for name, row in phases.items()},
+        inventory=inv,
     )
+
+
+def device_overheads(inv: Inventory, job: Job, at_peak: dict[str, int]) -> tuple[int, int]:
+    """(allocator reserve, CUDA context and libraries) for a phase's allocator terms."""
+    static = at_peak["weights"] + at_peak["lora_adapters"] + at_peak["optimizer_state"]
+    reserve = _allocator_reserve(inv, job, sum(at_peak.values()) - static)
+    context = calibration.CUDA_CONTEXT_BYTES + calibration.CUBLAS_HANDLES_BYTES
+    if job.is_training:
+        context += calibration.AUTOGRAD_THREAD_BYTES
+    if job.mode is Mode.INFERENCE and job.weights.value == "int8":
+        context += calibration.BNB_INT8_KERNELS_BYTES
+    return reserve, context
 
 
 def _allocator_reserve(inv: Inventory, job: Job, dynamic: int) -> int:

@@ -1,0 +1,401 @@
+"""How many GPUs a job needs, strategy by strategy, with the per-GPU breakdown.
+
+Each strategy rescales the single-GPU phases term by term (activations are never divided by data
+parallelism) and every GPU pays the same device-total model as a single one: its allocator reserve
+and its own CUDA context. The per-GPU device total must fit the memory the driver reports.
+
+Training (every GPU runs its own micro-batch of B sequences):
+- `ddp`: everything replicated, plus DDP's gradient buckets (torch DistributedDataParallel copies
+  gradients into flat bucket buffers as large as the gradients, unless gradient_as_bucket_view).
+- `zero1`: optimizer state sharded over n GPUs (DeepSpeed ZeRO-1, FSDP has no exact analogue).
+- `zero2`: optimizer state and gradients sharded (ZeRO-2, FSDP SHARD_GRAD_OP).
+- `zero3`: parameters too (ZeRO-3, FSDP FULL_SHARD); each GPU all-gathers one decoder layer at a
+  time, prefetching the next, and reduce-scatters that layer's gradients: two layers of weights in
+  the compute dtype plus one layer of gradients stay as gather buffers.
+- `zero3_offload`: ZeRO-3 with optimizer state and its step on the CPU.
+
+Inference:
+- `single`: one GPU.
+- `pipeline`: `device_map="auto"`: whole decoder layers per GPU in order, embeddings on the first,
+  final norm and `lm_head` on the last, the KV cache following its layers, and each GPU keeping the
+  working set of the layer it runs.
+- `tensor_parallel`: weights and KV cache split by heads (n must divide the attention heads),
+  activations replicated.
+
+These multi-GPU figures are estimates that no multi-GPU measurement has checked yet.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+
+from estimator.dtypes import tensor_bytes
+from estimator.estimate import COMPONENTS, Estimate, device_overheads, estimate
+from estimator.inventory import Inventory
+from estimator.job import Job, Mode
+from estimator.terms import kv_cache, weights
+from estimator.terms import activations as act
+
+MAX_GPUS = 64
+GIB = 1024**3
+MULTI_GPU_NOTE = "multi-GPU figures are estimates: no multi-GPU run has measured them yet"
+
+
+class Strategy(str, enum.Enum):
+    SINGLE = "single"
+    DDP = "ddp"
+    ZERO1 = "zero1"
+    ZERO2 = "zero2"
+    ZERO3 = "zero3"
+    ZERO3_OFFLOAD = "zero3_offload"
+    PIPELINE = "pipeline"
+    TENSOR_PARALLEL = "tensor_parallel"
+
+    @property
+    def for_training(self) -> bool:
+        return self in (Strategy.DDP, Strategy.ZERO1, Strategy.ZERO2, Strategy.ZERO3, Strategy.ZERO3_OFFLOAD)
+
+
+TRAINING_STRATEGIES = (Strategy.DDP, Strategy.ZERO1, Strategy.ZERO2, Strategy.ZERO3, Strategy.ZERO3_OFFLOAD)
+INFERENCE_STRATEGIES = (Strategy.SINGLE, Strategy.PIPELINE, Strategy.TENSOR_PARALLEL)
+
+
+def default_strategy(job: Job) -> Strategy:
+    return Strategy.ZERO3 if job.is_training else Strategy.PIPELINE
+
+
+def parse_strategy(text: str | None, job: Job) -> Strategy:
+    if text is None:
+        return default_strategy(job)
+    aliases = {"fsdp": "zero3", "fsdp_full_shard": "zero3", "full_shard": "zero3", "shard_grad_op": "zero2",
+               "device_map": "pipeline", "auto": "pipeline", "tp": "tensor_parallel", "offload": "zero3_offload"}
+    key = aliases.get(text.strip().lower().replace("-", "_"), text.strip().lower().replace("-", "_"))
+    try:
+        strategy = Strategy(key)
+    except ValueError:
+        allowed = TRAINING_STRATEGIES if job.is_training else INFERENCE_STRATEGIES
+        raise ValueError(f"unknown strategy {text!r}; for {job.mode.value} use one of {', '.join(s.value for s in allowed)}") from None
+    if job.is_training and strategy not in TRAINING_STRATEGIES + (Strategy.SINGLE,):
+        raise ValueError(f"{strategy.value} is an inference strategy; for training use {', '.join(s.value for s in TRAINING_STRATEGIES)}")
+    if not job.is_training and strategy.for_training:
+        raise ValueError(f"{strategy.value} is a training strategy; for inference use {', '.join(s.value for s in INFERENCE_STRATEGIES)}")
+    return strategy
+
+
+@dataclass(frozen=True)
+class PerGPU:
+    """The worst GPU's memory under a strategy at a given count."""
+
+    num_gpus: int
+    breakdown: dict[str, int]
+    peak_allocated_bytes: int
+    device_total_bytes: int
+
+
+@dataclass(frozen=True)
+class Fit:
+    gpu_name: str
+    capacity_bytes: int
+    strategy: Strategy
+    gpus_needed: int | None  # None: no count up to MAX_GPUS fits
+    per_gpu: PerGPU  # at gpus_needed, or at the count asked for, or at MAX_GPUS when nothing fits
+    reason: str | None = None  # why nothing fits, or why the platform cannot run the job
+    notes: tuple[str, ...] = field(default=())
+
+    def describe(self) -> list[str]:
+        cap = self.capacity_bytes / GIB
+        used = self.per_gpu.device_total_bytes / GIB
+        if self.gpus_needed is None:
+            head = f"Does not fit on {self.gpu_name} with {self.strategy.value} up to {MAX_GPUS} GPUs: {self.reason}"
+        elif self.gpus_needed == 1:
+            head = f"Fits on 1 × {self.gpu_name}: {used:.1f} of {cap:.1f} GiB"
+        else:
+            head = f"Needs {self.gpus_needed} × {self.gpu_name} with {self.strategy.value}: {used:.1f} of {cap:.1f} GiB on the fullest GPU"
+        lines = [head]
+        if self.per_gpu.num_gpus > 1 or self.gpus_needed != 1:
+            lines.append(f"per GPU with {self.per_gpu.num_gpus} GPUs (GiB):")
+            for name, value in self.per_gpu.breakdown.items():
+                if value:
+                    lines.append(f"  {name.replace('_', ' '):24s}{value / GIB:8.2f}")
+        lines.extend(f"note: {n}" for n in self.notes)
+        return lines
+
+    def to_dict(self) -> dict:
+        return {
+            "gpu": self.gpu_name,
+            "capacity_bytes": self.capacity_bytes,
+            "strategy": self.strategy.value,
+            "gpus_needed": self.gpus_needed,
+            "per_gpu": {
+                "num_gpus": self.per_gpu.num_gpus,
+                "peak_allocated_bytes": self.per_gpu.peak_allocated_bytes,
+                "device_total_bytes": self.per_gpu.device_total_bytes,
+                "breakdown": dict(self.per_gpu.breakdown),
+            },
+            "reason": self.reason,
+            "notes": list(self.notes),
+        }
+
+
+# -------------------------------------------------------------------------------------------------
+# Per-GPU memory for a strategy and a count
+# -------------------------------------------------------------------------------------------------
+def _finish(inv: Inventory, job: Job, n: int, phases: list[dict[str, int]], paged: int) -> PerGPU:
+    worst = max(phases, key=lambda row: sum(row.values()))
+    reserve, context = device_overheads(inv, job, worst)
+    breakdown = {name: 0 for name in COMPONENTS}
+    breakdown.update({k: int(v) for k, v in worst.items()})
+    breakdown.update(cuda_context=context, allocator_reserve=reserve, paged_optimizer_state=int(paged))
+    return PerGPU(n, breakdown, sum(worst.values()), sum(breakdown.values()))
+
+
+def _largest_layer_params(inv: Inventory) -> int:
+    return max((inv.layer_param_numel(i) for i in range(inv.num_layers)), default=0)
+
+
+def per_gpu(result: Estimate, strategy: Strategy, n: int) -> PerGPU:
+    """The fullest GPU's memory when `result`'s job runs on `n` GPUs with `strategy`."""
+    inv, job = result.inventory, result.job
+    assert inv is not None
+    paged = result.breakdown["paged_optimizer_state"]
+    phases = [dict(row) for row in result.phase_components.values()]
+    if n == 1 and strategy in (Strategy.SINGLE, Strategy.PIPELINE, Strategy.TENSOR_PARALLEL, Strategy.DDP):
+        if strategy is not Strategy.DDP:
+            return _finish(inv, job, 1, phases, paged)
+    if strategy is Strategy.PIPELINE:
+        return _pipeline(result, n)
+    if strategy is Strategy.TENSOR_PARALLEL:
+        return _tensor_parallel(result, n)
+    shard = lambda v: int(math.ceil(v / n))  # noqa: E731
+    compute_bytes = 4 if weights.compute_dtype(job) == "fp32" else 2
+    grad_bytes = 4 if job.mode is Mode.FULL and job.precision.value in ("fp32", "amp_bf16", "amp_fp16") else 2
+    layer_params = _largest_layer_params(inv)
+    out = []
+    for row in phases:
+        row = dict(row)
+        grads_in_phase = row["gradients"] > 0
+        if strategy is Strategy.DDP:
+            row["temporaries"] += _grads_total(result)  # bucket buffers, allocated once, kept
+        if strategy in (Strategy.ZERO1, Strategy.ZERO2, Strategy.ZERO3):
+            row["optimizer_state"] = shard(row["optimizer_state"])
+            if row["temporaries"] and grads_in_phase:
+                row["temporaries"] = shard(row["temporaries"])
+        if strategy is Strategy.ZERO3_OFFLOAD:
+            row["optimizer_state"] = 0
+            if grads_in_phase:
+                row["temporaries"] = 0
+        if strategy in (Strategy.ZERO2, Strategy.ZERO3, Strategy.ZERO3_OFFLOAD):
+            row["gradients"] = shard(row["gradients"])
+        if strategy in (Strategy.ZERO3, Strategy.ZERO3_OFFLOAD) and n > 1:
+            # FSDP's mixed precision gathers each unit in the compute dtype and frees it after use,
+            # so the whole-model autocast copies become the per-layer gather buffers below.
+            row["autocast_weight_copies"] = 0
+            row["weights"] = shard(row["weights"])
+            row["lora_adapters"] = shard(row["lora_adapters"])
+            row["temporaries"] += 2 * layer_params * compute_bytes + (layer_params * grad_bytes if job.mode is Mode.FULL else 0)
+        out.append(row)
+    if strategy in (Strategy.ZERO1, Strategy.ZERO2, Strategy.ZERO3):
+        paged = shard(paged)
+    elif strategy is Strategy.ZERO3_OFFLOAD:
+        paged = 0
+    return _finish(inv, job, n, out, paged)
+
+
+def _grads_total(result: Estimate) -> int:
+    return max((row["gradients"] for row in result.phase_components.values()), default=0)
+
+
+def _pipeline(result: Estimate, n: int) -> PerGPU:
+    """device_map="auto": contiguous layers per GPU; the fullest GPU decides."""
+    inv, job = result.inventory, result.job
+    assert inv is not None
+    placed = weights.placements(inv, job)
+    dtype = weights.compute_dtype(job)
+    per_layer_w = [0] * inv.num_layers
+    outside_w = inv.buffer_bytes
+    by_name = {p.name: p for p in placed}
+    for p in inv.params:
+        size = by_name[p.name].bytes if p.name in by_name else 0
+        if p.layer is not None and p.layer < inv.num_layers:
+            per_layer_w[p.layer] += size
+        else:
+            outside_w += size
+    tokens_final = job.prompt_len + job.new_tokens - 1
+    per_layer_kv = [kv_cache.layer_cache_bytes(inv, job.batch_size, tokens_final if t == "full_attention" or not inv.sliding_window else min(tokens_final, inv.sliding_window), dtype) for t in inv.layer_types]
+    per_layer = [w + kv for w, kv in zip(per_layer_w, per_layer_kv)]
+    working = act.prefill_working_bytes(inv, job, dtype)
+    from estimator.terms import logits as lg
+
+    head = lg.generate_logits_bytes(job.batch_size, inv.vocab_size, dtype)
+    # Balanced split into n contiguous stages (as accelerate's balanced device map does).
+    target = math.ceil(sum(per_layer) / n)
+    stages: list[list[int]] = [[]]
+    total = 0
+    for i, size in enumerate(per_layer):
+        if stages[-1] and total + size > target and len(stages) < n:
+            stages.append([])
+            total = 0
+        stages[-1].append(i)
+        total += size
+    worst_row = None
+    for k, stage in enumerate(stages):
+        w = sum(per_layer_w[i] for i in stage) + (outside_w if k in (0, len(stages) - 1) else 0)
+        row = {name: 0 for name in COMPONENTS[:9]}
+        row["weights"] = w
+        row["kv_cache"] = sum(per_layer_kv[i] for i in stage)
+        row["temporaries"] = working
+        row["logits"] = head if k == len(stages) - 1 else 0
+        if worst_row is None or sum(row.values()) > sum(worst_row.values()):
+            worst_row = row
+    assert worst_row is not None
+    return _finish(inv, job, n, [worst_row], 0)
+
+
+def _tensor_parallel(result: Estimate, n: int) -> PerGPU:
+    inv, job = result.inventory, result.job
+    assert inv is not None
+    rows = []
+    kv_split = min(n, inv.num_kv_heads)  # beyond the KV heads, KV heads are replicated
+    norms = sum(tensor_bytes(p.numel, weights.compute_dtype(job)) for p in inv.params if p.kind == "norm")
+    for row in result.phase_components.values():
+        row = dict(row)
+        row["weights"] = int((row["weights"] - norms) / n + norms)
+        row["kv_cache"] = int(row["kv_cache"] / kv_split)
+        rows.append(row)
+    return _finish(inv, job, n, rows, 0)
+
+
+def _valid_counts(inv: Inventory, strategy: Strategy) -> list[int]:
+    if strategy is Strategy.SINGLE:
+        return [1]
+    if strategy is Strategy.TENSOR_PARALLEL:
+        return [n for n in range(1, MAX_GPUS + 1) if inv.num_heads % n == 0]
+    if strategy is Strategy.PIPELINE:
+        return list(range(1, min(MAX_GPUS, max(inv.num_layers, 1)) + 1))
+    return list(range(1, MAX_GPUS + 1))
+
+
+def fit(result: Estimate, gpu, strategy: Strategy | None = None, num_gpus: int | None = None) -> Fit:
+    """The smallest count of `gpu` that runs `result`'s job with `strategy`, and its per-GPU figures."""
+    inv, job = result.inventory, result.job
+    assert inv is not None
+    strategy = strategy or default_strategy(job)
+    capacity = int(gpu.usable_by_default_bytes)
+    notes: list[str] = []
+    reason = _unsupported(job, gpu)
+    if reason:
+        shown = per_gpu(result, strategy, num_gpus or 1)
+        return Fit(gpu.name, capacity, strategy, None, shown, reason, tuple(notes))
+    counts = _valid_counts(inv, strategy)
+    needed = None
+    chosen = None
+    for n in counts:
+        figures = per_gpu(result, strategy, n)
+        if figures.device_total_bytes <= capacity:
+            needed, chosen = n, figures
+            break
+    if needed is None:
+        chosen = per_gpu(result, strategy, counts[-1])
+        reason = _why_not(result, strategy, capacity, counts[-1], chosen)
+    if num_gpus is not None:
+        if num_gpus not in counts:
+            raise ValueError(f"{strategy.value} cannot use {num_gpus} GPUs for this model (valid counts: {_ranges(counts)})")
+        chosen = per_gpu(result, strategy, num_gpus)
+    if (needed or 1) > 1 or (num_gpus or 1) > 1:
+        notes.append(MULTI_GPU_NOTE)
+    return Fit(gpu.name, capacity, strategy, needed, chosen, reason, tuple(notes))
+
+
+def _ranges(counts: list[int]) -> str:
+    return ", ".join(str(c) for c in counts[:12]) + (" …" if len(counts) > 12 else "")
+
+
+def _why_not(result: Estimate, strategy: Strategy, capacity: int, n: int, figures: PerGPU) -> str:
+    inv = result.inventory
+    assert inv is not None
+    fixed = figures.breakdown["cuda_context"]
+    if strategy in (Strategy.PIPELINE,):
+        return f"even one layer per GPU needs {figures.device_total_bytes / GIB:.1f} GiB, more than the {capacity / GIB:.1f} GiB this GPU has"
+    acts = figures.breakdown["activations"] + figures.breakdown["logits"] + figures.breakdown["temporaries"]
+    if acts + fixed > capacity:
+        return (
+            f"activations and logits alone take {acts / GIB:.1f} GiB per GPU and no strategy divides them; "
+            "lower the batch size or sequence length, or turn on gradient checkpointing"
+        )
+    return f"with {n} GPUs the fullest still needs {figures.device_total_bytes / GIB:.1f} GiB of {capacity / GIB:.1f} GiB"
+
+
+def _needs_bf16(job: Job) -> bool:
+    if job.mode is Mode.INFERENCE:
+        return job.weights.value in ("bf16", "int8", "nf4", "fp4")  # bnb layers compute in bf16 here
+    if job.mode is Mode.FULL:
+        return job.precision.value in ("amp_bf16", "bf16")
+    return True  # LoRA and QLoRA run their forward under bf16 autocast (SPEC)
+
+
+def _unsupported(job: Job, gpu) -> str | None:
+    if _needs_bf16(job):
+        ok, why = gpu.supports("bf16")
+        if not ok:
+            return f"{gpu.name} has no bf16: {why.strip()} (use fp16 for this GPU)"
+    feature = None
+    if job.mode is Mode.QLORA or (job.mode is Mode.INFERENCE and job.weights.is_4bit):
+        feature = "bnb_4bit"
+    elif job.mode is Mode.INFERENCE and job.weights.value == "int8":
+        feature = "bnb_int8"
+    elif job.is_training and job.optimizer.is_paged:
+        feature = "bnb_paged_optim"
+    elif job.is_training and job.optimizer.uses_bitsandbytes:
+        feature = "bnb_optim_8bit"
+    for name in [feature] if feature else []:
+        ok, why = gpu.supports(name)
+        if not ok:
+            return f"{gpu.name} cannot run this job: {why}"
+    return None
+
+
+def which_gpus(result: Estimate, gpus, strategy: Strategy | None = None, sort: str = "count") -> list[Fit]:
+    """Every GPU with the count it needs; those that can't run the job last."""
+    fits = [fit(result, gpu, strategy) for gpu in gpus]
+    key = {
+        "count": lambda f: (f.gpus_needed is None, f.gpus_needed or 0, -f.capacity_bytes),
+        "memory": lambda f: (-f.capacity_bytes, f.gpu_name),
+        "name": lambda f: f.gpu_name.lower(),
+    }.get(sort)
+    if sort == "bandwidth":
+        by_name = {g.name: g for g in gpus}
+        fits.sort(key=lambda f: -by_name[f.gpu_name].memory_bandwidth_gb_s)
+    else:
+        fits.sort(key=key)
+    return fits
+
+
+class WhichGPUs:
+    """The CLI's answer to --which-gpus."""
+
+    def __init__(self, fits: list[Fit]) -> None:
+        self.fits = fits
+        self.gpus_needed = None
+
+    def describe(self) -> list[str]:
+        lines = [f"{'GPU':34s} {'memory GiB':>10s} {'GPUs needed':>12s}  strategy"]
+        for f in self.fits:
+            count = str(f.gpus_needed) if f.gpus_needed is not None else "—"
+            lines.append(f"{f.gpu_name:34s} {f.capacity_bytes / GIB:10.1f} {count:>12s}  {f.strategy.value}")
+        return lines
+
+    def to_dict(self) -> dict:
+        return {"gpus": [f.to_dict() for f in self.fits]}
+
+
+def from_cli(config: dict, job: Job, result: Estimate, args):
+    """--gpu / --which-gpus / --strategy / --num-gpus, for estimator.cli."""
+    import gpu_db
+
+    strategy = parse_strategy(args.strategy, job) if args.strategy else None
+    if args.which_gpus:
+        return WhichGPUs(which_gpus(result, gpu_db.load_gpus(), strategy, sort=args.sort))
+    gpu = gpu_db.find_gpu(args.gpu)
+    return fit(result, gpu, strategy, args.num_gpus)
