@@ -132,12 +132,18 @@ def _allocator_reserve(inv: Inventory, job: Job, dynamic: int) -> int:
 
     Training: the loss's backward needs two fp32 N×V blocks while only the fp32 upcast's block has
     been freed; the half-precision logits' block is too small to host the other, so it stays
-    cached and a new segment is reserved. Beyond that, freed temporaries of other sizes leave
-    holes in proportion to the memory that comes and goes (calibration.ALLOCATOR_FRAGMENTATION).
+    cached and a new segment is reserved. Inference: the KV cache's growth by concatenation leaves
+    blocks too small to reuse (calibration.KV_CAT_FRAGMENTATION). Beyond that, freed temporaries of
+    other sizes leave holes in proportion to the memory that comes and goes
+    (calibration.ALLOCATOR_FRAGMENTATION).
     """
     hole = 0
-    if job.is_training and weights.compute_dtype(job) != "fp32":
-        hole = tensor_bytes(job.batch_size * job.seq_len * inv.vocab_size, weights.compute_dtype(job))
+    dtype = weights.compute_dtype(job)
+    if job.is_training and dtype != "fp32":
+        hole = tensor_bytes(job.batch_size * job.seq_len * inv.vocab_size, dtype)
+    if job.mode is Mode.INFERENCE:
+        final = kv_cache.cache_bytes(inv, job.batch_size, job.prompt_len + job.new_tokens - 1, dtype)
+        hole = int(calibration.KV_CAT_FRAGMENTATION * final)
     return int(hole + calibration.ALLOCATOR_FRAGMENTATION * max(dynamic, 0))
 
 

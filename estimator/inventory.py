@@ -92,7 +92,8 @@ class Inventory:
     hidden_act: str
     norm_kind: Literal["rms", "layer"]
     norm_style: Literal["llama", "gemma", "layer"]  # how the norm casts: see terms/activations.py
-    norms_per_layer: int
+    norms_per_layer: int  # hidden-size norms in one decoder layer (q/k norms are per head, not counted)
+    sandwich_norms: bool  # Gemma 2/3: norms after attention and after the MLP as well as before
     layer_types: tuple[str, ...]  # "full_attention" / "sliding_attention" per layer
     sliding_window: int | None
     moe: MoE | None
@@ -347,7 +348,10 @@ def _build(raw: dict) -> Inventory:
     gated = len(mlp_in) >= 2 or any(lin.out_features == 2 * intermediate and intermediate for lin in mlp_in)
     act = str(getattr(text_cfg, "hidden_act", None) or getattr(text_cfg, "activation_function", None) or getattr(text_cfg, "hidden_activation", "") or "")
 
-    norm_params = [p for p in params if p.kind == "norm" and p.layer == 0 and p.name.endswith("weight")]
+    norm_params = [
+        p for p in params if p.kind == "norm" and p.layer == 0 and p.name.endswith("weight") and p.shape == (hidden,)
+    ]
+    sandwich = any("post_feedforward_layernorm" in p.name for p in norm_params)
     norm_layer = any(type(m).__name__ == "LayerNorm" or isinstance(m, torch.nn.LayerNorm) for m in model.modules())
     norm_classes = {type(m).__name__ for m in model.modules() if "norm" in type(m).__name__.lower()}
     if norm_layer:
@@ -391,6 +395,7 @@ def _build(raw: dict) -> Inventory:
         norm_kind="layer" if norm_layer else "rms",
         norm_style=norm_style,
         norms_per_layer=len(norm_params),
+        sandwich_norms=sandwich,
         layer_types=layer_types[:num_layers],
         sliding_window=int(sliding) if sliding else None,
         moe=moe,

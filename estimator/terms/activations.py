@@ -386,7 +386,7 @@ def trace_layer(tr: Trace, x: T, layer: int) -> T:
     o = tr.attention(q, k, v)
     for lin in groups["attn_out"][:1]:
         o = tr.linear(o, lin)
-    if inv.norms_per_layer >= 4:  # Gemma 2/3: post_attention_layernorm on the attention output
+    if inv.sandwich_norms:  # Gemma 2/3: post_attention_layernorm on the attention output
         o = tr.norm(o)
     o = tr.dropout(o, inv.hidden_dropout)
     x = tr.add(residual, o)
@@ -396,7 +396,7 @@ def trace_layer(tr: Trace, x: T, layer: int) -> T:
         m = _moe(tr, h, groups)
     else:
         m = _gated_mlp(tr, h, groups["mlp_in"], groups["mlp_out"])
-    if inv.norms_per_layer >= 4:
+    if inv.sandwich_norms:
         m = tr.norm(m)
     m = tr.dropout(m, inv.hidden_dropout)
     return tr.add(residual, m)
@@ -517,6 +517,13 @@ def prefill_working_bytes(inv: Inventory, job: Job, dtype_name: str) -> int:
     extra_h = 3 if inv.learned_positions else 2  # GPT-2 keeps token and position embeddings too
     per_token = (extra_h + 1) * h * dtype + max(attn, mlp)
     total = per_token * tokens
+    window = inv.sliding_window
+    if window and job.prompt_len > window and any(t != "full_attention" for t in inv.layer_types):
+        # A sliding layer shorter than the prompt gets an explicit mask, which SDPA turns into a
+        # float copy (B·P·P) per call; transformers then also repeats k and v to every head.
+        total += job.batch_size * job.prompt_len * job.prompt_len * dtype
+        if gqa:
+            total += tokens * 2 * inv.num_heads * inv.head_dim * dtype
     if job.weights.is_4bit:
         total += max((lin.weight_params for lin in inv.linears if lin.bnb_quantized), default=0) * BF16
     return int(total)
