@@ -1,0 +1,260 @@
+"""Score the estimator (and the peers) against the measured cases.
+
+    python -m validation.report            # prints the summary, writes validation/REPORT.md and the plot
+
+It reads every `validation/results/*.jsonl`, runs `estimator.estimate` on each measured case and
+compares both figures of SPEC: peak allocated (`torch.cuda.max_memory_allocated`) and device total
+(what nvidia-smi shows). The peers are scored against the device total, the figure they claim.
+Error is (estimate − measured) / measured. Cases that ran out of memory on the 80 GB card are
+listed apart: their measured figure is not a peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from estimator import Job, estimate, inventory_from_config
+from estimator.catalog import find_entry
+from validation.peers import PEERS, peer_figures
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPORT_PATH = Path(__file__).resolve().parent / "REPORT.md"
+PLOT_PATH = Path(__file__).resolve().parent / "accuracy.png"
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class Comparison:
+    case: str
+    model: str
+    mode: str
+    holdout: bool
+    status: str
+    measured_peak: int | None
+    estimated_peak: int
+    measured_device: int | None
+    estimated_device: int
+    peers: dict[str, int | None] = field(default_factory=dict)
+
+    @property
+    def peak_error(self) -> float | None:
+        return _err(self.estimated_peak, self.measured_peak) if self.status == "ok" else None
+
+    @property
+    def device_error(self) -> float | None:
+        return _err(self.estimated_device, self.measured_device) if self.status == "ok" else None
+
+    def peer_error(self, name: str) -> float | None:
+        value = self.peers.get(name)
+        if self.status != "ok" or value is None:
+            return None
+        return _err(value, self.measured_device)
+
+
+def _err(estimate_bytes: int | None, measured: int | None) -> float | None:
+    if estimate_bytes is None or not measured:
+        return None
+    return (estimate_bytes - measured) / measured
+
+
+def load_rows(results_dir: Path = RESULTS_DIR) -> list[dict]:
+    """Every measured row; a later line for the same case replaces an earlier one."""
+    rows: dict[str, dict] = {}
+    for path in sorted(Path(results_dir).glob("*.jsonl")):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: not JSON ({err.msg})") from None
+            if "case" not in row or "job" not in row or "model" not in row:
+                raise ValueError(f"{path}:{number}: a result needs case, model and job")
+            rows[row["case"]] = row
+    return list(rows.values())
+
+
+def compare(row: dict) -> Comparison:
+    job = Job.from_dict(row["job"])
+    entry = find_entry(row["model"])
+    if entry is None:
+        raise ValueError(f"{row['case']}: model {row['model']!r} is not in the catalog")
+    inv = inventory_from_config(entry.config())
+    result = estimate(inv, job)
+    peers = peer_figures(inv, job)
+    return Comparison(
+        case=row["case"],
+        model=row["model"],
+        mode=job.mode.value,
+        holdout=bool(row.get("holdout", False)),
+        status=row.get("status", "error"),
+        measured_peak=row.get("peak_allocated_bytes"),
+        estimated_peak=result.peak_allocated_bytes,
+        measured_device=row.get("device_total_bytes"),
+        estimated_device=result.device_total_bytes,
+        peers={name: getattr(peers, name) for name in PEERS},
+    )
+
+
+def summarize(errors: list[float | None]) -> tuple[int, float | None, float | None]:
+    """(count, median |error|, worst |error|) over the errors that exist."""
+    values = [abs(e) for e in errors if e is not None]
+    if not values:
+        return 0, None, None
+    return len(values), statistics.median(values), max(values)
+
+
+def _pct(value: float | None, signed: bool = False) -> str:
+    if value is None:
+        return "—"
+    return f"{value * 100:+.1f}%" if signed else f"{value * 100:.1f}%"
+
+
+def _gib(value: int | None) -> str:
+    return "—" if value is None else f"{value / GIB:.2f}"
+
+
+def summary_rows(comparisons: list[Comparison]) -> list[dict]:
+    """Median and worst |error| per job and overall, for us and each peer."""
+    out = []
+    groups = [("all", comparisons)]
+    groups += [(mode, [c for c in comparisons if c.mode == mode]) for mode in ("inference", "full", "lora", "qlora")]
+    groups += [("calibration", [c for c in comparisons if not c.holdout]), ("holdout", [c for c in comparisons if c.holdout])]
+    for name, group in groups:
+        ok = [c for c in group if c.status == "ok"]
+        row = {"group": name, "cases": len(ok)}
+        row["peak"] = summarize([c.peak_error for c in ok])
+        row["device"] = summarize([c.device_error for c in ok])
+        for peer in PEERS:
+            row[peer] = summarize([c.peer_error(peer) for c in ok])
+        out.append(row)
+    return out
+
+
+def render_markdown(comparisons: list[Comparison], command: str) -> str:
+    ok = [c for c in comparisons if c.status == "ok"]
+    failed = [c for c in comparisons if c.status != "ok"]
+    lines = [
+        "# Validation report",
+        "",
+        f"Generated by `{command}` from `validation/results/*.jsonl` ({len(comparisons)} cases, {len(ok)} measured to completion).",
+        "Measured on an NVIDIA H100 80GB HBM3 (driver 580.159.04, torch 2.11.0+cu130, transformers 5.17.0,",
+        "peft 0.21.2, accelerate 1.15.0, bitsandbytes 0.50.2) by `python -m validation.measure`.",
+        "Error = (estimate − measured) / measured. Peers are scored against the measured device total.",
+        "",
+        "## Summary: median and worst |error|",
+        "",
+        "| group | cases | peak allocated (median / worst) | device total (median / worst) | can-it-run-llm | accelerate | gpu_poor |",
+        "|---|---:|---|---|---|---|---|",
+    ]
+    for row in summary_rows(comparisons):
+        def cell(stat):
+            n, med, worst = stat
+            return "—" if n == 0 else f"{_pct(med)} / {_pct(worst)}" + (f" (n={n})" if n != row["cases"] else "")
+
+        lines.append(
+            f"| {row['group']} | {row['cases']} | {cell(row['peak'])} | {cell(row['device'])} | "
+            + " | ".join(cell(row[p]) for p in PEERS)
+            + " |"
+        )
+    lines += [
+        "",
+        "## Every case (GiB)",
+        "",
+        "| case | set | measured peak | estimated | error | measured device | estimated | error | can-it-run-llm | accelerate | gpu_poor |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in ok:
+        lines.append(
+            f"| {c.case} | {'holdout' if c.holdout else 'calibration'} | {_gib(c.measured_peak)} | {_gib(c.estimated_peak)} | "
+            f"{_pct(c.peak_error, True)} | {_gib(c.measured_device)} | {_gib(c.estimated_device)} | {_pct(c.device_error, True)} | "
+            + " | ".join(_pct(c.peer_error(p), True) for p in PEERS)
+            + " |"
+        )
+    if failed:
+        lines += [
+            "",
+            "## Cases that did not complete",
+            "",
+            "Out of memory on the 80 GB card: the estimator should say they do not fit.",
+            "",
+            "| case | status | estimated device total (GiB) | predicted not to fit on 79.6 GiB |",
+            "|---|---|---:|---|",
+        ]
+        for c in failed:
+            lines.append(f"| {c.case} | {c.status} | {_gib(c.estimated_device)} | {'yes' if c.estimated_device > 81559 * 1024**2 else 'no'} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def write_plot(comparisons: list[Comparison], path: Path = PLOT_PATH) -> Path:
+    """Estimated against measured peak allocated, ours and the peers', as a PNG (plotly + kaleido)."""
+    import plotly.graph_objects as go
+
+    ok = [c for c in comparisons if c.status == "ok"]
+    fig = go.Figure()
+    top = max(max(c.measured_device or 0, c.estimated_device) for c in ok) / GIB * 1.1
+    fig.add_trace(go.Scatter(x=[0.5, top], y=[0.5, top], mode="lines", name="exact", line=dict(color="gray", dash="dot")))
+    fig.add_trace(
+        go.Scatter(
+            x=[c.measured_peak / GIB for c in ok],
+            y=[c.estimated_peak / GIB for c in ok],
+            mode="markers",
+            name="this estimator (peak allocated)",
+            marker=dict(size=8, color="#1f77b4"),
+            text=[c.case for c in ok],
+        )
+    )
+    colors = {"can_it_run_llm": "#d62728", "accelerate": "#ff7f0e", "gpu_poor": "#2ca02c"}
+    for peer in PEERS:
+        pts = [(c.measured_device / GIB, c.peers[peer] / GIB) for c in ok if c.peers.get(peer)]
+        fig.add_trace(
+            go.Scatter(
+                x=[p[0] for p in pts], y=[p[1] for p in pts], mode="markers", name=f"{peer} (vs device total)",
+                marker=dict(size=6, color=colors[peer], symbol="x"),
+            )
+        )
+    fig.update_layout(
+        title="Estimated vs measured GPU memory, H100 80GB (GiB, log scale)",
+        xaxis=dict(title="measured (GiB)", type="log"),
+        yaxis=dict(title="estimated (GiB)", type="log"),
+        width=900,
+        height=650,
+        template="plotly_white",
+    )
+    fig.write_image(str(path))
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m validation.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", default=str(RESULTS_DIR), help="folder of measured JSON lines")
+    parser.add_argument("--out", default=str(REPORT_PATH), help="where to write the markdown report")
+    parser.add_argument("--plot", default=str(PLOT_PATH), help="where to write the PNG plot ('' to skip)")
+    args = parser.parse_args(argv)
+    comparisons = [compare(row) for row in load_rows(Path(args.results))]
+    if not comparisons:
+        print(f"no results in {args.results}", file=sys.stderr)
+        return 2
+    text = render_markdown(comparisons, "python -m validation.report")
+    Path(args.out).write_text(text)
+    for row in summary_rows(comparisons):
+        n, med, worst = row["peak"]
+        _, dmed, dworst = row["device"]
+        peers = "  ".join(f"{p}={_pct(row[p][1])}" for p in PEERS)
+        print(f"{row['group']:12s} n={n:3d}  peak median {_pct(med):>6s} worst {_pct(worst):>6s}   device median {_pct(dmed):>6s} worst {_pct(dworst):>6s}   peers(median): {peers}")
+    if args.plot:
+        write_plot(comparisons, Path(args.plot))
+        print(f"wrote {args.out} and {args.plot}")
+    else:
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
