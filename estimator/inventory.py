@@ -12,10 +12,18 @@ per config: they are pure functions of it.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import gzip
+import hashlib
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
+
+# Inventories of every catalog config, built with the pinned transformers by
+# `python -m estimator.catalog.prebuild`; tests check each against a fresh build.
+PREBUILT_PATH = Path(__file__).resolve().parent / "catalog" / "inventories.json.gz"
 
 ParamKind = Literal["linear", "bias", "embedding", "norm", "expert", "router", "other"]
 LinearRole = Literal["attn_in", "attn_out", "mlp_in", "mlp_out", "router", "lm_head", "other"]
@@ -140,6 +148,56 @@ class Inventory:
 
 
 # -------------------------------------------------------------------------------------------------
+# Serialization: prebuilt inventories for the catalog, so catalog models need no torch import
+# -------------------------------------------------------------------------------------------------
+def inventory_to_dict(inv: Inventory) -> dict:
+    out = {}
+    for f in dataclasses.fields(inv):
+        value = getattr(inv, f.name)
+        if f.name == "params":
+            value = [[p.name, list(p.shape), p.kind, p.layer, p.in_quantized_linear] for p in value]
+        elif f.name == "linears":
+            value = [
+                [l.name, l.in_features, l.out_features, l.bias, l.layer, l.role, l.bnb_quantized, l.peft_all_linear, l.exact_linear]
+                for l in value
+            ]
+        elif f.name == "moe" and value is not None:
+            value = dataclasses.asdict(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[f.name] = value
+    return out
+
+
+def inventory_from_dict(data: dict) -> Inventory:
+    data = dict(data)
+    data["params"] = tuple(Param(n, tuple(shape), kind, layer, q) for n, shape, kind, layer, q in data["params"])
+    data["linears"] = tuple(Linear(*row) for row in data["linears"])
+    if data.get("moe") is not None:
+        moe = dict(data["moe"])
+        moe["layers"] = tuple(moe["layers"])
+        data["moe"] = MoE(**moe)
+    for name in ("layer_types", "notes"):
+        data[name] = tuple(data.get(name) or ())
+    return Inventory(**data)
+
+
+def config_key(config: dict) -> str:
+    """A stable digest of a config: the key of the inventory cache and of the prebuilt store."""
+    return hashlib.sha256(_canonical(config).encode()).hexdigest()[:24]
+
+
+@functools.lru_cache(maxsize=1)
+def _prebuilt() -> dict[str, dict]:
+    path = PREBUILT_PATH
+    if not path.exists():
+        return {}
+    with gzip.open(path, "rt", encoding="utf-8") as handle:
+        data = json.load(handle)
+    return data.get("inventories", {})
+
+
+# -------------------------------------------------------------------------------------------------
 # Building
 # -------------------------------------------------------------------------------------------------
 _OUT_NAMES = {"o_proj", "out_proj", "dense", "c_proj", "down_proj", "fc2", "dense_4h_to_h", "w2", "wo", "proj_out"}
@@ -161,7 +219,16 @@ def inventory_from_config(config: dict) -> Inventory:
 
 @functools.lru_cache(maxsize=64)
 def _build_cached(canonical: str) -> Inventory:
-    return _build(json.loads(canonical))
+    config = json.loads(canonical)
+    prebuilt = _prebuilt().get(config_key(config))
+    if prebuilt is not None:
+        return inventory_from_dict(prebuilt)
+    return _build(config)
+
+
+def build_inventory(config: dict) -> Inventory:
+    """Always build on the meta device (no prebuilt lookup, no cache): for the prebuild script and tests."""
+    return _build(json.loads(_canonical(config)))
 
 
 def _text_config(raw: dict) -> tuple[dict, str | None]:
