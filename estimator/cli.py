@@ -101,6 +101,11 @@ def job_from_args(args: argparse.Namespace) -> Job:
     )
 
 
+def one_line(err: BaseException) -> str:
+    """Messages from libraries can span lines; SPEC's bad-input contract is one line."""
+    return " ".join(str(err).split())
+
+
 def _gib(n: int) -> str:
     return f"{n / GIB:8.2f} GiB"
 
@@ -148,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except (ModelSourceError, UnsupportedModelError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -271,10 +271,11 @@ def _build(raw: dict) -> Inventory:
     if multimodal_type is not None and getattr(config, "model_type", "") == multimodal_type:
         raise UnsupportedModelError(f"cannot find the language model inside the {multimodal_type} config")
     mapping = transformers.MODEL_FOR_CAUSAL_LM_MAPPING
-    if type(config) not in mapping:
+    encoder_like = type(config) in transformers.MODEL_FOR_MASKED_LM_MAPPING and not getattr(config, "is_decoder", False)
+    if type(config) not in mapping or encoder_like or getattr(config, "is_encoder_decoder", False):
         raise UnsupportedModelError(
             f"{config.model_type} is not a causal language model in transformers "
-            "(encoder-only, encoder-decoder and non-text models are not supported)"
+            "(encoder-only, encoder-decoder and non-text models are not supported; give a decoder-only LLM)"
         )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -1,0 +1,114 @@
+"""`python -m estimator`: SPEC's output, and one clear line with exit status 2 for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from estimator.catalog import find_entry
+from estimator.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "estimator", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+
+
+def test_json_for_a_catalog_name():
+    out = run_cli("Llama-3.1-8B", "--mode", "qlora", "--gradient-checkpointing", "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert isinstance(data["peak_allocated_bytes"], int) and isinstance(data["device_total_bytes"], int)
+    assert data["params_total"] == 8_030_261_248 and data["params_trainable"] == 41_943_040
+    assert data["gpus_needed"] is None
+    assert set(data["breakdown"]) >= {"weights", "gradients", "optimizer_state", "activations", "logits", "kv_cache", "cuda_context"}
+
+
+def test_config_path_and_folder(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(find_entry("openai-community/gpt2").config()))
+    for target in (folder, folder / "config.json"):
+        out = run_cli(str(target), "--json")
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["params_total"] == 124_439_808
+
+
+def test_human_output_labels_gib():
+    out = run_cli("Qwen/Qwen2.5-0.5B", "--mode", "lora", "--seq-len", "512")
+    assert out.returncode == 0, out.stderr
+    assert "GiB" in out.stdout and "peak allocated" in out.stdout and "device total" in out.stdout
+
+
+def test_gpu_count_above_one_with_a_per_gpu_breakdown():
+    """Issue 4: `python -m estimator <8B config> --mode full --gpu A10` answers a count above 1."""
+    path = find_entry("meta-llama/Llama-3.1-8B").config_path
+    out = run_cli(str(path), "--mode", "full", "--gpu", "A10", "--batch-size", "1", "--seq-len", "512", "--gradient-checkpointing", "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["gpus_needed"] > 1
+    per_gpu = data["fit"]["per_gpu"]
+    assert per_gpu["num_gpus"] == data["gpus_needed"] and per_gpu["device_total_bytes"] <= data["fit"]["capacity_bytes"]
+    assert "estimates" in " ".join(data["fit"]["notes"])
+
+
+def _bad(argv: list[str], capsys) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_unknown_model_offline(capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    line = _bad(["no-such-org/no-such-model-xyz"], capsys)
+    assert "no-such-org/no-such-model-xyz" in line
+
+
+def test_not_a_model_reference(capsys):
+    assert "not a catalog name" in _bad(["definitely not a model"], capsys)
+
+
+def test_unreadable_and_malformed_configs(tmp_path, capsys):
+    assert "no config.json" in _bad([str(tmp_path / "missing.json")], capsys)
+    bad = tmp_path / "config.json"
+    bad.write_text("{not json")
+    assert "not valid JSON" in _bad([str(bad)], capsys)
+    bad.write_text("[1, 2]")
+    assert "JSON object" in _bad([str(bad)], capsys)
+    bad.write_text(json.dumps({"model_type": "llama", "hidden_size": "wide"}))
+    assert "malformed" in _bad([str(bad)], capsys)
+
+
+def test_architecture_we_cannot_handle(tmp_path, capsys):
+    bert = tmp_path / "config.json"
+    bert.write_text(json.dumps({"model_type": "bert", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128, "vocab_size": 100}))
+    assert "not a causal language model" in _bad([str(bert)], capsys)
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--batch-size", "0"], "at least 1"),
+        (["--seq-len", "-5"], "at least 1"),
+        (["--batch-size", "1000000000"], "beyond any real job"),
+        (["--lora-dropout", "1.5", "--mode", "lora"], "lora_dropout"),
+        (["--mode", "lora", "--lora-targets", "c_attn"], "no linear layer matches"),
+        (["--mode", "sideways"], "invalid choice"),
+        (["--gpu", "Voodoo 5 6000"], "unknown"),
+        (["--gpu", "h100", "--strategy", "zero3"], "training strategy"),
+    ],
+)
+def test_bad_options(args, needle, capsys):
+    assert needle in _bad(["Llama-3.2-1B", *args], capsys)

@@ -1,0 +1,130 @@
+"""The validation harness without a GPU: cases, result parsing, report maths, the peers, a dry run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from estimator import Job, inventory_from_config
+from estimator.catalog import find_entry
+from validation import peers
+from validation.cases import expand, load_cases, select
+from validation.report import Comparison, load_rows, render_markdown, summarize, summary_rows
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_committed_cases_load_and_meet_the_matrix():
+    cases = load_cases(ROOT / "validation" / "cases.yaml")
+    assert len(cases) >= 40
+    assert {c.job.mode.value for c in cases} == {"inference", "full", "lora", "qlora"}
+    assert {c.job.optimizer.value for c in cases if c.job.is_training} == {
+        "adamw_fused", "adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd", "adafactor"
+    }
+    weights = {c.job.weights.value for c in cases if c.job.mode.value == "inference"}
+    assert {"fp32", "bf16", "int8", "nf4"} <= weights
+    assert any(not c.job.double_quant for c in cases) and any(c.job.gradient_checkpointing for c in cases)
+    assert sum(c.job.attn.value == "eager" for c in cases) >= 2
+    assert any(c.holdout for c in cases) and any(not c.holdout for c in cases)
+    for c in cases:
+        assert find_entry(c.model) is not None, c.model
+
+
+def test_grid_expansion_and_ids():
+    cases = expand([
+        {"model": "Qwen/Qwen2.5-0.5B", "mode": "lora", "lora_r": 8},
+        {"grid": {"model": ["meta-llama/Llama-3.2-1B"], "mode": ["full"], "optimizer": ["sgd", "adafactor"], "batch_size": [1, 2]}, "holdout": True},
+    ])
+    assert len(cases) == 5
+    assert cases[0].id == "qwen2.5-0.5b-lora-r8"
+    assert {c.id for c in cases[1:]} == {
+        "llama-3.2-1b-full-b1-sgd", "llama-3.2-1b-full-b2-sgd", "llama-3.2-1b-full-b1-adafactor", "llama-3.2-1b-full-b2-adafactor"
+    }
+    assert all(c.holdout for c in cases[1:])
+
+
+def test_bad_cases_are_refused():
+    with pytest.raises(ValueError, match="needs a model"):
+        expand([{"mode": "full"}])
+    with pytest.raises(ValueError, match="duplicate case id"):
+        expand([{"model": "m/x", "mode": "full"}, {"model": "m/x", "mode": "full"}])
+    with pytest.raises(ValueError, match="batch_size"):
+        expand([{"model": "m/x", "batch_size": 0}])
+
+
+def test_select_by_pattern():
+    cases = expand([{"model": "a/one", "mode": "full"}, {"model": "b/two", "mode": "lora"}])
+    assert [c.id for c in select(cases, ["two-*"])] == ["two-lora"]
+    assert len(select(cases, None)) == 2
+
+
+def test_result_parsing(tmp_path):
+    good = {"case": "x", "model": "Qwen/Qwen2.5-0.5B", "job": Job().to_dict(), "status": "ok"}
+    (tmp_path / "a.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(dict(good, status="oom")) + "\n")
+    rows = load_rows(tmp_path)
+    assert len(rows) == 1 and rows[0]["status"] == "oom"  # a later line replaces an earlier one
+    (tmp_path / "b.jsonl").write_text("{broken\n")
+    with pytest.raises(ValueError, match="b.jsonl:1"):
+        load_rows(tmp_path)
+
+
+def test_report_maths():
+    assert summarize([0.01, -0.05, None, 0.02]) == (3, 0.02, 0.05)
+    assert summarize([None]) == (0, None, None)
+    gib = 1024**3
+    c = Comparison("c", "m", "lora", False, "ok", 10 * gib, 11 * gib, 20 * gib, 19 * gib, {"can_it_run_llm": 10 * gib, "accelerate": None, "gpu_poor": 40 * gib})
+    assert c.peak_error == pytest.approx(0.1) and c.device_error == pytest.approx(-0.05)
+    assert c.peer_error("can_it_run_llm") == pytest.approx(-0.5) and c.peer_error("accelerate") is None
+    rows = summary_rows([c])
+    assert rows[0]["group"] == "all" and rows[0]["peak"] == (1, pytest.approx(0.1), pytest.approx(0.1))
+    text = render_markdown([c], "cmd")
+    assert "| c | calibration | 10.00 | 11.00 | +10.0% |" in text
+
+
+def test_peer_formulas_by_hand():
+    inv = inventory_from_config(find_entry("meta-llama/Llama-3.1-8B").config())
+    p = peers.automodel_params(inv)
+    assert p == 8_030_261_248 - 128_256 * 4096  # AutoModel has no untied lm_head
+    assert peers.can_it_run_llm(inv, Job(weights="bf16")) == int(1.2 * 2 * p)
+    assert peers.can_it_run_llm(inv, Job(mode="full", precision="bf16")) == int(4 * 2 * p)
+    assert peers.can_it_run_llm(inv, Job(mode="qlora")) == int(1.2 * (p / 2 + p * 0.02 * 8))
+    assert peers.accelerate_estimate(inv, Job(mode="full", precision="amp_bf16")) == 16 * p
+    assert peers.accelerate_estimate(inv, Job(mode="full", precision="bf16")) == 8 * p
+    assert peers.accelerate_estimate(inv, Job(mode="lora")) is None
+    gp = 2 * 128_256 * 4096 + 32 * (4 * 4096**2 + 3 * 4096 * 14336)
+    kv = 1 * 2 * (512 + 256) * 2 * 2 * 4096 * 32
+    act = 1 * (10 * 768 * 4096 + 2 * 32 * 768 * 768)
+    assert peers.gpu_poor(inv, Job(prompt_len=512, new_tokens=256)) == int(2 * gp + kv + act + 650 * 1024**2)
+
+
+def test_measure_lists_cases_without_a_gpu():
+    out = subprocess.run(
+        [sys.executable, "-m", "validation.measure", "--list", "--only", "*-qlora-*"],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() and all("-qlora-" in line for line in out.stdout.splitlines())
+
+
+@pytest.mark.slow
+def test_measure_dry_run_on_cpu(tmp_path):
+    """The harness end to end on the CPU (counters read 0): checkpoint, fork, LoRA step, census."""
+    cases = tmp_path / "cases.yaml"
+    cases.write_text("- {model: HuggingFaceTB/SmolLM2-135M, mode: lora, lora_r: 4, batch_size: 1, seq_len: 16}\n")
+    out_file = tmp_path / "out.jsonl"
+    env = dict(os.environ, CANIRUN_MEASURE_DEVICE="cpu", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-m", "validation.measure", "--cases", str(cases), "--out", str(out_file), "--work", str(tmp_path / "w"), "--diag"],
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads(out_file.read_text().splitlines()[0])
+    assert row["status"] == "ok", row.get("error")
+    assert row["params_total"] == 134_515_008
+    assert row["params_trainable"] > 0 and len(row["steps"]) == 3
+    assert row["saved_tensors"]["rows"]
