@@ -186,14 +186,19 @@ def _training_phases(inv, job, placed, train, base, adapters):
     targets = weights.lora_targets(inv, job)
     quantized = frozenset(p.name.removesuffix(".weight") for p in placed if p.kind == "quantized")
     tokens = job.batch_size * job.seq_len
-    shapes = {p.name: p.shape for p in inv.params}
-    for lin in targets:
-        shapes[lin.name + ".lora_A"] = (job.lora_r, lin.in_features)
-        shapes[lin.name + ".lora_B"] = (lin.out_features, job.lora_r)
-    opt = optimizer.optimizer_memory(job.optimizer, train, shapes)
-    grads = optimizer.gradient_bytes(train)
-
-    saved = act.saved_activations(inv, job, frozenset(lin.name for lin in targets), quantized)
+    memo = inv.memo()
+    key = ("optimizer", job.mode, job.precision, job.base_dtype, job.quant, job.double_quant, job.lora_r, job.lora_targets, job.optimizer)
+    if key not in memo:
+        shapes = {p.name: p.shape for p in inv.params}
+        for lin in targets:
+            shapes[lin.name + ".lora_A"] = (job.lora_r, lin.in_features)
+            shapes[lin.name + ".lora_B"] = (lin.out_features, job.lora_r)
+        memo[key] = (optimizer.optimizer_memory(job.optimizer, train, shapes), optimizer.gradient_bytes(train))
+    opt, grads = memo[key]
+    key = ("saved", job.mode, job.precision, job.base_dtype, job.quant, job.lora_r, job.lora_targets, job.lora_dropout, job.attn, job.seq_len)
+    if key not in memo:
+        memo[key] = act.saved_activations(inv, job, frozenset(lin.name for lin in targets), quantized)
+    saved = memo[key]
     outside = saved.outside * tokens
     if job.gradient_checkpointing:
         layers = saved.checkpointed_input * tokens * inv.num_layers
@@ -223,7 +228,8 @@ def _training_phases(inv, job, placed, train, base, adapters):
     # The top layer's backward: the loss's buffers are gone, the lm_head's gradient exists, and the
     # layer's gradients of its intermediates (three of the widest, as the gated product's backward
     # holds them) are alive; with checkpointing, the recomputed layer's activations too.
-    lm_grads = sum(tensor_bytes(p.numel, p.dtype) for p in train if p.name.startswith(_lm_head_prefix(inv)))
+    prefix = _lm_head_prefix(inv)
+    lm_grads = sum(tensor_bytes(p.numel, p.dtype) for p in train if p.name.startswith(prefix))
     layer_backward = _phase(
         **static,
         activations=activations_total,

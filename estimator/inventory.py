@@ -132,12 +132,16 @@ class Inventory:
                 rows[lin.layer].append(lin)
         return tuple(tuple(r) for r in rows)
 
-    @property
+    @functools.cached_property
     def lm_head(self) -> Linear | None:
         for lin in self.linears:
             if lin.role == "lm_head":
                 return lin
         return None
+
+    def memo(self) -> dict:
+        """Per-inventory cache for derived values (placements, traces) that depend on a job's few fields."""
+        return self.__dict__.setdefault("_memo", {})
 
     @functools.cached_property
     def largest_param_numel(self) -> int:

@@ -33,16 +33,18 @@ _HUB_URL = re.compile(r"^https?://(?:www\.)?huggingface\.co/(?P<repo>[^/\s]+/[^/
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
-def parse_config_text(text: str, where: str) -> dict:
-    """JSON text → config dict, or a clear error."""
+def parse_config_text(text: str, where: str, hint: str = "check the file") -> dict:
+    """JSON text → config dict, or a clear error; `hint` says what to do about a broken file."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
-        raise ModelSourceError(f"{where} is not valid JSON ({err.msg} at line {err.lineno}); check the file") from None
+        raise ModelSourceError(f"{where} is not valid JSON ({err.msg} at line {err.lineno}); {hint}") from None
+    except RecursionError:
+        raise ModelSourceError(f"{where} nests too deeply to be a config.json; {hint}") from None
     if not isinstance(data, dict):
-        raise ModelSourceError(f"{where} must hold a JSON object (a config.json), not a {type(data).__name__}")
-    if "model_type" not in data:
-        raise ModelSourceError(f"{where} has no model_type: it does not look like a transformers config.json")
+        raise ModelSourceError(f"{where} must hold a JSON object (a config.json), not a {type(data).__name__}; {hint}")
+    if not isinstance(data.get("model_type"), str) or not data["model_type"]:
+        raise ModelSourceError(f"{where} has no model_type: it does not look like a transformers config.json; {hint}")
     return data
 
 

@@ -402,6 +402,17 @@ def trace_layer(tr: Trace, x: T, layer: int) -> T:
     return tr.add(residual, m)
 
 
+def _layer_signature(inv: Inventory, layer: int, f: Flow, x: T) -> tuple:
+    lins = inv.layer_linears[layer] if layer < len(inv.layer_linears) else ()
+    shape = tuple(
+        (lin.name.rsplit(".", 1)[-1], lin.role, lin.in_features, lin.out_features, lin.name in f.adapted, lin.name in f.quantized)
+        for lin in lins
+    )
+    moe = inv.moe is not None and layer in inv.moe.layers
+    kind = inv.layer_types[layer] if layer < len(inv.layer_types) else "full_attention"
+    return (shape, moe, kind, x.width, x.dtype, x.grad)
+
+
 @dataclass(frozen=True)
 class SavedActivations:
     """Bytes per token (× B·S) unless named otherwise."""
@@ -431,13 +442,28 @@ def saved_activations(inv: Inventory, job: Job, adapted: frozenset[str], quantiz
     layers: list[float] = []
     layer_copies: list[float] = []
     input_widths = []
+    seen: dict[tuple, tuple[float, float, float, T]] = {}
     for i in range(inv.num_layers):
+        # Layers with the same structure and input save the same: trace each kind once.
+        signature = _layer_signature(inv, i, f, x)
+        if signature in seen:
+            saved_bytes, copies, cached, out = seen[signature]
+            tr.saved[next(tr._ids)] = saved_bytes
+            tr.weight_copies_saved += copies
+            tr.weight_copies_cached += cached
+            layers.append(saved_bytes)
+            layer_copies.append(copies)
+            input_widths.append(x.width * x.dtype)
+            x = tr.new(out.width, out.dtype, out.grad)
+            continue
         before = sum(tr.saved.values())
         copies_before = tr.weight_copies_saved
+        cached_before = tr.weight_copies_cached
         input_widths.append(x.width * x.dtype)
         x = trace_layer(tr, x, i)
         layers.append(sum(tr.saved.values()) - before)
         layer_copies.append(tr.weight_copies_saved - copies_before)
+        seen[signature] = (layers[-1], layer_copies[-1], tr.weight_copies_cached - cached_before, x)
     before = sum(tr.saved.values())
     copies_before = tr.weight_copies_saved
     h = tr.norm(x)

@@ -96,7 +96,15 @@ def adapter_dtype(job: Job) -> str:
 
 
 def placements(inv: Inventory, job: Job) -> tuple[Placed, ...]:
-    """Every parameter and adapter as stored for this job."""
+    """Every parameter and adapter as stored for this job (memoized per inventory)."""
+    key = ("placements", job.mode, _plain_dtype(job), job.weights, job.quant, job.double_quant, job.lora_r, job.lora_targets)
+    memo = inv.memo()
+    if key not in memo:
+        memo[key] = _placements(inv, job)
+    return memo[key]
+
+
+def _placements(inv: Inventory, job: Job) -> tuple[Placed, ...]:
     dtype = _plain_dtype(job)
     quant = None
     if job.mode is Mode.INFERENCE and job.weights.value in ("int8", "nf4", "fp4"):
