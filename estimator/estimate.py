@@ -141,7 +141,7 @@ def _allocator_reserve(inv: Inventory, job: Job, dynamic: int) -> int:
     dtype = weights.compute_dtype(job)
     if job.is_training and dtype != "fp32":
         hole = tensor_bytes(job.batch_size * job.seq_len * inv.vocab_size, dtype)
-    if job.mode is Mode.INFERENCE:
+    if job.mode is Mode.INFERENCE and inv.use_cache:
         final = kv_cache.cache_bytes(inv, job.batch_size, job.prompt_len + job.new_tokens - 1, dtype)
         hole = int(calibration.KV_CAT_FRAGMENTATION * final)
     return int(hole + calibration.ALLOCATOR_FRAGMENTATION * max(dynamic, 0))
@@ -162,6 +162,9 @@ def _inference_phases(inv: Inventory, job: Job, base: int) -> dict[str, dict[str
     dtype = weights.compute_dtype(job)
     b, p, n = job.batch_size, job.prompt_len, job.new_tokens
     last = logits.generate_logits_bytes(b, inv.vocab_size, dtype)
+    if not inv.use_cache:  # no KV cache: every step is a prefill of the sequence so far
+        step = _phase(weights=base + calibration.CUBLAS_WORKSPACE_BYTES, temporaries=act.prefill_working_bytes(inv, job, dtype), logits=last)
+        return {"prefill": step}
     prefill = _phase(
         weights=base + calibration.CUBLAS_WORKSPACE_BYTES,
         kv_cache=kv_cache.cache_bytes(inv, b, p, dtype, after_prefill=True),

@@ -112,6 +112,7 @@ class Inventory:
     attn_logit_softcapping: float | None
     qk_norm: bool
     learned_positions: bool
+    use_cache: bool = True  # config.use_cache: generate keeps a KV cache (false: it recomputes every step)
     text_only_of: str | None = None  # set when a multimodal config was sized by its text model
     notes: tuple[str, ...] = field(default=())
 
@@ -478,6 +479,7 @@ def _build(raw: dict) -> Inventory:
         attn_logit_softcapping=getattr(text_cfg, "attn_logit_softcapping", None),
         qk_norm=qk_norm,
         learned_positions=any(p.kind == "embedding" and p.shape[0] != vocab for p in params),
+        use_cache=bool(getattr(text_cfg, "use_cache", True)),
         text_only_of=multimodal_type,
         notes=tuple(notes),
     )

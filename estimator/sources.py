@@ -14,7 +14,19 @@ from pathlib import Path
 
 
 class ModelSourceError(ValueError):
-    """A model reference that cannot be turned into a config; the message is user-facing."""
+    """A model reference that cannot be turned into a config; the message is user-facing, one line.
+
+    Whatever the user typed may be quoted in it, so control characters and line breaks are shown
+    escaped: the message always stays on one line.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(one_line(str(message)))
+
+
+def one_line(text: str) -> str:
+    """`text` with every non-printable character (newlines, carriage returns…) written as an escape."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 @dataclass(frozen=True)

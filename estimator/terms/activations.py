@@ -77,6 +77,7 @@ class Flow:
     lora_dropout: float
     attn: Attention
     training: bool = True
+    base_is_compute: bool = True  # same dtype, not just the same size: fp16 weights under bf16 autocast are cast
 
 
 def flow(job: Job, adapted: frozenset[str], quantized: frozenset[str] = frozenset()) -> Flow:
@@ -84,12 +85,13 @@ def flow(job: Job, adapted: frozenset[str], quantized: frozenset[str] = frozense
         amp = job.precision.is_amp
         dtype = FP32 if amp or job.precision.value == "fp32" else BF16
         compute = BF16 if amp else dtype
-        return Flow(job.mode, compute, amp, dtype, dtype, True, frozenset(), frozenset(), 0, 0.0, job.attn)
+        return Flow(job.mode, compute, amp, dtype, dtype, True, frozenset(), frozenset(), 0, 0.0, job.attn, True, not amp)
     if job.mode is Mode.LORA:
         base = FP32 if job.base_dtype.value == "fp32" else BF16
-        return Flow(job.mode, BF16, True, base, base, False, frozenset(), adapted, job.lora_r, job.lora_dropout, job.attn)
+        same = job.base_dtype.value == "bf16"  # SPEC: LoRA's forward runs under bf16 autocast
+        return Flow(job.mode, BF16, True, base, base, False, frozenset(), adapted, job.lora_r, job.lora_dropout, job.attn, True, same)
     if job.mode is Mode.QLORA:
-        return Flow(job.mode, BF16, True, FP32, FP32, False, quantized, adapted, job.lora_r, job.lora_dropout, job.attn)
+        return Flow(job.mode, BF16, True, FP32, FP32, False, quantized, adapted, job.lora_r, job.lora_dropout, job.attn, True, False)
     dtype = FP32 if job.weights.value == "fp32" else BF16
     return Flow(job.mode, dtype, False, dtype, dtype, False, quantized, frozenset(), 0, 0.0, job.attn, training=False)
 
@@ -157,7 +159,7 @@ class Trace:
             if trainable:
                 self.save(xin)
             weight_bytes = lin.weight_params * f.compute
-            if f.autocast and f.base_dtype != f.compute:
+            if f.autocast and not f.base_is_compute:
                 if trainable:
                     self.weight_copies_cached += weight_bytes
                 if x.grad:
@@ -523,14 +525,17 @@ def prefill_working_bytes(inv: Inventory, job: Job, dtype_name: str) -> int:
     goes through it.
     """
     dtype = FP32 if dtype_name == "fp32" else BF16
-    tokens = job.batch_size * job.prompt_len
+    # Without a KV cache (config use_cache=false) every step reruns the whole sequence: the last
+    # step, at prompt + new − 1 tokens, is the largest.
+    prompt = job.prompt_len if inv.use_cache else job.prompt_len + job.new_tokens - 1
+    tokens = job.batch_size * prompt
     h = inv.hidden_size
     widest = _widest(inv)
     gqa = inv.num_kv_heads != inv.num_heads
     f = flow(job, frozenset())
-    trace = Trace(f, inv, job.prompt_len)
+    trace = Trace(f, inv, prompt)
     kind = trace.kernel(dtype, False, gqa)
-    attn = _attention_working(inv, job, dtype, kind, job.prompt_len)
+    attn = _attention_working(inv, job, dtype, kind, prompt)
     if inv.hidden_act == "gelu_new":
         mlp = 4 * widest * dtype
     elif inv.mlp_gated:
@@ -540,16 +545,18 @@ def prefill_working_bytes(inv: Inventory, job: Job, dtype_name: str) -> int:
         mlp = 2 * widest * dtype
     if job.weights.value == "int8":
         mlp += widest * FP32  # int8 matmul accumulates into int32 before dequantizing
+    window = inv.sliding_window
+    masked = bool(window) and prompt > window and any(t != "full_attention" for t in inv.layer_types)
+    if masked:
+        # A sliding window shorter than the prompt needs an explicit boolean mask (B·P·P bytes, built
+        # once and alive through the forward); in each sliding layer SDPA turns it into a float copy
+        # and transformers repeats k and v to every head (no native GQA with a mask).
+        attn += prompt * dtype + (2 * inv.num_heads * inv.head_dim * dtype if gqa else 0)
     extra_h = 3 if inv.learned_positions else 2  # GPT-2 keeps token and position embeddings too
     per_token = (extra_h + 1) * h * dtype + max(attn, mlp)
     total = per_token * tokens
-    window = inv.sliding_window
-    if window and job.prompt_len > window and any(t != "full_attention" for t in inv.layer_types):
-        # A sliding layer shorter than the prompt gets an explicit mask, which SDPA turns into a
-        # float copy (B·P·P) per call; transformers then also repeats k and v to every head.
-        total += job.batch_size * job.prompt_len * job.prompt_len * dtype
-        if gqa:
-            total += tokens * 2 * inv.num_heads * inv.head_dim * dtype
+    if masked:
+        total += job.batch_size * prompt * prompt
     if job.weights.is_4bit:
         total += max((lin.weight_params for lin in inv.linears if lin.bnb_quantized), default=0) * BF16
     return int(total)
