@@ -113,6 +113,10 @@ class Inventory:
     qk_norm: bool
     learned_positions: bool
     use_cache: bool = True  # config.use_cache: generate keeps a KV cache (false: it recomputes every step)
+    # A pre-quantized checkpoint (GPTQ, AWQ, FP8, bitsandbytes-saved…): stored bytes per replaced
+    # parameter name (estimator/prequantized.py), and a one-line description.
+    prequantized: tuple[tuple[str, int], ...] = ()
+    quantization: str | None = None
     text_only_of: str | None = None  # set when a multimodal config was sized by its text model
     notes: tuple[str, ...] = field(default=())
 
@@ -168,6 +172,8 @@ def inventory_to_dict(inv: Inventory) -> dict:
             ]
         elif f.name == "moe" and value is not None:
             value = dataclasses.asdict(value)
+        elif f.name == "prequantized":
+            value = [[n, b] for n, b in value]
         elif isinstance(value, tuple):
             value = list(value)
         out[f.name] = value
@@ -184,6 +190,7 @@ def inventory_from_dict(data: dict) -> Inventory:
         data["moe"] = MoE(**moe)
     for name in ("layer_types", "notes"):
         data[name] = tuple(data.get(name) or ())
+    data["prequantized"] = tuple((n, int(b)) for n, b in data.get("prequantized") or ())
     return Inventory(**data)
 
 
@@ -447,7 +454,7 @@ def _build(raw: dict) -> Inventory:
                 return float(v)
         return 0.0
 
-    return Inventory(
+    inventory = Inventory(
         model_type=str(cfg.model_type),
         architecture=type(model).__name__,
         params=tuple(params),
@@ -483,6 +490,25 @@ def _build(raw: dict) -> Inventory:
         text_only_of=multimodal_type,
         notes=tuple(notes),
     )
+    return _with_prequantized(inventory, text_raw if multimodal_type is None else raw)
+
+
+def _with_prequantized(inv: Inventory, raw: dict) -> Inventory:
+    """Record a pre-quantized checkpoint's stored bytes per parameter it replaces."""
+    from estimator import prequantized
+
+    description = prequantized.describe_quantization(raw)
+    if description is None:
+        return inv
+    tensors = prequantized.prequantized_linear_tensors(raw, inv)
+    if tensors is None:
+        return dataclasses.replace(inv, quantization=description, notes=inv.notes + (description,))
+    expert_names = {p.name for p in inv.params if p.kind == "expert"}
+    stored: list[tuple[str, int]] = []
+    for key, group in tensors.items():
+        name = key if key in expert_names else key + ".weight"
+        stored.append((name, sum(t.nbytes for t in group)))
+    return dataclasses.replace(inv, prequantized=tuple(sorted(stored)), quantization=description, notes=inv.notes + (description,))
 
 
 def _moe(cfg, params: list[Param], num_layers: int) -> MoE | None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+from pathlib import Path
 
 import pytest
 
-from estimator import COMPONENTS, Job, estimate, inventory_from_config
+from estimator import COMPONENTS, Job, calibration, estimate, inventory_from_config
 from estimator.catalog import find_entry
 from validation.report import compare, load_rows
 
@@ -111,3 +113,22 @@ def test_median_error_within_the_bar():
     errors = sorted(abs(compare(row).peak_error) for row in ROWS)
     assert len(errors) >= 40
     assert errors[len(errors) // 2] <= 0.03
+
+
+# ---------------------------------------------------------------- pre-quantized checkpoints
+DATA = Path(__file__).resolve().parent / "data" / "prequantized"
+
+
+@pytest.mark.parametrize("folder", sorted(p.name for p in DATA.iterdir() if p.is_dir()) if DATA.exists() else [])
+def test_prequantized_inference_weights_match_the_safetensors_header(folder):
+    """A GPTQ, an AWQ and an FP8 checkpoint: the estimate's weights within 2% of the stored bytes."""
+    import json
+
+    config = json.loads((DATA / folder / "config.json").read_text())
+    header = json.loads((DATA / folder / "header.json").read_text())
+    sizes = {"F32": 4, "F16": 2, "BF16": 2, "I32": 4, "I8": 1, "U8": 1, "F8_E4M3": 1, "I64": 8}
+    stored = sum(sizes[t["dtype"]] * math.prod(t["shape"]) for name, t in header.items() if name != "__metadata__")
+    result = estimate(config, Job(mode="inference", weights="bf16"))
+    assert result.inventory.quantization and "pre-quantized" in result.inventory.quantization
+    weights = result.breakdown["weights"] - calibration.CUBLAS_WORKSPACE_BYTES
+    assert weights == pytest.approx(stored, rel=0.02)

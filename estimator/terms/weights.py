@@ -12,6 +12,8 @@ Mechanisms, each from the libraries' source:
   `nn.Linear` and GPT-2's `Conv1D` outside its skip list (output embeddings, tied weights, the last
   parameter's module, `_keep_in_fp32_modules`); the inventory records that decision per linear.
   MoE experts stored as 3-D `nn.Parameter`s are not linears, so they stay in bf16.
+- Pre-quantized checkpoints (GPTQ, AWQ, FP8, compressed-tensors, bitsandbytes-saved): inference
+  loads them as stored; `estimator/prequantized.py` gives each replaced tensor's stored bytes.
 - QLoRA: `peft.prepare_model_for_kbit_training` casts every parameter that is not `Params4bit`
   from fp16/bf16 to fp32 (embeddings, norms, `lm_head`, biases, unquantized experts).
 - LoRA (`peft/tuners/lora/layer.py`): A is r × in and B is out × r per adapted linear; with
@@ -115,9 +117,15 @@ def _placements(inv: Inventory, job: Job) -> tuple[Placed, ...]:
     base_trainable = job.mode is Mode.FULL
 
     rows_of = {lin.name + ".weight": lin.out_features for lin in inv.linears}
+    stored = dict(inv.prequantized)
+    replaced_bias = {name.removesuffix(".weight") + ".bias" for name in stored}
     out: list[Placed] = []
     for p in inv.params:
-        if quant is not None and p.in_quantized_linear:
+        if stored and job.mode is Mode.INFERENCE and (p.name in stored or p.name in replaced_bias):
+            # A pre-quantized checkpoint loads as stored, whatever --weights says; its bias is in the sum.
+            size = stored.get(p.name, 0)
+            out.append(Placed(p.name, p.numel, "prequantized", block(size) if size else 0, False, "quantized"))
+        elif quant is not None and p.in_quantized_linear:
             rows = rows_of.get(p.name, p.shape[0])
             if quant == "int8":
                 size = int8_bytes(p.numel, rows)
