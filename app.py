@@ -1,0 +1,532 @@
+"""Can I run it? The Streamlit page: widgets → a typed `Job` → `estimate()` → render.
+
+A thin presenter. Everything that is not UI (sources, the job from widget values, URL state, GPU
+counts, the largest batch and sequence that fit, exports) lives in `app_support.py`; the memory
+model itself lives in `estimator/`. Every input is mirrored into the URL (never the token).
+
+    streamlit run app.py
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import streamlit as st
+
+import app_support as S
+import gpu_db
+from estimator import COMPONENTS, Mode
+from estimator.fit import MULTI_GPU_NOTE, Strategy
+from estimator.sources import ModelConfig
+
+GIB = S.GIB
+
+st.set_page_config(page_title="Can I run it?", page_icon="🧮", layout="wide")
+
+
+# -------------------------------------------------------------------------------------------------
+# Cached data
+# -------------------------------------------------------------------------------------------------
+@st.cache_resource(show_spinner=False)
+def catalog():
+    from estimator.catalog import load_catalog
+
+    return load_catalog()
+
+
+@st.cache_resource(show_spinner=False)
+def all_gpus() -> tuple:
+    return gpu_db.load_gpus()
+
+
+@st.cache_resource(show_spinner=False)
+def catalog_model(name: str) -> S.Model:
+    from estimator.catalog import find_entry
+
+    entry = find_entry(name)
+    if entry is None:
+        raise ValueError(f"{name!r} is not in the catalog; pick a model from the list")
+    return S.model_from_source(ModelConfig(entry.config(), name=entry.name, origin="catalog", source=entry.source))
+
+
+@st.cache_data(show_spinner=False)
+def accuracy_data():
+    from validation.report import compare, load_rows, summary_rows
+
+    comparisons = [compare(row) for row in load_rows()]
+    return comparisons, summary_rows(comparisons)
+
+
+# -------------------------------------------------------------------------------------------------
+# Session state: defaults, the link's values on first load, and values kept while widgets hide
+# -------------------------------------------------------------------------------------------------
+DEFAULTS: dict[str, object] = {
+    "page": "estimate",
+    "model": S.DEFAULT_MODEL,
+    "hub_id": "",
+    "hf_token": "",
+    **S.JOB_DEFAULTS,
+    "lora_alpha": float(S.JOB_DEFAULTS["lora_alpha"]),
+    "lora_dropout": float(S.JOB_DEFAULTS["lora_dropout"]),
+    "vendor": "any",
+    "min_memory_gib": 0.0,
+    "gpu": S.DEFAULT_GPU,
+    "strategy": S.default_strategy_for(S.JOB_DEFAULTS["mode"]).value,
+    "num_gpus": S.AUTO,
+}
+
+
+def init_state() -> list[str]:
+    """Defaults, then (first run of a session only) the URL's values; returns the link's refusals."""
+    state = st.session_state
+    for key, value in DEFAULTS.items():
+        if key in state:
+            state[key] = state[key]  # keeps a hidden widget's value (Streamlit drops unrendered widgets' state)
+        else:
+            state[key] = value
+    if "_restored" in state:
+        return []
+    state["_restored"] = True
+    values, errors = S.parse_query_params(st.query_params.to_dict(), [e.name for e in catalog()])
+    for key, value in values.items():
+        if key == "lora_alpha" or key == "lora_dropout" or key == "min_memory_gib":
+            value = float(value)
+        state[key] = value
+    return errors
+
+
+def sync_query_params(values: dict, job) -> None:
+    wanted = S.query_params_for(values, job)
+    if st.query_params.to_dict() != wanted:
+        st.query_params.from_dict(wanted)
+
+
+# -------------------------------------------------------------------------------------------------
+# Inputs (sidebar)
+# -------------------------------------------------------------------------------------------------
+def model_inputs() -> None:
+    st.sidebar.header("Model")
+    names = [e.name for e in catalog()]
+    st.sidebar.selectbox("Catalog model", names, key="model", help="54 popular causal LMs, offline. Type to search.")
+    st.sidebar.text_input(
+        "…or any Hugging Face model",
+        key="hub_id",
+        placeholder="org/name or https://huggingface.co/org/name",
+        help="A Hub repo id or URL (a catalog name works too). When filled, it is used instead of the catalog and the upload.",
+    )
+    st.sidebar.text_input(
+        "Hugging Face token (gated models)",
+        key="hf_token",
+        type="password",
+        help="Sent to the Hub only to read config.json; never stored in the link, logged or shown.",
+    )
+    st.sidebar.file_uploader(
+        "…or upload a config.json",
+        type=["json"],
+        key="upload",
+        help="Used instead of the catalog model when present (the Hub box still wins).",
+    )
+
+
+def job_inputs() -> None:
+    state = st.session_state
+    st.sidebar.header("Job")
+    st.sidebar.radio(
+        "Mode",
+        [m.value for m in Mode],
+        key="mode",
+        horizontal=True,
+        format_func={"inference": "inference", "full": "full", "lora": "LoRA", "qlora": "QLoRA"}.get,
+        help="inference: generate(); full: every parameter trains; LoRA / QLoRA: adapters on a frozen base.",
+    )
+    relevant = set(S.job_from_values({"mode": state["mode"]}).relevant_fields())
+    col = st.sidebar.columns(2)
+    col[0].number_input("Batch size", min_value=1, max_value=S.LIMITS["batch_size"], step=1, key="batch_size")
+    if "seq_len" in relevant:
+        col[1].number_input("Sequence length", min_value=1, max_value=S.LIMITS["seq_len"], step=256, key="seq_len")
+    else:
+        col[1].number_input("Prompt tokens", min_value=1, max_value=S.LIMITS["prompt_len"], step=256, key="prompt_len")
+        st.sidebar.number_input("New tokens", min_value=1, max_value=S.LIMITS["new_tokens"], step=64, key="new_tokens")
+    if "weights" in relevant:
+        st.sidebar.selectbox("Weights", ["fp32", "bf16", "fp16", "int8", "nf4", "fp4"], key="weights",
+                             help="int8 = bitsandbytes LLM.int8; nf4/fp4 = bitsandbytes 4-bit with double quantization.")
+    if "precision" in relevant:
+        st.sidebar.selectbox("Precision", ["amp_bf16", "amp_fp16", "bf16", "fp16", "fp32"], key="precision",
+                             help="amp_*: fp32 weights with an autocast forward (the HF Trainer's bf16=True / fp16=True).")
+    if "base_dtype" in relevant:
+        st.sidebar.selectbox("Base weights", ["bf16", "fp16", "fp32"], key="base_dtype")
+    if "quant" in relevant:
+        st.sidebar.selectbox("4-bit storage", ["nf4", "fp4"], key="quant")
+        st.sidebar.checkbox("Double quantization", key="double_quant")
+    if "lora_r" in relevant:
+        col = st.sidebar.columns(3)
+        col[0].number_input("Rank r", min_value=1, max_value=S.LIMITS["lora_r"], step=8, key="lora_r")
+        col[1].number_input("Alpha", min_value=0.001, max_value=1e6, step=8.0, format="%g", key="lora_alpha")
+        col[2].number_input("Dropout", min_value=0.0, max_value=0.99, step=0.05, format="%.2f", key="lora_dropout")
+        st.sidebar.text_input("Target modules", key="lora_targets", help="all-linear, or module names separated by commas (q_proj,v_proj).")
+    if "optimizer" in relevant:
+        st.sidebar.selectbox("Optimizer", ["adamw_fused", "adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd", "adafactor"], key="optimizer")
+        st.sidebar.checkbox("Gradient checkpointing", key="gradient_checkpointing")
+    st.sidebar.selectbox("Attention", ["sdpa", "eager", "flash_attention_2"], key="attn")
+
+
+def gpu_inputs() -> list:
+    """The GPU widgets; returns the GPUs that pass the filters (all of them when none does)."""
+    state = st.session_state
+    st.sidebar.header("GPU")
+    col = st.sidebar.columns(2)
+    col[0].selectbox("Vendor", list(S.VENDORS), key="vendor")
+    col[1].number_input("Min. memory (GiB)", min_value=0.0, max_value=S.MAX_MIN_MEMORY_GIB, step=8.0, format="%g", key="min_memory_gib")
+    vendor = None if state["vendor"] == "any" else state["vendor"]
+    pool = list(gpu_db.filter_gpus(vendor=vendor, min_memory_bytes=int(state["min_memory_gib"] * GIB), gpus=all_gpus()))
+    if not pool:
+        st.sidebar.warning("No GPU matches these filters; showing every GPU.")
+        pool = list(all_gpus())
+    names = [g.name for g in pool]
+    if state["gpu"] not in names:
+        state["gpu"] = S.DEFAULT_GPU if S.DEFAULT_GPU in names else names[0]
+    by_name = {g.name: g for g in pool}
+    st.sidebar.selectbox("GPU", names, key="gpu", format_func=lambda n: f"{n} ({by_name[n].memory_gib:.1f} GiB)")
+    options = [s.value for s in S.strategies_for(state["mode"])]
+    if state["strategy"] not in options:
+        state["strategy"] = S.default_strategy_for(state["mode"]).value
+    col = st.sidebar.columns(2)
+    col[0].selectbox("Multi-GPU strategy", options, key="strategy",
+                     help="Used when one GPU is not enough. Training: DDP / ZeRO (FSDP); inference: device_map pipeline or tensor parallel.")
+    col[1].selectbox("GPU count", [S.AUTO] + list(range(1, 65)), key="num_gpus",
+                     format_func=lambda v: "fewest that fit" if v == S.AUTO else str(v))
+    return pool
+
+
+# -------------------------------------------------------------------------------------------------
+# The estimate page
+# -------------------------------------------------------------------------------------------------
+class Stage:
+    """What the page was doing, so an error can say so."""
+
+    text = "preparing the page"
+
+
+def resolve_model(stage: Stage) -> S.Model:
+    state = st.session_state
+    hub = str(state["hub_id"] or "").strip()
+    upload = state.get("upload")
+    if hub:
+        from estimator.sources import resolve
+
+        stage.text = f"loading {hub!r}"
+        with st.spinner(f"Fetching {hub}'s config.json…"):
+            source = resolve(hub, token=state["hf_token"] or None)
+        with st.spinner("Building the model on the meta device (the first time imports transformers: ~10 s)…"):
+            return S.model_from_source(source)
+    if upload is not None:
+        stage.text = f"reading the uploaded {upload.name!r}"
+        source = S.parse_upload(upload.getvalue(), upload.name)
+        with st.spinner("Building the model on the meta device (the first time imports transformers: ~10 s)…"):
+            return S.model_from_source(source)
+    stage.text = f"loading {state['model']}"
+    return catalog_model(state["model"])
+
+
+def show_headline(fit, num_gpus) -> None:
+    status, text = S.headline(fit, num_gpus)
+    icon = {"fits": "✅", "needs": "🟧", "no": "⛔"}[status]
+    st.markdown(f"### {icon} {text}")
+
+
+def breakdown_chart(result, fit) -> dict:
+    """A horizontal stacked bar per row (one GPU; per GPU under the strategy), in GiB, with the capacity.
+
+    Built as a plain plotly dict: a `go.Figure` with a template costs ~100 ms of validation per rerun.
+    """
+    rows = [("one GPU", result.breakdown)]
+    if fit.per_gpu.num_gpus > 1:
+        rows.append((f"per GPU, {fit.per_gpu.num_gpus} × {fit.strategy.value}", fit.per_gpu.breakdown))
+    palette = ["#4c78a8", "#9ecae9", "#f58518", "#ffbf79", "#54a24b", "#88d27a", "#b79a20", "#f2cf5b",
+               "#439894", "#83bcb6", "#e45756", "#ff9d98"]
+    labels = [label for label, _ in rows]
+    traces = []
+    for color, name in zip(palette, COMPONENTS):
+        values = [breakdown.get(name, 0) / GIB for _, breakdown in rows]
+        if any(values):
+            traces.append({
+                "type": "bar", "orientation": "h", "name": name.replace("_", " "), "y": labels, "x": values,
+                "marker": {"color": color}, "hovertemplate": "%{fullData.name}: %{x:.2f} GiB<extra></extra>",
+            })
+    capacity = fit.capacity_bytes / GIB
+    layout = {
+        "barmode": "stack",
+        "height": 190 + 45 * len(rows),
+        "margin": {"l": 10, "r": 10, "t": 30, "b": 10},
+        "xaxis": {"title": {"text": "GiB (1024³ bytes)"}, "rangemode": "tozero"},
+        "yaxis": {"autorange": "reversed"},
+        "legend": {"orientation": "h", "yanchor": "top", "y": -0.45},
+        "shapes": [{"type": "line", "x0": capacity, "x1": capacity, "xref": "x", "y0": 0, "y1": 1, "yref": "paper",
+                    "line": {"dash": "dash", "color": "#555", "width": 2}}],
+        "annotations": [{"x": capacity, "y": 1, "xref": "x", "yref": "paper", "yanchor": "bottom", "showarrow": False,
+                         "text": f"{fit.gpu_name}: {capacity:.1f} GiB"}],
+    }
+    return {"data": traces, "layout": layout}
+
+
+def show_grid(model, job, gpu, strategy) -> None:
+    import pandas as pd
+
+    cells = S.grid(model, job, gpu, strategy)
+    here = (job.mode.value, S.current_column(job))
+    columns = {column: [""] * len(S.GRID) for column in S.GRID_COLUMNS}
+    modes = list(S.GRID)
+    for cell in cells:
+        mark = "▶ " if (cell.mode, cell.column) == here else ""
+        columns[cell.column][modes.index(cell.mode)] = mark + cell.text
+    table = pd.DataFrame(columns, index=[S.GRID_LABELS[m] for m in modes])
+    st.markdown(f"**GPUs needed on {gpu.name}, job × dtype**")
+    st.dataframe(table, width="stretch", key="dtype_grid")
+    others = sorted({c.fit.strategy.value for c in cells if c.mode != job.mode.value})
+    st.caption(
+        f"With your batch, lengths and LoRA settings; ▶ is your job (with {strategy.value}), other modes use {', '.join(others)}. "
+        "✗ no GPU: this GPU cannot run it (no bf16, no bitsandbytes); ✗ >64: no count fits."
+    )
+
+
+def show_limits(model, job, gpu, strategy, num_gpus) -> None:
+    n = num_gpus or 1
+    length_field = "seq_len" if job.is_training else "prompt_len"
+    batch = S.largest_fitting(model, job, "batch_size", gpu.name, strategy, n)
+    length = S.largest_fitting(model, job, length_field, gpu.name, strategy, n)
+    where = f"1 × {gpu.name}" if n == 1 else f"{n} × {gpu.name} with {strategy.value}"
+    st.markdown(f"**What fits on {where}** (solved on the estimate: exponential search, then bisection)")
+    if batch.reason:
+        st.markdown(f"⛔ {batch.reason}")
+        return
+    cols = st.columns(2)
+
+    def show(col, limit, label, unit, other):
+        if limit.value == 0:
+            col.metric(label, "none", help=f"even 1 does not fit with {other}")
+        else:
+            col.metric(label, f"{'≥ ' if limit.at_cap else ''}{limit.value:,}{unit}", help=f"with {other}")
+
+    length_text = f"sequence length {job.seq_len:,}" if job.is_training else f"a {job.prompt_len:,}-token prompt"
+    show(cols[0], batch, "Largest batch", "", length_text)
+    if job.is_training:
+        show(cols[1], length, "Longest sequence", " tokens", f"batch {job.batch_size}")
+    else:
+        show(cols[1], length, f"Longest prompt (+{job.new_tokens:,} new)", " tokens", f"batch {job.batch_size}")
+    context = length.value + (0 if job.is_training else job.new_tokens - 1)
+    if model.max_positions and context > model.max_positions:
+        st.caption(f"The longest length is beyond the model's {model.max_positions:,}-token context window (max_position_embeddings).")
+
+
+def show_gpu_table(model, job, pool, strategy) -> None:
+    import pandas as pd
+
+    fits = S.fits_for_gpus(model, job, pool, strategy)
+    by_name = {g.name: g for g in pool}
+    can = [f for f in fits if f.gpus_needed is not None]
+    cannot = [f for f in fits if f.gpus_needed is None]
+    frame = pd.DataFrame([
+        {
+            "GPU": f.gpu_name,
+            "GPUs needed": f.gpus_needed,
+            "per GPU (GiB)": round(f.per_gpu.device_total_bytes / GIB, 1),
+            "memory (GiB)": round(f.capacity_bytes / GIB, 1),
+            "vendor": by_name[f.gpu_name].vendor.value,
+            "segment": by_name[f.gpu_name].segment.value,
+            "bandwidth (GB/s)": by_name[f.gpu_name].memory_bandwidth_gb_s,
+            "bf16 TFLOPS": by_name[f.gpu_name].bf16_tflops_dense,
+            "year": by_name[f.gpu_name].release_year,
+        }
+        for f in can
+    ])
+    st.markdown(f"**Every GPU that can run it** ({len(can)} of {len(fits)}; {strategy.value} when one is not enough; click a column to sort)")
+    if can:
+        st.dataframe(frame, hide_index=True, width="stretch", height=min(420, 38 + 35 * len(can)), key="gpu_table")
+    if cannot:
+        with st.expander(f"{len(cannot)} GPUs that cannot run it, and why"):
+            st.dataframe(
+                pd.DataFrame([{"GPU": f.gpu_name, "memory (GiB)": round(f.capacity_bytes / GIB, 1), "why": f.reason} for f in cannot]),
+                hide_index=True, width="stretch",
+            )
+
+
+def estimate_page(pool: list, stage: Stage) -> None:
+    state = st.session_state
+    model = resolve_model(stage)
+    stage.text = "checking the job"
+    job = S.job_from_values({k: state[k] for k in S.JOB_FIELDS})
+    gpu = next(g for g in pool if g.name == state["gpu"])
+    strategy = Strategy(state["strategy"])
+    num_gpus = None if state["num_gpus"] == S.AUTO else int(state["num_gpus"])
+
+    stage.text = f"estimating {model.name}"
+    result = S.cached_estimate(model, job)
+    fit = S.fit_job(model, job, gpu, strategy, num_gpus)
+    show_headline(fit, num_gpus)
+    origin = {"catalog": "offline catalog", "hub": "Hugging Face Hub", "hub-cache": "local Hub cache", "upload": "uploaded config", "file": "file"}
+    st.caption(
+        f"**{model.name}** ({origin.get(model.origin, model.origin)}: {model.source}) · "
+        f"{result.params_total / 1e9:.2f} B parameters, {result.params_trainable / 1e9:.3g} B trainable · "
+        f"peak in {result.peak_phase.replace('_', ' ')}"
+    )
+    cols = st.columns(3)
+    cols[0].metric("Peak allocated, one GPU", f"{result.peak_allocated_bytes / GIB:.2f} GiB", help="torch.cuda.max_memory_allocated()")
+    cols[1].metric("Device total, one GPU", f"{result.device_total_bytes / GIB:.2f} GiB", help="What nvidia-smi shows: the allocator's reserve, the CUDA context, paged memory. This decides whether it fits.")
+    cols[2].metric(f"{gpu.name} capacity", f"{fit.capacity_bytes / GIB:.1f} GiB", help=f"Memory the driver reports ({gpu.memory_source.value})")
+    st.plotly_chart(breakdown_chart(result, fit), key="breakdown_chart", config={"displayModeBar": False})
+
+    notes = list(model.notes) + list(result.notes) + [n for n in fit.notes if n != MULTI_GPU_NOTE]
+    if fit.per_gpu.num_gpus > 1 or (fit.gpus_needed or 1) > 1:
+        notes.append(MULTI_GPU_NOTE)
+    if job.attn.value == "flash_attention_2":
+        ok, why = gpu.supports("flash_attention_2")
+        notes.append(f"FlashAttention-2 on {gpu.name}: {why}" if ok else f"FlashAttention-2 does not run on {gpu.name}: {why}")
+    for note in notes:
+        st.caption(f"ℹ️ {note}")
+
+    cols = st.columns(2)
+    slug = f"{model.name.replace('/', '--')}-{job.mode.value}"
+    cols[0].download_button("Breakdown as CSV", S.breakdown_csv(result, fit), file_name=f"{slug}.csv", mime="text/csv", key="download_csv")
+    cols[1].download_button("Estimate as JSON", S.export_json(model, result, fit), file_name=f"{slug}.json", mime="application/json", key="download_json")
+
+    st.divider()
+    left, right = st.columns([3, 2])
+    with left:
+        stage.text = "filling the table of jobs × dtypes"
+        show_grid(model, job, gpu, strategy)
+    with right:
+        stage.text = "solving for the largest batch and length"
+        show_limits(model, job, gpu, strategy, num_gpus)
+    st.divider()
+    stage.text = "counting GPUs for every GPU in the database"
+    show_gpu_table(model, job, pool, strategy)
+
+
+# -------------------------------------------------------------------------------------------------
+# The accuracy page
+# -------------------------------------------------------------------------------------------------
+def accuracy_page() -> None:
+    import pandas as pd
+    import plotly.graph_objects as go
+
+    from validation import peers
+    from validation.peers import PEERS
+
+    st.subheader("How close is it? Measured vs estimated, on an H100 80GB")
+    with st.spinner("Scoring the estimator and the peers on every measured run…"):
+        comparisons, summary = accuracy_data()
+    ok = [c for c in comparisons if c.status == "ok"]
+    peer_names = {"can_it_run_llm": "can-it-run-llm", "accelerate": "accelerate estimate-memory", "gpu_poor": "gpu_poor"}
+
+    def pct(stat):
+        n, median, worst = stat
+        return "—" if not n else f"{median * 100:.1f}% / {worst * 100:.0f}%"
+
+    overall = next(r for r in summary if r["group"] == "all")
+    holdout = next(r for r in summary if r["group"] == "holdout")
+    lines = [
+        f"- **{overall['cases']} runs** measured to completion ({sum(1 for c in ok if c.holdout)} of them holdouts, written down before measuring).",
+        f"- This estimator, peak allocated: median |error| {overall['peak'][1] * 100:.1f}%, worst {overall['peak'][2] * 100:.1f}%; "
+        f"device total: median {overall['device'][1] * 100:.1f}%, worst {overall['device'][2] * 100:.1f}%.",
+        f"- On the holdouts only: peak median {pct(holdout['peak']).split(' / ')[0]}, device median {pct(holdout['device']).split(' / ')[0]}.",
+    ]
+    for p in PEERS:
+        n, median, worst = overall[p]
+        if n:
+            lines.append(f"- {peer_names[p]}: median |error| {median * 100:.0f}%, worst {worst * 100:.0f}% against the device total ({n} runs it has a figure for).")
+    st.markdown("\n".join(lines))
+
+    fig = go.Figure()
+    top = max(max(c.measured_device or 0, c.estimated_device) for c in ok) / GIB * 1.15
+    fig.add_trace(go.Scatter(x=[0.3, top], y=[0.3, top], mode="lines", name="exact", line=dict(color="gray", dash="dot")))
+    fig.add_trace(go.Scatter(x=[c.measured_peak / GIB for c in ok], y=[c.estimated_peak / GIB for c in ok], mode="markers",
+                             name="this estimator: peak allocated", text=[c.case for c in ok], marker=dict(size=9, color="#1f77b4"),
+                             hovertemplate="%{text}<br>measured %{x:.2f} GiB<br>estimated %{y:.2f} GiB<extra></extra>"))
+    fig.add_trace(go.Scatter(x=[c.measured_device / GIB for c in ok], y=[c.estimated_device / GIB for c in ok], mode="markers",
+                             name="this estimator: device total", text=[c.case for c in ok], marker=dict(size=8, color="#17becf", symbol="diamond"),
+                             hovertemplate="%{text}<br>measured %{x:.2f} GiB<br>estimated %{y:.2f} GiB<extra></extra>"))
+    colors = {"can_it_run_llm": "#d62728", "accelerate": "#ff7f0e", "gpu_poor": "#2ca02c"}
+    for p in PEERS:
+        pts = [c for c in ok if c.peers.get(p)]
+        fig.add_trace(go.Scatter(x=[c.measured_device / GIB for c in pts], y=[c.peers[p] / GIB for c in pts], mode="markers",
+                                 name=f"{peer_names[p]} (vs device total)", text=[c.case for c in pts],
+                                 marker=dict(size=7, color=colors[p], symbol="x"),
+                                 hovertemplate="%{text}<br>measured %{x:.2f} GiB<br>estimated %{y:.2f} GiB<extra></extra>"))
+    fig.update_layout(xaxis=dict(title="measured (GiB)", type="log"), yaxis=dict(title="estimated (GiB)", type="log"),
+                      height=560, template="plotly_white", margin=dict(l=10, r=10, t=30, b=10))
+    st.plotly_chart(fig, key="accuracy_chart")
+
+    st.markdown("**Median / worst |error| by group** (error = (estimate − measured) / measured)")
+    st.dataframe(pd.DataFrame([
+        {"group": r["group"], "runs": r["cases"], "peak allocated": pct(r["peak"]), "device total": pct(r["device"]),
+         **{peer_names[p]: pct(r[p]) for p in PEERS}}
+        for r in summary
+    ]), hide_index=True, width="stretch")
+
+    st.markdown("**Every run** (GiB; errors in %)")
+    st.dataframe(pd.DataFrame([
+        {
+            "case": c.case, "model": c.model, "mode": c.mode, "set": "holdout" if c.holdout else "calibration",
+            "measured peak": round(c.measured_peak / GIB, 2), "estimated peak": round(c.estimated_peak / GIB, 2),
+            "peak error %": round(c.peak_error * 100, 1),
+            "measured device": round(c.measured_device / GIB, 2), "estimated device": round(c.estimated_device / GIB, 2),
+            "device error %": round(c.device_error * 100, 1),
+            **{f"{peer_names[p]} error %": (None if c.peer_error(p) is None else round(c.peer_error(p) * 100, 1)) for p in PEERS},
+        }
+        for c in ok
+    ]), hide_index=True, width="stretch", key="accuracy_table")
+    failed = [c for c in comparisons if c.status != "ok"]
+    if failed:
+        st.caption("Runs that did not complete (out of memory on the 80 GB card; the estimate should say they do not fit): "
+                   + "; ".join(f"{c.case} ({c.status}, estimated {c.estimated_device / GIB:.1f} GiB)" for c in failed))
+    with st.expander("The peers' formulas, with their sources"):
+        st.markdown(inspect.getdoc(peers))
+        for fn in (peers.can_it_run_llm, peers.accelerate_estimate, peers.gpu_poor, peers.automodel_params):
+            st.markdown(f"**`{fn.__name__}`**: {inspect.getdoc(fn)}")
+        st.code(inspect.getsource(peers.gpu_poor), language="python")
+    st.caption("Measured by validation/measure.py; the same figures as validation/REPORT.md.")
+
+
+def state_job():
+    """The job the widgets describe, or (while a field is invalid) the mode's defaults, for the URL."""
+    state = st.session_state
+    try:
+        return S.job_from_values({k: state[k] for k in S.JOB_FIELDS})
+    except ValueError:
+        return S.job_from_values({"mode": state["mode"]})
+
+
+# -------------------------------------------------------------------------------------------------
+# Main
+# -------------------------------------------------------------------------------------------------
+def main() -> None:
+    link_errors = init_state()
+    st.title("🧮 Can I run it?")
+    st.radio("View", list(S.PAGES), key="page", horizontal=True, label_visibility="collapsed",
+             format_func={"estimate": "Estimate", "accuracy": "Accuracy"}.get)
+    for message in link_errors:
+        st.error(message)
+    state = st.session_state
+    stage = Stage()
+    if state["page"] == "accuracy":
+        try:
+            accuracy_page()
+        except Exception as err:  # noqa: BLE001 - the page never shows a traceback
+            st.error(f"The accuracy page failed ({type(err).__name__}: {err}).")
+        sync_query_params(dict(state), state_job())
+        return
+    model_inputs()
+    job_inputs()
+    pool = gpu_inputs()
+    token = state["hf_token"] or None
+    try:
+        sync_query_params(dict(state), state_job())
+        estimate_page(pool, stage)
+    except ValueError as err:  # every user-facing error in the library is a ValueError subclass
+        st.error(f"Problem while {stage.text}: {S.redact(str(err), token)}")
+    except Exception as err:  # noqa: BLE001 - never a traceback
+        st.error(f"Unexpected {type(err).__name__} while {stage.text}: {S.redact(str(err), token)}. "
+                 "The other inputs are unchanged; try another model or setting.")
+
+
+main()

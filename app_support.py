@@ -1,0 +1,553 @@
+"""What app.py needs that is not UI: model sources, the job from widget values, URL state, fast
+GPU counts, the largest batch and sequence that fit, the dtype grid, and the exports.
+
+Pure Python over `estimator` and `gpu_db` (no Streamlit here), so each piece is tested directly.
+Results are cached per (model, job, ...) with `functools.lru_cache`: the Streamlit process keeps
+this module between reruns, so a rerun that changes nothing recomputes nothing.
+"""
+
+from __future__ import annotations
+
+import csv
+import enum
+import functools
+import io
+import json
+import math
+from dataclasses import dataclass, field, fields
+from typing import Callable, Iterable, Mapping
+
+import gpu_db
+from estimator import Estimate, Job, Mode, estimate, inventory_from_config
+from estimator import fit as fitting
+from estimator.fit import Fit, Strategy
+from estimator.inventory import Inventory, config_key
+from estimator.job import MAX_BATCH_SIZE, MAX_LORA_RANK, MAX_TOKENS
+from estimator.sources import ModelConfig, ModelSourceError, parse_config_text
+
+GIB = 1024**3
+MAX_UPLOAD_BYTES = 4 * 1024 * 1024  # a config.json is a few KiB; anything this large is not one
+DEFAULT_MODEL = "Llama-3.1-8B"
+DEFAULT_GPU = "H100 SXM 80GB"
+AUTO = "auto"  # the GPU count when the app picks the fewest that fit
+
+
+# -------------------------------------------------------------------------------------------------
+# Model sources
+# -------------------------------------------------------------------------------------------------
+def parse_upload(data: bytes, filename: str) -> ModelConfig:
+    """An uploaded config.json → `ModelConfig`, or a `ModelSourceError` that says what to do."""
+    where = f"the uploaded file {filename!r}"
+    hint = "upload the model's config.json (the file next to its weights on the Hub)"
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise ModelSourceError(f"{where} is {len(data) / 2**20:.1f} MiB: a config.json is a few KiB; {hint}")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise ModelSourceError(f"{where} is not UTF-8 text; {hint}") from None
+    config = parse_config_text(text, where, hint)
+    name = config.get("_name_or_path") if isinstance(config.get("_name_or_path"), str) else ""
+    return ModelConfig(config, name=name or filename, origin="upload", source=filename)
+
+
+def redact(message: str, secret: str | None) -> str:
+    """The message with the token (if any) replaced: a token is never shown back."""
+    return message.replace(secret, "***") if secret else message
+
+
+@dataclass(frozen=True, eq=False)
+class Model:
+    """A resolved model with its inventory. Hashes by its config's digest, so caches key on it cheaply."""
+
+    key: str
+    name: str
+    origin: str
+    source: str
+    inventory: Inventory
+    notes: tuple[str, ...] = ()
+    max_positions: int | None = None
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Model) and other.key == self.key
+
+
+def model_from_source(source: ModelConfig) -> Model:
+    """Build (or fetch from the library's cache) the inventory; may import transformers for new configs."""
+    inv = inventory_from_config(source.config)
+    cfg = source.config.get("text_config") if isinstance(source.config.get("text_config"), dict) else source.config
+    positions = cfg.get("max_position_embeddings")
+    return Model(
+        key=config_key(source.config),
+        name=source.name,
+        origin=source.origin,
+        source=source.source,
+        inventory=inv,
+        notes=tuple(source.notes),
+        max_positions=positions if isinstance(positions, int) and positions > 0 else None,
+    )
+
+
+# -------------------------------------------------------------------------------------------------
+# Widgets ⇄ Job ⇄ URL
+# -------------------------------------------------------------------------------------------------
+JOB_DEFAULTS = Job().to_dict()
+JOB_FIELDS = tuple(f.name for f in fields(Job))
+
+# Upper bounds the number inputs enforce (the same as Job's: beyond them a job is a typo).
+LIMITS = {
+    "batch_size": MAX_BATCH_SIZE,
+    "seq_len": MAX_TOKENS,
+    "prompt_len": MAX_TOKENS,
+    "new_tokens": MAX_TOKENS,
+    "lora_r": MAX_LORA_RANK,
+}
+MAX_MIN_MEMORY_GIB = 4096.0
+PAGES = ("estimate", "accuracy")
+VENDORS = ("any",) + tuple(v.value for v in gpu_db.Vendor)
+
+
+def job_from_values(values: Mapping[str, object]) -> Job:
+    """A `Job` from widget values (missing fields keep their defaults); ValueError on bad input."""
+    data = {k: v for k, v in values.items() if k in JOB_FIELDS}
+    if isinstance(data.get("lora_targets"), str):
+        data["lora_targets"] = tuple(t.strip() for t in str(data["lora_targets"]).split(",") if t.strip())
+    return Job(**data)
+
+
+def strategies_for(mode: Mode | str) -> tuple[Strategy, ...]:
+    mode = Mode(mode)
+    return fitting.TRAINING_STRATEGIES if mode is not Mode.INFERENCE else fitting.INFERENCE_STRATEGIES
+
+
+def default_strategy_for(mode: Mode | str) -> Strategy:
+    return fitting.default_strategy(Job(mode=Mode(mode)))
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def _parse_int(text: str) -> int:
+    try:
+        return int(text.strip().replace("_", ""))
+    except ValueError:
+        raise ValueError(f"expected a whole number, got {text!r}") from None
+
+
+def _parse_number(text: str) -> float | int:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"expected a finite number, got {text!r}")
+    return int(value) if value.is_integer() else value
+
+
+def _job_field_value(name: str, text: str) -> object:
+    """One job field from its URL text, checked by Job's own validation."""
+    default = JOB_DEFAULTS[name]
+    if name in ("lora_alpha", "lora_dropout"):
+        value: object = _parse_number(text)
+    elif isinstance(default, bool):
+        value = _parse_bool(text)
+    elif isinstance(default, int):
+        value = _parse_int(text)
+    else:
+        value = text.strip()
+    checked = job_from_values({name: value}).to_dict()[name]  # raises ValueError with Job's message
+    return checked
+
+
+def parse_query_params(params: Mapping[str, str], catalog_names: Iterable[str]) -> tuple[dict, list[str]]:
+    """URL query params → widget values, and one message per parameter that was refused.
+
+    A refused parameter is left out (its widget keeps its default); the rest still apply.
+    """
+    values: dict[str, object] = {}
+    errors: list[str] = []
+    catalog_names = list(catalog_names)
+
+    def refuse(name: str, why: str) -> None:
+        shown = "…" if "token" in name.lower() else repr(params[name])  # a token is never echoed
+        errors.append(f"The link's {name}={shown} was ignored: {why}.")
+
+    for name, text in params.items():
+        text = str(text)
+        try:
+            if name in JOB_FIELDS:
+                values[name] = _job_field_value(name, text)
+            elif name == "model":
+                match = [n for n in catalog_names if n.casefold() == text.strip().casefold()]
+                if not match:
+                    raise ValueError("it is not a catalog model; put a Hub id in hub= instead")
+                values[name] = match[0]
+            elif name == "hub":
+                values["hub_id"] = text.strip()
+            elif name == "gpu":
+                values[name] = gpu_db.find_gpu(text).name
+            elif name == "vendor":
+                if text.strip().lower() not in VENDORS:
+                    raise ValueError(f"use one of {', '.join(VENDORS)}")
+                values[name] = text.strip().lower()
+            elif name == "min_memory_gib":
+                number = float(_parse_number(text))
+                if not 0 <= number <= MAX_MIN_MEMORY_GIB:
+                    raise ValueError(f"use a number of GiB from 0 to {MAX_MIN_MEMORY_GIB:,.0f}")
+                values[name] = number
+            elif name == "strategy":
+                try:
+                    values[name] = Strategy(text.strip().lower()).value
+                except ValueError:
+                    raise ValueError(f"use one of {', '.join(s.value for s in Strategy)}") from None
+            elif name == "num_gpus":
+                if text.strip().lower() == AUTO:
+                    values[name] = AUTO
+                else:
+                    count = _parse_int(text)
+                    if not 1 <= count <= fitting.MAX_GPUS:
+                        raise ValueError(f"use {AUTO} or a count from 1 to {fitting.MAX_GPUS}")
+                    values[name] = count
+            elif name == "page":
+                if text.strip().lower() not in PAGES:
+                    raise ValueError(f"use one of {', '.join(PAGES)}")
+                values[name] = text.strip().lower()
+            elif name in ("token", "hf_token"):
+                raise ValueError("a token is never read from a link; type it in the token box")
+            else:
+                raise ValueError("the app has no such setting")
+        except ValueError as err:
+            refuse(name, str(err).rstrip("."))
+    mode = values.get("mode", JOB_DEFAULTS["mode"])
+    if "strategy" in values and Strategy(values["strategy"]) not in strategies_for(mode):
+        errors.append(
+            f"The link's strategy={params['strategy']!r} was ignored: for {mode} use one of "
+            f"{', '.join(s.value for s in strategies_for(mode))}."
+        )
+        del values["strategy"]
+    return values, errors
+
+
+def query_params_for(values: Mapping[str, object], job: Job) -> dict[str, str]:
+    """The URL query params that reproduce the view: every input shown, never the token."""
+    out: dict[str, str] = {}
+    if values.get("page", "estimate") != "estimate":
+        out["page"] = str(values["page"])
+    hub = str(values.get("hub_id") or "").strip()
+    if hub:
+        out["hub"] = hub
+    else:
+        out["model"] = str(values.get("model") or DEFAULT_MODEL)
+    job_values = job.to_dict()
+    for name in job.relevant_fields():
+        value = job_values[name]
+        if isinstance(value, bool):
+            out[name] = "true" if value else "false"
+        elif isinstance(value, float):
+            out[name] = f"{value:g}"
+        else:
+            out[name] = str(value)
+    for name in ("gpu", "vendor", "min_memory_gib", "strategy", "num_gpus"):
+        value = values.get(name)
+        if value is None:
+            continue
+        if name == "min_memory_gib":
+            value = f"{float(value):g}"
+        out[name] = str(value)
+    return out
+
+
+# -------------------------------------------------------------------------------------------------
+# Estimates and GPU counts
+# -------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=2048)
+def cached_estimate(model: Model, job: Job) -> Estimate:
+    return estimate(model.inventory, job)
+
+
+class CountCurve:
+    """Per-GPU figures of one estimate under one strategy, by GPU count, computed once and shared.
+
+    `estimator.fit.fit` searches the counts afresh for every GPU, which for a 405B model over the
+    181 GPUs of the database is ~40 s; the figures do not depend on the GPU, so computing them once
+    per count and reading every GPU's answer off them gives the same `Fit` (tests check it)
+    in at most 64 `per_gpu` calls. It reproduces `fit()`'s rules through the module's private
+    helpers (`_valid_counts`, `_unsupported`, `_why_not`), since there is no public equivalent.
+    """
+
+    def __init__(self, result: Estimate, strategy: Strategy) -> None:
+        assert result.inventory is not None
+        self.result = result
+        self.strategy = strategy
+        self.counts = fitting._valid_counts(result.inventory, strategy)
+        self._figures: dict[int, fitting.PerGPU] = {}
+        # A floor under every count's per-GPU total, for the training strategies: data parallelism
+        # and ZeRO never divide activations or logits (estimator/fit.py), and every GPU pays its
+        # own CUDA context. A GPU below the floor cannot fit at any count, so `fit` need not try
+        # all 64 (it would reach the same answer).
+        self.floor_bytes = 0
+        if strategy.for_training:
+            self.floor_bytes = result.breakdown["cuda_context"] + max(
+                (row["activations"] + row["logits"] for row in result.phase_components.values()), default=0
+            )
+
+    def at(self, n: int) -> fitting.PerGPU:
+        if n not in self._figures:
+            self._figures[n] = fitting.per_gpu(self.result, self.strategy, n)
+        return self._figures[n]
+
+    def fit(self, gpu, num_gpus: int | None = None) -> Fit:
+        """Exactly `estimator.fit.fit(result, gpu, strategy, num_gpus)`."""
+        result, strategy = self.result, self.strategy
+        capacity = int(gpu.usable_by_default_bytes)
+        reason = fitting._unsupported(result.job, gpu)
+        if reason:
+            return Fit(gpu.name, capacity, strategy, None, self.at(num_gpus or 1), reason, ())
+        needed = chosen = None
+        for n in self.counts if self.floor_bytes <= capacity else ():
+            figures = self.at(n)
+            if figures.device_total_bytes <= capacity:
+                needed, chosen = n, figures
+                break
+        if needed is None:
+            chosen = self.at(self.counts[-1])
+            reason = fitting._why_not(result, strategy, capacity, self.counts[-1], chosen)
+        if num_gpus is not None:
+            if num_gpus not in self.counts:
+                shown = ", ".join(str(c) for c in self.counts[:12]) + (" …" if len(self.counts) > 12 else "")
+                raise ValueError(f"{strategy.value} cannot use {num_gpus} GPUs for this model (valid counts: {shown})")
+            chosen = self.at(num_gpus)
+        notes = (fitting.MULTI_GPU_NOTE,) if (needed or 1) > 1 or (num_gpus or 1) > 1 else ()
+        return Fit(gpu.name, capacity, strategy, needed, chosen, reason, notes)
+
+
+@functools.lru_cache(maxsize=512)
+def _curve(model: Model, job: Job, strategy: Strategy) -> CountCurve:
+    return CountCurve(cached_estimate(model, job), strategy)
+
+
+def fit_job(model: Model, job: Job, gpu, strategy: Strategy | None = None, num_gpus: int | None = None) -> Fit:
+    strategy = strategy or fitting.default_strategy(job)
+    return _curve(model, job, strategy).fit(gpu, num_gpus)
+
+
+def fits_for_gpus(model: Model, job: Job, gpus: Iterable, strategy: Strategy | None = None) -> list[Fit]:
+    """`which_gpus` for these GPUs: every GPU with the count it needs, fewest first, those that can't last."""
+    strategy = strategy or fitting.default_strategy(job)
+    curve = _curve(model, job, strategy)
+    fits = [curve.fit(gpu) for gpu in gpus]
+    fits.sort(key=lambda f: (f.gpus_needed is None, f.gpus_needed or 0, -f.capacity_bytes))
+    return fits
+
+
+def headline(fit: Fit, num_gpus: int | None) -> tuple[str, str]:
+    """(status, sentence): status is "fits", "needs" or "no"; the sentence is the answer in GiB."""
+    used = fit.per_gpu.device_total_bytes / GIB
+    cap = fit.capacity_bytes / GIB
+    if fit.gpus_needed is None:
+        if fit.reason and fit.reason.startswith(fit.gpu_name):
+            return "no", f"Does not run on {fit.gpu_name}: {fit.reason}"
+        return "no", f"Does not fit on {fit.gpu_name} with {fit.strategy.value}, even on {fitting.MAX_GPUS} GPUs: {fit.reason}"
+    if num_gpus is not None and num_gpus != fit.gpus_needed:
+        ok = fit.per_gpu.device_total_bytes <= fit.capacity_bytes
+        verdict = "fits" if ok else f"does not fit (needs {fit.gpus_needed})"
+        return ("fits" if ok else "needs"), (
+            f"On {num_gpus} × {fit.gpu_name} with {fit.strategy.value}: {used:.1f} of {cap:.1f} GiB per GPU; {verdict}"
+        )
+    if fit.gpus_needed == 1:
+        return "fits", f"Fits on 1 × {fit.gpu_name}: {used:.1f} of {cap:.1f} GiB"
+    return "needs", f"Needs {fit.gpus_needed} × {fit.gpu_name} with {fit.strategy.value}: {used:.1f} of {cap:.1f} GiB on the fullest GPU"
+
+
+# -------------------------------------------------------------------------------------------------
+# The largest batch and the longest sequence that fit
+# -------------------------------------------------------------------------------------------------
+def largest_true(predicate: Callable[[int], bool], upper: int, start: int = 1, start_ok: bool | None = None) -> int:
+    """The largest n in [1, upper] with predicate(n) true, for a predicate true up to some n and false after.
+
+    Exponential search from `start` (doubling up while it holds, halving down while it fails),
+    then bisection of the bracket: O(log n) calls. 0 when predicate(1) is false.
+    """
+    start = min(max(int(start), 1), upper)
+    ok = predicate(start) if start_ok is None else start_ok
+    if ok:
+        lo, hi = start, None
+        while hi is None:
+            if lo >= upper:
+                return upper
+            probe = min(lo * 2, upper)
+            if predicate(probe):
+                lo = probe
+            else:
+                hi = probe
+    else:
+        hi, lo = start, None
+        while lo is None:
+            if hi <= 1:
+                return 0
+            probe = max(hi // 2, 1)
+            if predicate(probe):
+                lo = probe
+            else:
+                hi = probe
+    while hi - lo > 1:  # predicate(lo) holds, predicate(hi) fails
+        mid = (lo + hi) // 2
+        if predicate(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+@dataclass(frozen=True)
+class Limit:
+    """The largest value of one job field that still fits, with what it was solved for."""
+
+    field: str
+    value: int  # 0: not even 1 fits
+    upper: int  # the search's cap (Job's own limit)
+    gpu_name: str
+    num_gpus: int
+    strategy: Strategy
+    reason: str | None = None  # why the GPU cannot run the job at all
+
+    @property
+    def at_cap(self) -> bool:
+        return self.value >= self.upper
+
+
+def _fits_predicate(model: Model, gpu, strategy: Strategy, num_gpus: int) -> Callable[[Job], bool]:
+    capacity = int(gpu.usable_by_default_bytes)
+    if num_gpus == 1:
+        # One GPU: no distributed wrapper (DDP's buckets would only add memory), as `fit` with `single`.
+        return lambda j: cached_estimate(model, j).device_total_bytes <= capacity
+    return lambda j: fitting.per_gpu(cached_estimate(model, j), strategy, num_gpus).device_total_bytes <= capacity
+
+
+@functools.lru_cache(maxsize=512)
+def largest_fitting(model: Model, job: Job, field_name: str, gpu_name: str, strategy: Strategy, num_gpus: int) -> Limit:
+    """Solve for the largest `field_name` (batch_size, seq_len or prompt_len) that fits `num_gpus` × the GPU.
+
+    The estimate is monotone in batch and length, so exponential search then bisection finds the
+    exact integer. Starts from the job's own value; `num_gpus == 1` means one GPU, no strategy.
+    """
+    gpu = gpu_db.find_gpu(gpu_name)
+    upper = LIMITS[field_name]
+    if field_name == "prompt_len":
+        upper = min(upper, MAX_TOKENS)
+    reason = fitting._unsupported(job, gpu)
+    if reason:
+        return Limit(field_name, 0, upper, gpu.name, num_gpus, strategy, reason)
+    ok = _fits_predicate(model, gpu, strategy, num_gpus)
+    value = largest_true(lambda n: ok(job.with_(**{field_name: n})), upper, start=getattr(job, field_name))
+    return Limit(field_name, value, upper, gpu.name, num_gpus, strategy)
+
+
+# -------------------------------------------------------------------------------------------------
+# The can-it-run grid: GPUs needed for each job × dtype on the chosen GPU
+# -------------------------------------------------------------------------------------------------
+GRID_COLUMNS = ("32-bit", "mixed (AMP)", "16-bit", "8-bit", "4-bit nf4", "4-bit fp4")
+GRID: dict[str, dict[str, dict[str, str]]] = {
+    "inference": {
+        "32-bit": {"weights": "fp32"},
+        "16-bit": {"weights": "bf16"},
+        "8-bit": {"weights": "int8"},
+        "4-bit nf4": {"weights": "nf4"},
+        "4-bit fp4": {"weights": "fp4"},
+    },
+    "full": {"32-bit": {"precision": "fp32"}, "mixed (AMP)": {"precision": "amp_bf16"}, "16-bit": {"precision": "bf16"}},
+    "lora": {"32-bit": {"base_dtype": "fp32"}, "16-bit": {"base_dtype": "bf16"}},
+    "qlora": {"4-bit nf4": {"quant": "nf4"}, "4-bit fp4": {"quant": "fp4"}},
+}
+GRID_LABELS = {"inference": "inference", "full": "full fine-tuning", "lora": "LoRA", "qlora": "QLoRA"}
+
+
+@dataclass(frozen=True)
+class GridCell:
+    mode: str
+    column: str
+    job: Job
+    fit: Fit
+
+    @property
+    def text(self) -> str:
+        f = self.fit
+        if f.gpus_needed is None:
+            return "✗ no GPU" if f.reason and f.reason.startswith(f.gpu_name) else f"✗ >{fitting.MAX_GPUS}"
+        each = f.per_gpu.device_total_bytes / GIB
+        if f.gpus_needed == 1:
+            return f"1 · {each:.1f} GiB"
+        return f"{f.gpus_needed} · {each:.1f} GiB each"
+
+
+def grid(model: Model, job: Job, gpu, strategy: Strategy | None) -> list[GridCell]:
+    """Every mode × dtype with the job's other knobs; the job's own mode uses the chosen strategy."""
+    cells = []
+    for mode, columns in GRID.items():
+        for column, changes in columns.items():
+            cell_job = job.with_(mode=Mode(mode), **changes)
+            cell_strategy = strategy if Mode(mode) is job.mode and strategy is not None else None
+            cells.append(GridCell(mode, column, cell_job, fit_job(model, cell_job, gpu, cell_strategy)))
+    return cells
+
+
+def current_column(job: Job) -> str | None:
+    for column, changes in GRID[job.mode.value].items():
+        if all(getattr(job, k).value == v for k, v in changes.items()):
+            return column
+    return None
+
+
+# -------------------------------------------------------------------------------------------------
+# Exports
+# -------------------------------------------------------------------------------------------------
+def breakdown_rows(result: Estimate, fit: Fit | None) -> list[dict]:
+    """One row per component: bytes and GiB for the whole job on one GPU, and per GPU under the fit."""
+    rows = []
+    per = fit.per_gpu.breakdown if fit is not None else {}
+    for name, value in result.breakdown.items():
+        row = {"component": name, "one_gpu_bytes": int(value), "one_gpu_gib": round(value / GIB, 4)}
+        if fit is not None:
+            row["per_gpu_bytes"] = int(per.get(name, 0))
+            row["per_gpu_gib"] = round(per.get(name, 0) / GIB, 4)
+        rows.append(row)
+    total = {"component": "device_total", "one_gpu_bytes": result.device_total_bytes, "one_gpu_gib": round(result.device_total_bytes / GIB, 4)}
+    peak = {"component": "peak_allocated", "one_gpu_bytes": result.peak_allocated_bytes, "one_gpu_gib": round(result.peak_allocated_bytes / GIB, 4)}
+    if fit is not None:
+        total.update(per_gpu_bytes=fit.per_gpu.device_total_bytes, per_gpu_gib=round(fit.per_gpu.device_total_bytes / GIB, 4))
+        peak.update(per_gpu_bytes=fit.per_gpu.peak_allocated_bytes, per_gpu_gib=round(fit.per_gpu.peak_allocated_bytes / GIB, 4))
+    return rows + [peak, total]
+
+
+def breakdown_csv(result: Estimate, fit: Fit | None) -> str:
+    rows = breakdown_rows(result, fit)
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def export_json(model: Model, result: Estimate, fit: Fit | None) -> str:
+    """The CLI's --json object (SPEC's keys), plus the model's source: no token, nothing secret."""
+    out = result.to_dict()
+    out["model"] = model.name
+    out["source"] = {"origin": model.origin, "url": model.source}
+    out["gpus_needed"] = fit.gpus_needed if fit is not None else None
+    if fit is not None:
+        out["fit"] = fit.to_dict()
+    return json.dumps(out, indent=2, default=_json_default)
+
+
+def _json_default(value):
+    if isinstance(value, enum.Enum):
+        return value.value
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")
