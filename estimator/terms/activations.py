@@ -47,7 +47,41 @@ from dataclasses import dataclass, field
 from estimator.inventory import Inventory, Linear
 from estimator.job import Attention, Job, Mode
 
-FP32, BF16, BOOL, INT64 = 4.0, 2.0, 1.0, 8.0
+class Dtype(float):
+    """A floating dtype: its size in bytes (it multiplies as a float) and its identity (fp16 ≠ bf16)."""
+
+    name: str
+
+    def __new__(cls, size: float, name: str) -> "Dtype":
+        obj = float.__new__(cls, size)
+        obj.name = name
+        return obj
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Dtype) and self.name == other.name
+
+    def __ne__(self, other: object) -> bool:
+        return not self.__eq__(other)
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+FP32, BF16, FP16 = Dtype(4.0, "fp32"), Dtype(2.0, "bf16"), Dtype(2.0, "fp16")
+BOOL, INT64 = 1.0, 8.0
+DTYPES = {"fp32": FP32, "bf16": BF16, "fp16": FP16}
+
+
+def promote(a: Dtype, b: Dtype) -> Dtype:
+    """torch's type promotion between floating dtypes: fp16 with bf16 gives fp32."""
+    if a == b:
+        return a
+    if FP32 in (a, b) or {a.name, b.name} == {"fp16", "bf16"}:
+        return FP32
+    return a if a >= b else b
 FLASH_MAX_HEAD_DIM = 256  # torch's flash/efficient SDPA kernels accept head_dim ≤ 256
 
 
@@ -66,10 +100,10 @@ class Flow:
     """The facts of one job that decide dtypes and what trains."""
 
     mode: Mode
-    compute: float  # the matmul dtype (autocast's, or the weights' own without it)
+    compute: Dtype  # the matmul dtype (autocast's, or the weights' own without it)
     autocast: bool
-    residual: float  # the embedding's dtype, which the hidden stream starts in
-    base_dtype: float  # dtype of unquantized base weights
+    residual: Dtype  # the embedding's dtype, which the hidden stream starts in
+    base_dtype: Dtype  # dtype of unquantized base weights
     base_trainable: bool
     quantized: frozenset[str]  # linears stored in 4-bit
     adapted: frozenset[str]  # LoRA-adapted linears
@@ -83,16 +117,15 @@ class Flow:
 def flow(job: Job, adapted: frozenset[str], quantized: frozenset[str] = frozenset()) -> Flow:
     if job.mode is Mode.FULL:
         amp = job.precision.is_amp
-        dtype = FP32 if amp or job.precision.value == "fp32" else BF16
-        compute = BF16 if amp else dtype
+        dtype = FP32 if amp else DTYPES[job.precision.value]
+        compute = {"amp_bf16": BF16, "amp_fp16": FP16}.get(job.precision.value, dtype)
         return Flow(job.mode, compute, amp, dtype, dtype, True, frozenset(), frozenset(), 0, 0.0, job.attn, True, not amp)
     if job.mode is Mode.LORA:
-        base = FP32 if job.base_dtype.value == "fp32" else BF16
-        same = job.base_dtype.value == "bf16"  # SPEC: LoRA's forward runs under bf16 autocast
-        return Flow(job.mode, BF16, True, base, base, False, frozenset(), adapted, job.lora_r, job.lora_dropout, job.attn, True, same)
+        base = DTYPES[job.base_dtype.value]  # SPEC: LoRA's forward runs under bf16 autocast
+        return Flow(job.mode, BF16, True, base, base, False, frozenset(), adapted, job.lora_r, job.lora_dropout, job.attn, True, base == BF16)
     if job.mode is Mode.QLORA:
         return Flow(job.mode, BF16, True, FP32, FP32, False, quantized, adapted, job.lora_r, job.lora_dropout, job.attn, True, False)
-    dtype = FP32 if job.weights.value == "fp32" else BF16
+    dtype = DTYPES.get(job.weights.value, BF16)
     return Flow(job.mode, dtype, False, dtype, dtype, False, quantized, frozenset(), 0, 0.0, job.attn, training=False)
 
 
@@ -138,14 +171,14 @@ class Trace:
         return self.new(t.width, t.dtype, t.grad)
 
     def add(self, a: T, b: T) -> T:
-        return self.new(a.width, max(a.dtype, b.dtype), a.grad or b.grad)
+        return self.new(a.width, promote(a.dtype, b.dtype), a.grad or b.grad)
 
     def mul(self, a: T, b: T) -> T:
         if b.grad:
             self.save(a)
         if a.grad:
             self.save(b)
-        return self.new(max(a.width, b.width), max(a.dtype, b.dtype), a.grad or b.grad)
+        return self.new(max(a.width, b.width), promote(a.dtype, b.dtype), a.grad or b.grad)
 
     # ---- modules ----------------------------------------------------------------------------
     def linear(self, x: T, lin: Linear) -> T:
@@ -177,7 +210,7 @@ class Trace:
         a_out = self.new(f.lora_r, f.compute, True)
         self.save(a_out)  # lora_B's weight gradient
         b_out = self.new(lin.out_features, f.compute, True)
-        return self.new(lin.out_features, max(out.dtype, b_out.dtype) if quantized else out.dtype, True)
+        return self.new(lin.out_features, promote(out.dtype, b_out.dtype) if quantized else out.dtype, True)
 
     def rms_norm(self, x: T, width: int | None = None, gemma: bool = False) -> T:
         w = width or x.width
@@ -193,7 +226,7 @@ class Trace:
         xn = self.cast(normed32, x.dtype)
         if trainable:
             self.save(xn)
-        return self.new(x.width, max(self.f.base_dtype, x.dtype), x.grad or trainable)
+        return self.new(x.width, promote(self.f.base_dtype, x.dtype), x.grad or trainable)
 
     def layer_norm(self, x: T) -> T:
         xin = self.cast(x, FP32) if self.f.autocast else x
@@ -284,7 +317,7 @@ class Trace:
             return "eager"
         if self.f.attn is Attention.FLASH_ATTENTION_2:
             return "flash"
-        half = dtype == BF16
+        half = dtype in (BF16, FP16)
         if half and not mask and self.inv.head_dim <= FLASH_MAX_HEAD_DIM:
             return "flash"
         if (mask or not gqa) and self.inv.head_dim <= FLASH_MAX_HEAD_DIM:
@@ -383,8 +416,8 @@ def trace_layer(tr: Trace, x: T, layer: int) -> T:
         q = tr.rms_norm(q, width=inv.head_dim)
         k = tr.rms_norm(k, width=inv.kv_head_dim)
     if not inv.learned_positions:  # RoPE: q*cos + rotate_half(q)*sin, cos/sin in the embedding dtype
-        q = tr.new(q.width, max(q.dtype, f.residual), q.grad)
-        k = tr.new(k.width, max(k.dtype, f.residual), k.grad)
+        q = tr.new(q.width, promote(q.dtype, f.residual), q.grad)
+        k = tr.new(k.width, promote(k.dtype, f.residual), k.grad)
     o = tr.attention(q, k, v)
     for lin in groups["attn_out"][:1]:
         o = tr.linear(o, lin)
