@@ -201,13 +201,7 @@ def gpu_inputs() -> list:
 # -------------------------------------------------------------------------------------------------
 # The estimate page
 # -------------------------------------------------------------------------------------------------
-class Stage:
-    """What the page was doing, so an error can say so."""
-
-    text = "preparing the page"
-
-
-def resolve_model(stage: Stage) -> S.Model:
+def resolve_model(stage) -> S.Model:
     state = st.session_state
     hub = str(state["hub_id"] or "").strip()
     upload = state.get("upload")
@@ -228,9 +222,17 @@ def resolve_model(stage: Stage) -> S.Model:
     return catalog_model(state["model"])
 
 
+def _count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return str(n)
+
+
 def show_headline(fit, num_gpus) -> None:
     status, text = S.headline(fit, num_gpus)
-    icon = {"fits": "✅", "needs": "🟧", "no": "⛔"}[status]
+    # Material icons ship with Streamlit's frontend, so they render where no emoji font is installed.
+    icon = {"fits": ":green[:material/check_circle:]", "needs": ":orange[:material/group_work:]", "no": ":red[:material/block:]"}[status]
     st.markdown(f"### {icon} {text}")
 
 
@@ -260,7 +262,7 @@ def breakdown_chart(result, fit) -> dict:
         "margin": {"l": 10, "r": 10, "t": 30, "b": 10},
         "xaxis": {"title": {"text": "GiB (1024³ bytes)"}, "rangemode": "tozero"},
         "yaxis": {"autorange": "reversed"},
-        "legend": {"orientation": "h", "yanchor": "top", "y": -0.45},
+        "legend": {"orientation": "h", "yanchor": "top", "y": -0.45, "traceorder": "normal"},
         "shapes": [{"type": "line", "x0": capacity, "x1": capacity, "xref": "x", "y0": 0, "y1": 1, "yref": "paper",
                     "line": {"dash": "dash", "color": "#555", "width": 2}}],
         "annotations": [{"x": capacity, "y": 1, "xref": "x", "yref": "paper", "yanchor": "bottom", "showarrow": False,
@@ -295,9 +297,10 @@ def show_limits(model, job, gpu, strategy, num_gpus) -> None:
     batch = S.largest_fitting(model, job, "batch_size", gpu.name, strategy, n)
     length = S.largest_fitting(model, job, length_field, gpu.name, strategy, n)
     where = f"1 × {gpu.name}" if n == 1 else f"{n} × {gpu.name} with {strategy.value}"
-    st.markdown(f"**What fits on {where}** (solved on the estimate: exponential search, then bisection)")
+    st.markdown(f"**What fits on {where}**", help="Solved, not guessed: the estimate is monotone in batch and length, "
+                "so an exponential search from your value, then bisection, finds the exact edge.")
     if batch.reason:
-        st.markdown(f"⛔ {batch.reason}")
+        st.markdown(f":red[:material/block:] {batch.reason}")
         return
     cols = st.columns(2)
 
@@ -350,7 +353,7 @@ def show_gpu_table(model, job, pool, strategy) -> None:
             )
 
 
-def estimate_page(pool: list, stage: Stage) -> None:
+def estimate_page(pool: list, stage) -> None:
     state = st.session_state
     model = resolve_model(stage)
     stage.text = "checking the job"
@@ -366,7 +369,7 @@ def estimate_page(pool: list, stage: Stage) -> None:
     origin = {"catalog": "offline catalog", "hub": "Hugging Face Hub", "hub-cache": "local Hub cache", "upload": "uploaded config", "file": "file"}
     st.caption(
         f"**{model.name}** ({origin.get(model.origin, model.origin)}: {model.source}) · "
-        f"{result.params_total / 1e9:.2f} B parameters, {result.params_trainable / 1e9:.3g} B trainable · "
+        f"{_count(result.params_total)} parameters, {_count(result.params_trainable)} trainable · "
         f"peak in {result.peak_phase.replace('_', ' ')}"
     )
     cols = st.columns(3)
@@ -384,19 +387,19 @@ def estimate_page(pool: list, stage: Stage) -> None:
     for note in notes:
         st.caption(f"ℹ️ {note}")
 
-    cols = st.columns(2)
-    slug = f"{model.name.replace('/', '--')}-{job.mode.value}"
-    cols[0].download_button("Breakdown as CSV", S.breakdown_csv(result, fit), file_name=f"{slug}.csv", mime="text/csv", key="download_csv")
-    cols[1].download_button("Estimate as JSON", S.export_json(model, result, fit), file_name=f"{slug}.json", mime="application/json", key="download_json")
-
-    st.divider()
-    left, right = st.columns([3, 2])
+    stage.text = "solving for the largest batch and length"
+    left, right = st.columns([3, 2], vertical_alignment="bottom")
     with left:
-        stage.text = "filling the table of jobs × dtypes"
-        show_grid(model, job, gpu, strategy)
-    with right:
-        stage.text = "solving for the largest batch and length"
         show_limits(model, job, gpu, strategy, num_gpus)
+    with right:
+        slug = f"{model.name.replace('/', '--')}-{job.mode.value}"
+        st.download_button("Breakdown as CSV", S.breakdown_csv(result, fit), file_name=f"{slug}.csv", mime="text/csv",
+                           key="download_csv", icon=":material/download:")
+        st.download_button("Estimate as JSON", S.export_json(model, result, fit), file_name=f"{slug}.json",
+                           mime="application/json", key="download_json", icon=":material/download:")
+    st.divider()
+    stage.text = "filling the table of jobs × dtypes"
+    show_grid(model, job, gpu, strategy)
     st.divider()
     stage.text = "counting GPUs for every GPU in the database"
     show_gpu_table(model, job, pool, strategy)
@@ -412,6 +415,7 @@ def accuracy_page() -> None:
     from validation import peers
     from validation.peers import PEERS
 
+    STAGE.text = "scoring the validation runs"
     st.subheader("How close is it? Measured vs estimated, on an H100 80GB")
     with st.spinner("Scoring the estimator and the peers on every measured run…"):
         comparisons, summary = accuracy_data()
@@ -501,32 +505,34 @@ def state_job():
 # -------------------------------------------------------------------------------------------------
 def main() -> None:
     link_errors = init_state()
-    st.title("🧮 Can I run it?")
+    st.title("Can I run it?")
     st.radio("View", list(S.PAGES), key="page", horizontal=True, label_visibility="collapsed",
              format_func={"estimate": "Estimate", "accuracy": "Accuracy"}.get)
     for message in link_errors:
         st.error(message)
     state = st.session_state
-    stage = Stage()
     if state["page"] == "accuracy":
-        try:
-            accuracy_page()
-        except Exception as err:  # noqa: BLE001 - the page never shows a traceback
-            st.error(f"The accuracy page failed ({type(err).__name__}: {err}).")
         sync_query_params(dict(state), state_job())
+        accuracy_page()
         return
     model_inputs()
     job_inputs()
     pool = gpu_inputs()
-    token = state["hf_token"] or None
-    try:
-        sync_query_params(dict(state), state_job())
-        estimate_page(pool, stage)
-    except ValueError as err:  # every user-facing error in the library is a ValueError subclass
-        st.error(f"Problem while {stage.text}: {S.redact(str(err), token)}")
-    except Exception as err:  # noqa: BLE001 - never a traceback
-        st.error(f"Unexpected {type(err).__name__} while {stage.text}: {S.redact(str(err), token)}. "
-                 "The other inputs are unchanged; try another model or setting.")
+    sync_query_params(dict(state), state_job())
+    estimate_page(pool, STAGE)
 
 
-main()
+class Stage:
+    """What the page was doing, so an error can say so."""
+
+    text = "preparing the page"
+
+
+STAGE = Stage()
+try:
+    main()
+except ValueError as err:  # every user-facing error of the library is a ValueError subclass
+    st.error(f"Problem while {STAGE.text}: {S.redact(str(err), st.session_state.get('hf_token'))}")
+except Exception as err:  # noqa: BLE001 - the page never shows a traceback
+    st.error(f"Unexpected {type(err).__name__} while {STAGE.text}: {S.redact(str(err), st.session_state.get('hf_token'))}. "
+             "The other inputs are unchanged; try another model or setting.")

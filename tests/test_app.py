@@ -52,10 +52,17 @@ def app(**params) -> AppTest:
     return at.run()
 
 
+ICONS = {"fits": ":green[:material/check_circle:]", "needs": ":orange[:material/group_work:]", "no": ":red[:material/block:]"}
+
+
 def headline(at: AppTest) -> str:
+    """The headline as "<status>: <sentence>", status being fits, needs or no (from its icon)."""
     heads = [m.value for m in at.markdown if m.value.startswith("### ")]
     assert heads, "no headline"
-    return heads[0]
+    for status, icon in ICONS.items():
+        if heads[0].startswith(f"### {icon} "):
+            return f"{status}: " + heads[0][len(f"### {icon} "):]
+    raise AssertionError(f"a headline without a status icon: {heads[0]!r}")
 
 
 def errors(at: AppTest) -> list[str]:
@@ -86,7 +93,7 @@ def model(name: str) -> S.Model:
 def test_default_page_answers_first():
     at = app()
     assert_clean(at)
-    assert headline(at) == "### ✅ " + "Fits on 1 × H100 SXM 80GB: 15.8 of 79.6 GiB"
+    assert headline(at) == "fits: Fits on 1 × H100 SXM 80GB: 15.8 of 79.6 GiB"
     assert at.selectbox(key="model").value == "Llama-3.1-8B"
     assert at.selectbox(key="gpu").value == "H100 SXM 80GB"
     assert len(at.get("plotly_chart")) == 1
@@ -178,10 +185,10 @@ def test_training_on_a_small_gpu_needs_several_and_a_count_can_be_chosen():
     at.radio(key="mode").set_value("full").run()
     at.selectbox(key="gpu").set_value("A100 SXM 80GB").run()
     assert_clean(at)
-    assert headline(at).startswith("### 🟧 Needs 2 × A100 SXM 80GB with zero3")
+    assert headline(at).startswith("needs: Needs 2 × A100 SXM 80GB with zero3")
     at.selectbox(key="num_gpus").set_value(8).run()
     assert_clean(at)
-    assert headline(at).startswith("### ✅ On 8 × A100 SXM 80GB with zero3:")
+    assert headline(at).startswith("fits: On 8 × A100 SXM 80GB with zero3:")
     assert any(m.label == "Largest batch" for m in at.metric)
     at.selectbox(key="strategy").set_value("ddp").run()
     assert_clean(at)
@@ -193,10 +200,10 @@ def test_unsupported_platform_says_why():
     at = app(gpu="Tesla T4")  # Turing: no bf16
     assert_clean(at)
     assert at.selectbox(key="gpu").value == t4
-    assert headline(at).startswith(f"### ⛔ Does not run on {t4}") and "bf16" in headline(at)
+    assert headline(at).startswith(f"no: Does not run on {t4}") and "bf16" in headline(at)
     at.selectbox(key="weights").set_value("fp16").run()
     assert_clean(at)
-    assert headline(at).startswith(f"### 🟧 Needs 2 × {t4} with pipeline")  # 15 GiB: fp16 8B needs two
+    assert headline(at).startswith(f"needs: Needs 2 × {t4} with pipeline")  # 15 GiB: fp16 8B needs two
 
 
 def test_accuracy_page():
@@ -280,7 +287,7 @@ def test_hub_model_with_a_token(fake_hub):
     at.text_input(key="hub_id").input("https://huggingface.co/acme/good").run()
     assert_clean(at)
     assert "Hugging Face Hub" in " ".join(c.value for c in at.caption)
-    assert headline(at).startswith("### ✅ Fits on 1 × H100 SXM 80GB")
+    assert headline(at).startswith("fits: Fits on 1 × H100 SXM 80GB")
     assert at.query_params["hub"] == "https://huggingface.co/acme/good" and "model" not in at.query_params
     assert_token_hidden(at, module.VALID_TOKEN)
 
@@ -588,3 +595,14 @@ def test_exports():
     for key in ("peak_allocated_bytes", "device_total_bytes", "breakdown", "params_total", "params_trainable", "gpus_needed"):
         assert key in data
     assert data["gpus_needed"] == f.gpus_needed == 2 and data["fit"]["strategy"] == "zero3"
+
+
+def test_an_unexpected_failure_is_an_error_not_a_traceback(monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(S, "fit_job", boom)
+    at = app()
+    assert not at.exception
+    assert errors(at) == ["Unexpected RuntimeError while estimating Llama-3.1-8B: boom. The other inputs are unchanged; try another model or setting."]
+    assert at.selectbox(key="gpu").value == "H100 SXM 80GB"
