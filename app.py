@@ -15,7 +15,7 @@ import streamlit as st
 
 import app_support as S
 import gpu_db
-from estimator import COMPONENTS, Mode
+from estimator import COMPONENTS, Attention, BaseDtype, Mode, Optimizer, Precision, Quant, Weights
 from estimator.fit import MULTI_GPU_NOTE, Strategy
 from estimator.sources import ModelConfig
 
@@ -107,7 +107,7 @@ def sync_query_params(values: dict, job) -> None:
 def model_inputs() -> None:
     st.sidebar.header("Model")
     names = [e.name for e in catalog()]
-    st.sidebar.selectbox("Catalog model", names, key="model", help="54 popular causal LMs, offline. Type to search.")
+    st.sidebar.selectbox("Catalog model", names, key="model", help=f"{len(names)} popular causal LMs, offline. Type to search.")
     st.sidebar.text_input(
         "…or any Hugging Face model",
         key="hub_id",
@@ -128,12 +128,16 @@ def model_inputs() -> None:
     )
 
 
+def _values(kind) -> list[str]:
+    return [member.value for member in kind]
+
+
 def job_inputs() -> None:
     state = st.session_state
     st.sidebar.header("Job")
     st.sidebar.radio(
         "Mode",
-        [m.value for m in Mode],
+        _values(Mode),
         key="mode",
         horizontal=True,
         format_func={"inference": "inference", "full": "full", "lora": "LoRA", "qlora": "QLoRA"}.get,
@@ -148,15 +152,15 @@ def job_inputs() -> None:
         col[1].number_input("Prompt tokens", min_value=1, max_value=S.LIMITS["prompt_len"], step=256, key="prompt_len")
         st.sidebar.number_input("New tokens", min_value=1, max_value=S.LIMITS["new_tokens"], step=64, key="new_tokens")
     if "weights" in relevant:
-        st.sidebar.selectbox("Weights", ["fp32", "bf16", "fp16", "int8", "nf4", "fp4"], key="weights",
+        st.sidebar.selectbox("Weights", _values(Weights), key="weights",
                              help="int8 = bitsandbytes LLM.int8; nf4/fp4 = bitsandbytes 4-bit with double quantization.")
     if "precision" in relevant:
-        st.sidebar.selectbox("Precision", ["amp_bf16", "amp_fp16", "bf16", "fp16", "fp32"], key="precision",
+        st.sidebar.selectbox("Precision", _values(Precision), key="precision",
                              help="amp_*: fp32 weights with an autocast forward (the HF Trainer's bf16=True / fp16=True).")
     if "base_dtype" in relevant:
-        st.sidebar.selectbox("Base weights", ["bf16", "fp16", "fp32"], key="base_dtype")
+        st.sidebar.selectbox("Base weights", _values(BaseDtype), key="base_dtype")
     if "quant" in relevant:
-        st.sidebar.selectbox("4-bit storage", ["nf4", "fp4"], key="quant")
+        st.sidebar.selectbox("4-bit storage", _values(Quant), key="quant")
         st.sidebar.checkbox("Double quantization", key="double_quant")
     if "lora_r" in relevant:
         col = st.sidebar.columns(3)
@@ -165,9 +169,9 @@ def job_inputs() -> None:
         col[2].number_input("Dropout", min_value=0.0, max_value=0.99, step=0.05, format="%.2f", key="lora_dropout")
         st.sidebar.text_input("Target modules", key="lora_targets", help="all-linear, or module names separated by commas (q_proj,v_proj).")
     if "optimizer" in relevant:
-        st.sidebar.selectbox("Optimizer", ["adamw_fused", "adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd", "adafactor"], key="optimizer")
+        st.sidebar.selectbox("Optimizer", _values(Optimizer), key="optimizer")
         st.sidebar.checkbox("Gradient checkpointing", key="gradient_checkpointing")
-    st.sidebar.selectbox("Attention", ["sdpa", "eager", "flash_attention_2"], key="attn")
+    st.sidebar.selectbox("Attention", _values(Attention), key="attn")
 
 
 def gpu_inputs() -> list:

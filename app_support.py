@@ -14,7 +14,7 @@ import functools
 import io
 import json
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Callable, Iterable, Mapping
 
 import gpu_db
