@@ -511,28 +511,22 @@ def _with_prequantized(inv: Inventory, raw: dict) -> Inventory:
     return dataclasses.replace(inv, prequantized=tuple(sorted(stored)), quantization=description, notes=inv.notes + (description,))
 
 
+def _first_positive_int(cfg, *names: str) -> int:
+    """The first of `names` the config sets to a positive int (families name MoE fields differently)."""
+    for name in names:
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return 0
+
+
 def _moe(cfg, params: list[Param], num_layers: int) -> MoE | None:
     experts = [p for p in params if p.kind == "expert" and p.layer is not None]
     if not experts:
         return None
-    num = 0
-    for name in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"):
-        value = getattr(cfg, name, None)
-        if isinstance(value, int) and value > 0:
-            num = value
-            break
-    top_k = 0
-    for name in ("num_experts_per_tok", "moe_topk", "top_k", "num_selected_experts"):
-        value = getattr(cfg, name, None)
-        if isinstance(value, int) and value > 0:
-            top_k = value
-            break
-    width = 0
-    for name in ("moe_intermediate_size", "expert_intermediate_size", "intermediate_size"):
-        value = getattr(cfg, name, None)
-        if isinstance(value, int) and value > 0:
-            width = value
-            break
+    num = _first_positive_int(cfg, "num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+    top_k = _first_positive_int(cfg, "num_experts_per_tok", "moe_topk", "top_k", "num_selected_experts")
+    width = _first_positive_int(cfg, "moe_intermediate_size", "expert_intermediate_size", "intermediate_size")
     shared = getattr(cfg, "shared_expert_intermediate_size", None) or 0
     n_shared = getattr(cfg, "n_shared_experts", None) or 0
     if not shared and n_shared:

@@ -29,8 +29,9 @@ def build_store() -> dict:
 
 def main() -> int:
     store = build_store()
-    with gzip.open(PREBUILT_PATH, "wt", encoding="utf-8", compresslevel=9) as handle:
-        json.dump(store, handle, separators=(",", ":"), sort_keys=True)
+    text = json.dumps(store, separators=(",", ":"), sort_keys=True).encode("utf-8")
+    with open(PREBUILT_PATH, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=9, mtime=0) as handle:
+        handle.write(text)  # mtime=0: the same inventories give the same bytes
     print(f"wrote {len(store['inventories'])} inventories to {PREBUILT_PATH}")
     return 0
 
