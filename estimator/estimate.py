@@ -147,14 +147,6 @@ def _allocator_reserve(inv: Inventory, job: Job, dynamic: int) -> int:
     return int(hole + calibration.ALLOCATOR_FRAGMENTATION * max(dynamic, 0))
 
 
-def _uses_bnb(job: Job) -> bool:
-    return (
-        job.mode is Mode.QLORA
-        or (job.mode is Mode.INFERENCE and job.weights.value in ("int8", "nf4", "fp4"))
-        or (job.is_training and job.optimizer.uses_bitsandbytes)
-    )
-
-
 # -------------------------------------------------------------------------------------------------
 # Inference
 # -------------------------------------------------------------------------------------------------

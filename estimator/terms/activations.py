@@ -364,7 +364,6 @@ def _moe(tr: Trace, x: T, groups: dict[str, list[Linear]]) -> T:
     moe = inv.moe
     assert moe is not None
     k, width = moe.top_k, moe.expert_intermediate_size
-    xin = tr.autocast_in(x)
     if x.grad:
         tr.save_bytes(moe.num_experts * FP32)  # router probabilities (softmax in fp32)
         tr.save_bytes(k * inv.hidden_size * f.compute)  # tokens gathered per expert
@@ -372,7 +371,6 @@ def _moe(tr: Trace, x: T, groups: dict[str, list[Linear]]) -> T:
         tr.save_bytes(k * width * f.compute)  # activation output
         if f.base_trainable:
             tr.save_bytes(k * width * f.compute)  # down's input, for the experts' weight gradient
-    del xin
     out = tr.new(inv.hidden_size, f.compute if f.autocast else x.dtype, True)
     shared = groups["shared"]
     if shared:
