@@ -143,7 +143,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--no-browser", action="store_true", help="skip the Playwright cold start")
     args = parser.parse_args()
-    print(f"machine: {os.cpu_count()} CPUs; python {sys.version.split()[0]}")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"machine: {os.cpu_count()} CPUs, load average {load:.1f} at the start (other work inflates every figure); "
+          f"python {sys.version.split()[0]}")
     if not args.no_browser and Path(CHROMIUM).exists():
         b = cold_browser()
         print(f"cold, browser: server up {b['server_up_s']:.2f} s; process start → headline {b['process_start_to_headline_s']:.2f} s "
