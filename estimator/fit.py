@@ -211,24 +211,12 @@ def _pipeline(result: Estimate, n: int) -> PerGPU:
     """device_map="auto": contiguous layers per GPU; the fullest GPU decides."""
     inv, job = result.inventory, result.job
     assert inv is not None
-    placed = weights.placements(inv, job)
-    dtype = weights.compute_dtype(job)
-    per_layer_w = [0] * inv.num_layers
-    outside_w = inv.buffer_bytes
-    by_name = {p.name: p for p in placed}
-    for p in inv.params:
-        size = by_name[p.name].bytes if p.name in by_name else 0
-        if p.layer is not None and p.layer < inv.num_layers:
-            per_layer_w[p.layer] += size
-        else:
-            outside_w += size
-    tokens_final = job.prompt_len + job.new_tokens - 1
-    per_layer_kv = [kv_cache.layer_cache_bytes(inv, job.batch_size, tokens_final if t == "full_attention" or not inv.sliding_window else min(tokens_final, inv.sliding_window), dtype) for t in inv.layer_types]
+    key = ("pipeline", job)
+    memo = inv.memo()
+    if key not in memo:
+        memo[key] = _pipeline_sizes(inv, job)
+    per_layer_w, per_layer_kv, first_w, last_w, working, head = memo[key]
     per_layer = [w + kv for w, kv in zip(per_layer_w, per_layer_kv)]
-    working = act.prefill_working_bytes(inv, job, dtype)
-    from estimator.terms import logits as lg
-
-    head = lg.generate_logits_bytes(job.batch_size, inv.vocab_size, dtype)
     # Balanced split into n contiguous stages (as accelerate's balanced device map does).
     target = math.ceil(sum(per_layer) / n)
     stages: list[list[int]] = [[]]
@@ -241,7 +229,7 @@ def _pipeline(result: Estimate, n: int) -> PerGPU:
         total += size
     worst_row = None
     for k, stage in enumerate(stages):
-        w = sum(per_layer_w[i] for i in stage) + (outside_w if k in (0, len(stages) - 1) else 0)
+        w = sum(per_layer_w[i] for i in stage) + (first_w if k == 0 else 0) + (last_w if k == len(stages) - 1 else 0)
         row = {name: 0 for name in COMPONENTS[:9]}
         row["weights"] = w
         row["kv_cache"] = sum(per_layer_kv[i] for i in stage)
@@ -251,6 +239,36 @@ def _pipeline(result: Estimate, n: int) -> PerGPU:
             worst_row = row
     assert worst_row is not None
     return _finish(inv, job, n, [worst_row], 0)
+
+
+def _pipeline_sizes(inv: Inventory, job: Job):
+    """Per-layer weights and final KV cache; the embedding's share (first GPU) and the final norm's
+    and lm_head's (last GPU; a tied lm_head is the embedding); one layer's working set; the logits."""
+    from estimator.terms import logits as lg
+
+    placed = {p.name: p for p in weights.placements(inv, job)}
+    dtype = weights.compute_dtype(job)
+    per_layer_w = [0] * inv.num_layers
+    first_w = inv.buffer_bytes
+    last_w = 0
+    for p in inv.params:
+        size = placed[p.name].bytes if p.name in placed else 0
+        if p.layer is not None and p.layer < inv.num_layers:
+            per_layer_w[p.layer] += size
+        elif p.kind == "embedding":
+            first_w += size
+        else:
+            last_w += size
+    tokens_final = job.prompt_len + job.new_tokens - 1
+    per_layer_kv = [
+        kv_cache.layer_cache_bytes(
+            inv, job.batch_size, tokens_final if t == "full_attention" or not inv.sliding_window else min(tokens_final, inv.sliding_window), dtype
+        )
+        for t in inv.layer_types
+    ]
+    working = act.prefill_working_bytes(inv, job, dtype)
+    head = lg.generate_logits_bytes(job.batch_size, inv.vocab_size, dtype)
+    return per_layer_w, per_layer_kv, first_w, last_w, working, head
 
 
 def _tensor_parallel(result: Estimate, n: int) -> PerGPU:
@@ -289,13 +307,7 @@ def fit(result: Estimate, gpu, strategy: Strategy | None = None, num_gpus: int |
         shown = per_gpu(result, strategy, num_gpus or 1)
         return Fit(gpu.name, capacity, strategy, None, shown, reason, tuple(notes))
     counts = _valid_counts(inv, strategy)
-    needed = None
-    chosen = None
-    for n in counts:
-        figures = per_gpu(result, strategy, n)
-        if figures.device_total_bytes <= capacity:
-            needed, chosen = n, figures
-            break
+    needed, chosen = _smallest_fitting(result, strategy, counts, capacity)
     if needed is None:
         chosen = per_gpu(result, strategy, counts[-1])
         reason = _why_not(result, strategy, capacity, counts[-1], chosen)
@@ -306,6 +318,28 @@ def fit(result: Estimate, gpu, strategy: Strategy | None = None, num_gpus: int |
     if (needed or 1) > 1 or (num_gpus or 1) > 1:
         notes.append(MULTI_GPU_NOTE)
     return Fit(gpu.name, capacity, strategy, needed, chosen, reason, tuple(notes))
+
+
+def _smallest_fitting(result: Estimate, strategy: Strategy, counts: list[int], capacity: int) -> tuple[int | None, PerGPU | None]:
+    """Bisection over the valid counts: per-GPU memory never grows with more GPUs (sharding divides
+    state, pipeline stages hold fewer layers, replication stays flat)."""
+    def fits(n: int) -> PerGPU | None:
+        figures = per_gpu(result, strategy, n)
+        return figures if figures.device_total_bytes <= capacity else None
+
+    first = fits(counts[0])
+    if first is not None:
+        return counts[0], first
+    if fits(counts[-1]) is None:
+        return None, None
+    lo, hi = 0, len(counts) - 1  # counts[lo] does not fit, counts[hi] does
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(counts[mid]) is None:
+            lo = mid
+        else:
+            hi = mid
+    return counts[hi], per_gpu(result, strategy, counts[hi])
 
 
 def _ranges(counts: list[int]) -> str:
