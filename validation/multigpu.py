@@ -18,8 +18,10 @@ timeout) is written as such and the run goes on.
 Case kinds (`kind:` in the cases file) and what the worker does, in SPEC's regimes:
 
 - `fsdp_full_shard`: full fine-tuning; the model loads as SPEC's full job does (fp32 weights for
-  `amp_bf16`), on the CPU, then PyTorch's FSDP2 `fully_shard` wraps every decoder layer and then
-  the root with `reshard_after_forward=True` (ZeRO-3), which moves each rank's shard to its GPU.
+  `amp_bf16`), on the CPU, then PyTorch's FSDP2 `fully_shard` wraps every decoder layer with
+  `reshard_after_forward=True` (ZeRO-3) and then the root (embeddings, final norm, lm_head) with
+  PyTorch's default, which keeps the root gathered from forward to backward; sharding moves each
+  rank's shard to its GPU.
   For `amp_*` precisions, `MixedPrecisionPolicy(param_dtype=bf16|fp16, reduce_dtype=fp32)`, and the
   forward still runs under autocast, as the HF Trainer does under FSDP.
 - `fsdp_shard_grad_op`: the same with `reshard_after_forward=False` (FSDP's SHARD_GRAD_OP: the
@@ -371,11 +373,14 @@ def _shard(model, multi: MultiCase, device_type: str, world_size: int) -> str:
     names = type(layers[0]).__name__, type(root).__name__  # before fully_shard renames the classes
     for layer in layers:
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
-    fully_shard(root, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
+    # The root (embeddings, final norm, lm_head) keeps PyTorch's default for full shard: not
+    # resharded after forward, since backward needs it at once (accelerate's FSDP2 does the same).
+    root_reshard = None if reshard else False
+    fully_shard(root, mesh=mesh, reshard_after_forward=root_reshard, mp_policy=mp)
     dtype = "none" if amp is None else str(amp).replace("torch.", "")
     return (
-        f"FSDP2 fully_shard on {len(layers)} {names[0]} + root {names[1]}, "
-        f"reshard_after_forward={reshard}, param_dtype={dtype}, reduce_dtype={'float32' if amp is not None else 'none'}"
+        f"FSDP2 fully_shard on {len(layers)} {names[0]} (reshard_after_forward={reshard}) + root {names[1]} "
+        f"(reshard_after_forward={root_reshard}), param_dtype={dtype}, reduce_dtype={'float32' if amp is not None else 'none'}"
     )
 
 
