@@ -8,10 +8,14 @@ Training (every GPU runs its own micro-batch of B sequences):
 - `ddp`: everything replicated, plus DDP's gradient buckets (torch DistributedDataParallel copies
   gradients into flat bucket buffers as large as the gradients, unless gradient_as_bucket_view).
 - `zero1`: optimizer state sharded over n GPUs (DeepSpeed ZeRO-1, FSDP has no exact analogue).
-- `zero2`: optimizer state and gradients sharded (ZeRO-2, FSDP SHARD_GRAD_OP).
+- `zero2`: optimizer state and gradients sharded (DeepSpeed ZeRO-2: full weights replicated).
+  FSDP's SHARD_GRAD_OP differs (fp32 shards, gathered half-precision weights held through the
+  step), so it is not aliased here.
 - `zero3`: parameters too (ZeRO-3, FSDP FULL_SHARD); each GPU all-gathers one decoder layer at a
-  time, prefetching the next, and reduce-scatters that layer's gradients: two layers of weights in
-  the compute dtype plus one layer of gradients stay as gather buffers.
+  time, prefetching the next, and reduce-scatters that layer's gradients (computed in the compute
+  dtype, copied to fp32 for the reduce): two layers of weights in the compute dtype plus one
+  layer of gradients in both dtypes stay as gather buffers, and the root unit (embeddings, final
+  norm, lm_head) stays gathered from forward to backward.
 - `zero3_offload`: ZeRO-3 with optimizer state and its step on the CPU.
 
 Inference:
@@ -69,7 +73,7 @@ def default_strategy(job: Job) -> Strategy:
 def parse_strategy(text: str | None, job: Job) -> Strategy:
     if text is None:
         return default_strategy(job)
-    aliases = {"fsdp": "zero3", "fsdp_full_shard": "zero3", "full_shard": "zero3", "shard_grad_op": "zero2",
+    aliases = {"fsdp": "zero3", "fsdp_full_shard": "zero3", "full_shard": "zero3", "deepspeed_zero2": "zero2",
                "device_map": "pipeline", "auto": "pipeline", "tp": "tensor_parallel", "offload": "zero3_offload"}
     key = aliases.get(text.strip().lower().replace("-", "_"), text.strip().lower().replace("-", "_"))
     try:
@@ -172,6 +176,7 @@ def per_gpu(result: Estimate, strategy: Strategy, n: int) -> PerGPU:
     compute_bytes = 4 if weights.compute_dtype(job) == "fp32" else 2
     grad_bytes = 4 if job.mode is Mode.FULL and job.precision.value in ("fp32", "amp_bf16", "amp_fp16") else 2
     layer_params = _largest_layer_params(inv)
+    root_params = sum(p.numel for p in inv.params if p.layer is None)
     out = []
     for row in phases:
         row = dict(row)
@@ -194,7 +199,8 @@ def per_gpu(result: Estimate, strategy: Strategy, n: int) -> PerGPU:
             row["autocast_weight_copies"] = 0
             row["weights"] = shard(row["weights"])
             row["lora_adapters"] = shard(row["lora_adapters"])
-            row["temporaries"] += 2 * layer_params * compute_bytes + (layer_params * grad_bytes if job.mode is Mode.FULL else 0)
+            layer_grads = layer_params * (compute_bytes + grad_bytes) if job.mode is Mode.FULL else 0
+            row["temporaries"] += 2 * layer_params * compute_bytes + layer_grads + root_params * compute_bytes
         out.append(row)
     if strategy in (Strategy.ZERO1, Strategy.ZERO2, Strategy.ZERO3):
         paged = shard(paged)
