@@ -2,6 +2,7 @@
 GPU counts, the largest batch and sequence that fit, the dtype grid, and the exports.
 
 Pure Python over `estimator` and `gpu_db` (no Streamlit here), so each piece is tested directly.
+GPU counts are always `estimator.fit.fit`'s own answers.
 Results are cached per (model, job, ...) with `functools.lru_cache`: the Streamlit process keeps
 this module between reruns, so a rerun that changes nothing recomputes nothing.
 """
@@ -9,6 +10,7 @@ this module between reruns, so a rerun that changes nothing recomputes nothing.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import enum
 import functools
 import io
@@ -273,79 +275,44 @@ def cached_estimate(model: Model, job: Job) -> Estimate:
     return estimate(model.inventory, job)
 
 
-class CountCurve:
-    """Per-GPU figures of one estimate under one strategy, by GPU count, computed once and shared.
-
-    `estimator.fit.fit` searches the counts afresh for every GPU, which for a 405B model over the
-    181 GPUs of the database is ~40 s; the figures do not depend on the GPU, so computing them once
-    per count and reading every GPU's answer off them gives the same `Fit` (tests check it)
-    in at most 64 `per_gpu` calls. It reproduces `fit()`'s rules through the module's private
-    helpers (`_valid_counts`, `_unsupported`, `_why_not`), since there is no public equivalent.
-    """
-
-    def __init__(self, result: Estimate, strategy: Strategy) -> None:
-        assert result.inventory is not None
-        self.result = result
-        self.strategy = strategy
-        self.counts = fitting._valid_counts(result.inventory, strategy)
-        self._figures: dict[int, fitting.PerGPU] = {}
-        # A floor under every count's per-GPU total, for the training strategies: data parallelism
-        # and ZeRO never divide activations or logits (estimator/fit.py), and every GPU pays its
-        # own CUDA context. A GPU below the floor cannot fit at any count, so `fit` need not try
-        # all 64 (it would reach the same answer).
-        self.floor_bytes = 0
-        if strategy.for_training:
-            self.floor_bytes = result.breakdown["cuda_context"] + max(
-                (row["activations"] + row["logits"] for row in result.phase_components.values()), default=0
-            )
-
-    def at(self, n: int) -> fitting.PerGPU:
-        if n not in self._figures:
-            self._figures[n] = fitting.per_gpu(self.result, self.strategy, n)
-        return self._figures[n]
-
-    def fit(self, gpu, num_gpus: int | None = None) -> Fit:
-        """Exactly `estimator.fit.fit(result, gpu, strategy, num_gpus)`."""
-        result, strategy = self.result, self.strategy
-        capacity = int(gpu.usable_by_default_bytes)
-        reason = fitting._unsupported(result.job, gpu)
-        if reason:
-            return Fit(gpu.name, capacity, strategy, None, self.at(num_gpus or 1), reason, ())
-        needed = chosen = None
-        for n in self.counts if self.floor_bytes <= capacity else ():
-            figures = self.at(n)
-            if figures.device_total_bytes <= capacity:
-                needed, chosen = n, figures
-                break
-        if needed is None:
-            chosen = self.at(self.counts[-1])
-            reason = fitting._why_not(result, strategy, capacity, self.counts[-1], chosen)
-        if num_gpus is not None:
-            if num_gpus not in self.counts:
-                shown = ", ".join(str(c) for c in self.counts[:12]) + (" …" if len(self.counts) > 12 else "")
-                raise ValueError(f"{strategy.value} cannot use {num_gpus} GPUs for this model (valid counts: {shown})")
-            chosen = self.at(num_gpus)
-        notes = (fitting.MULTI_GPU_NOTE,) if (needed or 1) > 1 or (num_gpus or 1) > 1 else ()
-        return Fit(gpu.name, capacity, strategy, needed, chosen, reason, notes)
-
-
-@functools.lru_cache(maxsize=512)
-def _curve(model: Model, job: Job, strategy: Strategy) -> CountCurve:
-    return CountCurve(cached_estimate(model, job), strategy)
-
-
+@functools.lru_cache(maxsize=4096)
 def fit_job(model: Model, job: Job, gpu, strategy: Strategy | None = None, num_gpus: int | None = None) -> Fit:
-    strategy = strategy or fitting.default_strategy(job)
-    return _curve(model, job, strategy).fit(gpu, num_gpus)
+    """`estimator.fit.fit` on the cached estimate (cached too: a rerun that changes nothing recomputes nothing)."""
+    return fitting.fit(cached_estimate(model, job), gpu, strategy or fitting.default_strategy(job), num_gpus)
+
+
+def _fit_profile(gpu) -> tuple:
+    """Everything of a GPU that `fit()` reads besides its name: capacity and platform limits."""
+    return (gpu.usable_by_default_bytes, gpu.platform, gpu.unsupported_jobs, gpu.caveats)
+
+
+@functools.lru_cache(maxsize=256)
+def _fits_for_gpus(model: Model, job: Job, gpus: tuple, strategy: Strategy) -> tuple[Fit, ...]:
+    first: dict[tuple, Fit] = {}
+    fits = []
+    for gpu in gpus:
+        key = _fit_profile(gpu)
+        shared = first.get(key)
+        if shared is not None and shared.gpus_needed is not None:
+            # Same capacity and platform: the same count and figures; only the name differs
+            # (a `Fit` that fits carries no reason, and so no GPU name, in its text).
+            fits.append(dataclasses.replace(shared, gpu_name=gpu.name))
+            continue
+        f = fitting.fit(cached_estimate(model, job), gpu, strategy)
+        first.setdefault(key, f)
+        fits.append(f)
+    fits.sort(key=lambda f: (f.gpus_needed is None, f.gpus_needed or 0, -f.capacity_bytes))
+    return tuple(fits)
 
 
 def fits_for_gpus(model: Model, job: Job, gpus: Iterable, strategy: Strategy | None = None) -> list[Fit]:
-    """`which_gpus` for these GPUs: every GPU with the count it needs, fewest first, those that can't last."""
-    strategy = strategy or fitting.default_strategy(job)
-    curve = _curve(model, job, strategy)
-    fits = [curve.fit(gpu) for gpu in gpus]
-    fits.sort(key=lambda f: (f.gpus_needed is None, f.gpus_needed or 0, -f.capacity_bytes))
-    return fits
+    """`estimator.fit.which_gpus(..., sort="count")` for these GPUs, faster.
+
+    GPUs of the same capacity and platform limits get the same answer, so `fit()` runs once per
+    such group (67 groups among the 181 GPUs) and the others copy it under their own name; tests
+    check the result equals `which_gpus`.
+    """
+    return list(_fits_for_gpus(model, job, tuple(gpus), strategy or fitting.default_strategy(job)))
 
 
 def headline(fit: Fit, num_gpus: int | None) -> tuple[str, str]:
@@ -427,8 +394,9 @@ class Limit:
 def _fits_predicate(model: Model, gpu, strategy: Strategy, num_gpus: int) -> Callable[[Job], bool]:
     capacity = int(gpu.usable_by_default_bytes)
     if num_gpus == 1:
-        # One GPU: no distributed wrapper (DDP's buckets would only add memory), as `fit` with `single`.
-        return lambda j: cached_estimate(model, j).device_total_bytes <= capacity
+        # One GPU, no distributed wrapper (DDP's buckets would only add memory): `fit` with `single`.
+        return lambda j: fitting.fit(cached_estimate(model, j), gpu, Strategy.SINGLE).gpus_needed == 1
+    # n GPUs with the strategy: the fullest GPU's device total against the capacity.
     return lambda j: fitting.per_gpu(cached_estimate(model, j), strategy, num_gpus).device_total_bytes <= capacity
 
 
@@ -441,8 +409,8 @@ def largest_fitting(model: Model, job: Job, field_name: str, gpu_name: str, stra
     """
     gpu = gpu_db.find_gpu(gpu_name)
     upper = LIMITS[field_name]
-    if field_name == "prompt_len":
-        upper = min(upper, MAX_TOKENS)
+    # No public call says whether a GPU can run a job at all (bf16, bitsandbytes), apart from its
+    # memory; `fit` decides it with this helper, so the solver asks it the same way.
     reason = fitting._unsupported(job, gpu)
     if reason:
         return Limit(field_name, 0, upper, gpu.name, num_gpus, strategy, reason)
