@@ -214,7 +214,9 @@ def resolve_model(stage) -> S.Model:
 
         stage.text = f"loading {hub!r}"
         with st.spinner(f"Fetching {hub}'s config.json…"):
-            source = resolve(hub, token=state["hf_token"] or None)
+            # An empty field must not fall back to the server's own HF_TOKEN: a Space owner's secret
+            # would otherwise read gated configs for every visitor.
+            source = resolve(hub, token=state["hf_token"] or False)
         with st.spinner("Building the model on the meta device (the first time imports transformers: ~10 s)…"):
             return S.model_from_source(source)
     if upload is not None:

@@ -72,11 +72,16 @@ def fetch_config(
     repo: str,
     *,
     revision: str | None = None,
-    token: str | None = None,
+    token: str | bool | None = None,
     offline: bool = False,
     timeout_s: float | None = None,
 ) -> ModelConfig:
     """A Hub repo's `config.json` (and its safetensors parameter counts) as a `ModelConfig`.
+
+    `token`: a string is used as given; None lets huggingface_hub fall back to `HF_TOKEN` or the
+    stored login (the CLI's behaviour); False forbids that fallback, so a public server never
+    reads gated configs with its owner's token on a visitor's behalf (the app passes False when
+    its token field is empty).
 
     Results are cached in-process per endpoint, cache folder, repo, revision, token and mode; each
     call gets its own copy of the config dict.
@@ -84,8 +89,12 @@ def fetch_config(
     if not isinstance(repo, str) or not repo.strip():
         raise ModelSourceError("give a Hub repo id like meta-llama/Llama-3.1-8B")
     timeout = float(timeout_s) if timeout_s is not None and timeout_s > 0 else default_timeout_s()
-    token = token or None
-    token_key = hashlib.sha256(token.encode()).hexdigest() if token else None
+    if token is not False:
+        token = token or None
+    if isinstance(token, str):
+        token_key = hashlib.sha256(token.encode()).hexdigest()
+    else:
+        token_key = "no-implicit-token" if token is False else None
     result = _fetch_cached(endpoint(), cache_dir(), repo.strip(), revision or None, token_key, bool(offline), timeout, _Secret(token))
     return replace(result, config=copy.deepcopy(result.config))
 
@@ -100,7 +109,7 @@ class _Secret:
 
     __slots__ = ("value",)
 
-    def __init__(self, value: str | None) -> None:
+    def __init__(self, value: str | bool | None) -> None:
         self.value = value
 
     def __hash__(self) -> int:
@@ -110,7 +119,7 @@ class _Secret:
         return isinstance(other, _Secret)
 
     def __repr__(self) -> str:
-        return "<token>" if self.value else "<no token>"
+        return "<token>" if isinstance(self.value, str) else "<no token>"
 
 
 @functools.lru_cache(maxsize=64)

@@ -84,7 +84,7 @@ def split_reference(reference: str) -> tuple[str, str | None]:
     return reference.rstrip("/"), None
 
 
-def resolve(reference: str, *, token: str | None = None, offline: bool | None = None) -> ModelConfig:
+def resolve(reference: str, *, token: str | bool | None = None, offline: bool | None = None) -> ModelConfig:
     """Turn what the user typed into a config: a path, a catalog name, or a Hub repo id/URL."""
     if not isinstance(reference, str) or not reference.strip():
         raise ModelSourceError("give a model: a Hub repo id (org/name), a catalog name, or a path to a config.json")

@@ -252,3 +252,18 @@ def test_cli_never_shows_the_token(cli_runs):
         for token in (VALID_TOKEN, INVALID_TOKEN):
             assert token not in run.stdout and token not in run.stderr, case
 
+
+
+def test_false_token_never_falls_back_to_hf_token(fake_hub, monkeypatch):
+    """The app passes token=False: a server's HF_TOKEN must never reach the Hub on a visitor's behalf."""
+    from estimator import hub as hub_module
+
+    monkeypatch.setenv("HF_TOKEN", VALID_TOKEN)
+    hub_module.clear_cache()
+    hub_module.fetch_config("acme/good", token=False)
+    sent = {auth for method, path, auth in fake_hub.requests if "acme/good" in path}
+    assert sent == {None}
+    hub_module.clear_cache()
+    fake_hub.requests.clear()
+    hub_module.fetch_config("acme/good", token=None)  # the CLI: HF_TOKEN also works
+    assert f"Bearer {VALID_TOKEN}" in {auth for method, path, auth in fake_hub.requests if "acme/good" in path}
