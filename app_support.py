@@ -411,7 +411,7 @@ def largest_fitting(model: Model, job: Job, field_name: str, gpu_name: str, stra
     upper = LIMITS[field_name]
     # No public call says whether a GPU can run a job at all (bf16, bitsandbytes), apart from its
     # memory; `fit` decides it with this helper, so the solver asks it the same way.
-    reason = fitting._unsupported(job, gpu)
+    reason = fitting.unsupported_reason(job, gpu)
     if reason:
         return Limit(field_name, 0, upper, gpu.name, num_gpus, strategy, reason)
     ok = _fits_predicate(model, gpu, strategy, num_gpus)

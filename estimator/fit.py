@@ -175,8 +175,10 @@ def per_gpu(result: Estimate, strategy: Strategy, n: int) -> PerGPU:
     shard = lambda v: int(math.ceil(v / n))  # noqa: E731
     compute_bytes = 4 if weights.compute_dtype(job) == "fp32" else 2
     grad_bytes = 4 if job.mode is Mode.FULL and job.precision.value in ("fp32", "amp_bf16", "amp_fp16") else 2
-    layer_params = _largest_layer_params(inv)
-    root_params = sum(p.numel for p in inv.params if p.layer is None)
+    memo = inv.memo()
+    if "layer_and_root_params" not in memo:
+        memo["layer_and_root_params"] = (_largest_layer_params(inv), sum(p.numel for p in inv.params if p.layer is None))
+    layer_params, root_params = memo["layer_and_root_params"]
     out = []
     for row in phases:
         row = dict(row)
@@ -222,29 +224,41 @@ def _pipeline(result: Estimate, n: int) -> PerGPU:
     if key not in memo:
         memo[key] = _pipeline_sizes(inv, job)
     per_layer_w, per_layer_kv, first_w, last_w, working, head = memo[key]
-    per_layer = [w + kv for w, kv in zip(per_layer_w, per_layer_kv)]
-    # Balanced split into n contiguous stages (as accelerate's balanced device map does).
-    target = math.ceil(sum(per_layer) / n)
-    stages: list[list[int]] = [[]]
-    total = 0
-    for i, size in enumerate(per_layer):
-        if stages[-1] and total + size > target and len(stages) < n:
-            stages.append([])
-            total = 0
-        stages[-1].append(i)
-        total += size
-    worst_row = None
-    for k, stage in enumerate(stages):
-        w = sum(per_layer_w[i] for i in stage) + (first_w if k == 0 else 0) + (last_w if k == len(stages) - 1 else 0)
-        row = {name: 0 for name in COMPONENTS[:9]}
-        row["weights"] = w
-        row["kv_cache"] = sum(per_layer_kv[i] for i in stage)
-        row["temporaries"] = working
-        row["logits"] = head if k == len(stages) - 1 else 0
-        if worst_row is None or sum(row.values()) > sum(worst_row.values()):
-            worst_row = row
+    # Contiguous stages with the smallest possible fullest stage (the linear partition problem),
+    # the embedding going with the first layers and the final norm and lm_head with the last.
+    sizes = [first_w] + [w + kv for w, kv in zip(per_layer_w, per_layer_kv)] + [last_w]
+    load = _min_max_partition(sizes, n)
+    worst_row = {name: 0 for name in COMPONENTS[:9]}
+    kv_share = int(load * sum(per_layer_kv) / max(sum(sizes), 1))  # the fullest stage's KV, pro rata
+    worst_row["weights"] = load - kv_share
+    worst_row["kv_cache"] = kv_share
+    worst_row["temporaries"] = working
+    worst_row["logits"] = head
     assert worst_row is not None
     return _finish(inv, job, n, [worst_row], 0)
+
+
+def _min_max_partition(sizes: list[int], n: int) -> int:
+    """The smallest possible largest sum when `sizes` is cut into at most n contiguous runs.
+
+    Bisection on the answer with a greedy check; never grows with n, so fewer stages never look
+    better than more.
+    """
+    lo, hi = max(sizes), sum(sizes)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        runs, current = 1, 0
+        for size in sizes:
+            if current + size > mid:
+                runs += 1
+                current = size
+            else:
+                current += size
+        if runs <= n:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 def _pipeline_sizes(inv: Inventory, job: Job):
@@ -291,9 +305,9 @@ def _tensor_parallel(result: Estimate, n: int) -> PerGPU:
     return _finish(inv, job, n, rows, 0)
 
 
-def _valid_counts(inv: Inventory, strategy: Strategy) -> list[int]:
-    if strategy is Strategy.SINGLE:
-        return [1]
+def _valid_counts(inv: Inventory, strategy: Strategy, gpu=None) -> list[int]:
+    if strategy is Strategy.SINGLE or (gpu is not None and getattr(gpu, "unified_memory", False) and str(getattr(gpu.vendor, "value", gpu.vendor)) == "apple"):
+        return [1]  # a Mac has one GPU, and no NCCL to spread a job over several
     if strategy is Strategy.TENSOR_PARALLEL:
         return [n for n in range(1, MAX_GPUS + 1) if inv.num_heads % n == 0]
     if strategy is Strategy.PIPELINE:
@@ -308,11 +322,11 @@ def fit(result: Estimate, gpu, strategy: Strategy | None = None, num_gpus: int |
     strategy = strategy or default_strategy(job)
     capacity = int(gpu.usable_by_default_bytes)
     notes: list[str] = []
-    reason = _unsupported(job, gpu)
+    reason = unsupported_reason(job, gpu)
     if reason:
         shown = per_gpu(result, strategy, num_gpus or 1)
         return Fit(gpu.name, capacity, strategy, None, shown, reason, tuple(notes))
-    counts = _valid_counts(inv, strategy)
+    counts = _valid_counts(inv, strategy, gpu)
     needed, chosen = _smallest_fitting(result, strategy, counts, capacity)
     if needed is None:
         chosen = per_gpu(result, strategy, counts[-1])
@@ -356,14 +370,19 @@ def _why_not(result: Estimate, strategy: Strategy, capacity: int, n: int, figure
     inv = result.inventory
     assert inv is not None
     fixed = figures.breakdown["cuda_context"]
+    if n == 1:
+        return f"it needs {figures.device_total_bytes / GIB:.1f} GiB and this GPU has {capacity / GIB:.1f} GiB; a single machine of this kind has one GPU"
     if strategy in (Strategy.PIPELINE,):
-        return f"even one layer per GPU needs {figures.device_total_bytes / GIB:.1f} GiB, more than the {capacity / GIB:.1f} GiB this GPU has"
+        return (
+            f"split as finely as it goes ({n} GPUs), the fullest GPU still needs {figures.device_total_bytes / GIB:.1f} GiB, "
+            f"more than the {capacity / GIB:.1f} GiB this GPU has (one layer and its working set do not fit)"
+        )
     acts = figures.breakdown["activations"] + figures.breakdown["logits"] + figures.breakdown["temporaries"]
     if acts + fixed > capacity:
-        return (
-            f"activations and logits alone take {acts / GIB:.1f} GiB per GPU and no strategy divides them; "
-            "lower the batch size or sequence length, or turn on gradient checkpointing"
-        )
+        hint = "lower the batch size or sequence length"
+        if not result.job.gradient_checkpointing:
+            hint += ", or turn on gradient checkpointing"
+        return f"activations and logits alone take {acts / GIB:.1f} GiB per GPU and no strategy divides them; {hint}"
     return f"with {n} GPUs the fullest still needs {figures.device_total_bytes / GIB:.1f} GiB of {capacity / GIB:.1f} GiB"
 
 
@@ -375,7 +394,8 @@ def _needs_bf16(job: Job) -> bool:
     return True  # LoRA and QLoRA run their forward under bf16 autocast (SPEC)
 
 
-def _unsupported(job: Job, gpu) -> str | None:
+def unsupported_reason(job: Job, gpu) -> str | None:
+    """Why `gpu`'s platform cannot run `job` at all (no bf16, no bitsandbytes…), or None."""
     if _needs_bf16(job):
         ok, why = gpu.supports("bf16")
         if not ok:

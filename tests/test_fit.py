@@ -65,7 +65,7 @@ def test_largest_layer_limit_for_pipeline():
     small = gpu_db.find_gpu("RTX 3050")
     answer = fit(result, small, Strategy.PIPELINE)
     assert answer.gpus_needed is None
-    assert "one layer per GPU" in answer.reason
+    assert "one layer and its working set do not fit" in answer.reason
 
 
 def test_tensor_parallel_needs_a_divisor_of_the_heads():
@@ -111,3 +111,23 @@ def test_strategy_names():
         parse_strategy("pipeline", Job(mode="full"))
     with pytest.raises(ValueError, match="unknown strategy"):
         parse_strategy("magic", Job())
+
+
+def test_pipeline_memory_never_grows_with_more_gpus():
+    """The stages are a balanced contiguous partition: more GPUs never make the fullest one fuller."""
+    result = est("meta-llama/Llama-3.1-70B-Instruct", Job(mode="inference", prompt_len=1024, new_tokens=128))
+    totals = [per_gpu(result, Strategy.PIPELINE, n).device_total_bytes for n in range(1, 81)]
+    assert all(b <= a for a, b in zip(totals, totals[1:]))
+    assert fit(result, gpu_db.find_gpu("A30"), Strategy.PIPELINE).gpus_needed is not None
+
+
+def test_a_mac_has_one_gpu():
+    result = est("meta-llama/Llama-3.1-70B-Instruct", Job(mode="full", seq_len=512))
+    answer = fit(result, gpu_db.find_gpu("m3 ultra 512gb"), Strategy.ZERO3)
+    assert answer.gpus_needed is None and "one GPU" in answer.reason
+
+
+def test_no_checkpointing_hint_when_it_is_already_on():
+    result = est("meta-llama/Llama-3.1-8B", Job(mode="full", batch_size=64, seq_len=8192, gradient_checkpointing=True))
+    answer = fit(result, H100, Strategy.ZERO3)
+    assert answer.gpus_needed is None and "gradient checkpointing" not in answer.reason

@@ -132,7 +132,7 @@ def _parse_entry(raw: Any, index: int, config_dir: Path) -> CatalogEntry:
 @functools.lru_cache(maxsize=None)
 def _load(path: Path) -> tuple[CatalogEntry, ...]:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.YAMLError as exc:
         raise ValueError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(data, list):
