@@ -360,6 +360,11 @@ def _source_error(err: BaseException, repo: str, revision: str | None, token: st
     import httpx
     from huggingface_hub import errors as hf_errors
 
+    if token is None:  # huggingface_hub sent the machine's own token (HF_TOKEN, a saved login), if any
+        from huggingface_hub import get_token
+
+        token = bool(get_token())
+
     shown = repo if revision is None else f"{repo}@{revision}"
     page = model_page(repo)
     alternatives = "or use a catalog name or a path to a config.json"

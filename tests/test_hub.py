@@ -184,7 +184,7 @@ CLI_ERRORS = [
     ("repo-not-found", ["acme/missing"], {}, ["no model 'acme/missing'"]),
     ("gated-no-token", ["acme/gated"], {}, ["https://huggingface.co/acme/gated"]),
     ("gated-not-accepted", ["acme/gated", "--token", VALID_TOKEN], {}, ["not been granted access"]),
-    ("gated-not-accepted-env-token", ["acme/gated"], {"HF_TOKEN": VALID_TOKEN}, ["not been granted access"]),
+    ("gated-not-accepted-env-token", ["acme/gated"], {"HF_TOKEN": VALID_TOKEN}, ["not been granted access"]),  # HF_TOKEN counts
     ("invalid-token", ["acme/good", "--token", INVALID_TOKEN], {}, ["rejected the token"]),
     ("revision-not-found", ["acme/versioned", "--revision", "nope", "--token", VALID_TOKEN], {}, ["no revision 'nope'"]),
     ("no-config-json", ["acme/no-config"], {}, ["has no config.json"]),
@@ -267,3 +267,13 @@ def test_false_token_never_falls_back_to_hf_token(fake_hub, monkeypatch):
     fake_hub.requests.clear()
     hub_module.fetch_config("acme/good", token=None)  # the CLI: HF_TOKEN also works
     assert f"Bearer {VALID_TOKEN}" in {auth for method, path, auth in fake_hub.requests if "acme/good" in path}
+
+
+def test_gated_message_counts_the_machine_token(fake_hub, monkeypatch):
+    """token=None lets huggingface_hub send HF_TOKEN; the message must then not ask for a token."""
+    monkeypatch.setenv("HF_TOKEN", VALID_TOKEN)
+    with pytest.raises(ModelSourceError, match="not been granted access") as info:
+        hub_module.fetch_config("acme/gated")
+    assert VALID_TOKEN not in str(info.value)
+    with pytest.raises(ModelSourceError, match="then pass a token"):
+        hub_module.fetch_config("acme/gated", token=False)
