@@ -410,28 +410,27 @@ class _StepProbe:
         return scores
 
 
-def run_inference(case: Case, ckpt: Path, probe: DeviceProbe, result: dict) -> None:
+def spec_prompt(model, job, device):
+    """SPEC's inference input: random prompt ids [B, P], an all-ones mask, and a pad id."""
     import torch
-    from transformers import LogitsProcessorList
 
-    job = case.job
-    model = load_model(case, ckpt)
-    probe.sample("loaded")
-    result["params_total"] = _count_params(model)
-    model.eval()
-    result["params_trainable"] = 0
-    setup = probe.sample("setup")
-    result["static_after_setup_bytes"] = setup["allocated"]
     vocab = model.config.get_text_config().vocab_size
     torch.manual_seed(0)
-    ids = torch.randint(0, vocab, (job.batch_size, job.prompt_len), device=DEVICE)
-    mask = torch.ones_like(ids)
-    step_probe = _StepProbe()
+    ids = torch.randint(0, vocab, (job.batch_size, job.prompt_len), device=device)
     pad = model.generation_config.pad_token_id
     if pad is None:
         eos = model.generation_config.eos_token_id
         pad = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
-    _cuda().reset_peak_memory_stats()
+    return ids, torch.ones_like(ids), pad
+
+
+def spec_generate(model, job, prompt, step_probe) -> int:
+    """SPEC's generate: exactly N greedy new tokens; `step_probe`, a logits processor, sees every
+    step. Returns the number of tokens generated."""
+    import torch
+    from transformers import LogitsProcessorList
+
+    ids, mask, pad = prompt
     with torch.no_grad():
         out = model.generate(
             input_ids=ids,
@@ -442,8 +441,24 @@ def run_inference(case: Case, ckpt: Path, probe: DeviceProbe, result: dict) -> N
             pad_token_id=pad,
             logits_processor=LogitsProcessorList([step_probe]),
         )
+    return int(out.shape[1] - ids.shape[1])
+
+
+def run_inference(case: Case, ckpt: Path, probe: DeviceProbe, result: dict) -> None:
+    job = case.job
+    model = load_model(case, ckpt)
+    probe.sample("loaded")
+    result["params_total"] = _count_params(model)
+    model.eval()
+    result["params_trainable"] = 0
+    setup = probe.sample("setup")
+    result["static_after_setup_bytes"] = setup["allocated"]
+    prompt = spec_prompt(model, job, DEVICE)
+    step_probe = _StepProbe()
+    _cuda().reset_peak_memory_stats()
+    generated = spec_generate(model, job, prompt, step_probe)
     s = probe.sample("generated")
-    result["generated_tokens"] = int(out.shape[1] - ids.shape[1])
+    result["generated_tokens"] = generated
     result["peak_allocated_bytes"] = s["max_allocated"]
     result["peak_reserved_bytes"] = max(x["max_reserved"] for x in probe.samples.values())
     rows = step_probe.rows

@@ -478,11 +478,9 @@ def run_fsdp(multi: MultiCase, ckpt: Path, device, probe: GpuProbe, result: dict
 
 def run_device_map_auto(multi: MultiCase, ckpt: Path, probe: GpuProbe, result: dict) -> None:
     """Rank 0 of a device_map="auto" case: load over every visible GPU, then SPEC's generate."""
-    import torch
     import transformers
-    from transformers import LogitsProcessorList
 
-    from validation.measure import _count_params
+    from validation.measure import _count_params, spec_generate, spec_prompt
 
     job = multi.case.job
     on_cuda = bool(probe.devices)
@@ -496,15 +494,7 @@ def run_device_map_auto(multi: MultiCase, ckpt: Path, probe: GpuProbe, result: d
         placement[str(where)] = placement.get(str(where), 0) + 1
     result["device_map_modules_per_device"] = placement
     model.eval()
-    vocab = model.config.get_text_config().vocab_size
-    first = model.get_input_embeddings().weight.device
-    torch.manual_seed(0)
-    ids = torch.randint(0, vocab, (job.batch_size, job.prompt_len), device=first)
-    mask = torch.ones_like(ids)
-    pad = model.generation_config.pad_token_id
-    if pad is None:
-        eos = model.generation_config.eos_token_id
-        pad = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
+    prompt = spec_prompt(model, job, model.get_input_embeddings().weight.device)
     seen: list[int] = []
 
     def step_probe(input_ids, scores):
@@ -514,18 +504,9 @@ def run_device_map_auto(multi: MultiCase, ckpt: Path, probe: GpuProbe, result: d
     probe.sample("setup")
     probe.in_steps = True
     probe.reset_peaks()  # SPEC: the peak counter is reset after loading
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=job.new_tokens,
-            min_new_tokens=job.new_tokens,
-            do_sample=False,
-            pad_token_id=pad,
-            logits_processor=LogitsProcessorList([step_probe]),
-        )
+    generated_tokens = spec_generate(model, job, prompt, step_probe)
     generated = probe.sample("generated")
-    result["generated_tokens"] = int(out.shape[1] - ids.shape[1])
+    result["generated_tokens"] = generated_tokens
     result["generate_steps"] = len(seen)
     result["devices"] = probe.device_rows(
         {i: generated[str(i)]["max_allocated"] for i in probe.devices},
