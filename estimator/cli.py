@@ -126,7 +126,7 @@ def render_text(name: str, source, result, fit) -> str:
     if fit is not None:
         lines.append("")
         lines.extend(fit.describe())
-    for note in result.notes:
+    for note in tuple(source.notes) + tuple(n for n in result.notes if n not in source.notes):
         lines.append(f"note: {note}")
     return "\n".join(lines)
 
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
 
             fit = fitting.from_cli(source.config, job, result, args)
     except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     except (ModelSourceError, UnsupportedModelError, ValueError) as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
@@ -161,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         out = result.to_dict()
         out["model"] = source.name
         out["source"] = {"origin": source.origin, "url": source.source}
+        out["notes"] = list(source.notes) + out["notes"]
         out["gpus_needed"] = fit.gpus_needed if fit is not None else None
         if fit is not None:
             out["fit"] = fit.to_dict()

@@ -254,6 +254,8 @@ def _make_config(raw: dict):
     import transformers
 
     model_type = raw.get("model_type")
+    if model_type is not None and not isinstance(model_type, str):
+        raise UnsupportedModelError(f"model_type must be a string like \"llama\", not {type(model_type).__name__}")
     if not model_type:
         raise UnsupportedModelError("the config has no model_type, so transformers cannot tell which model it is")
     if model_type not in transformers.CONFIG_MAPPING:
@@ -269,6 +271,43 @@ def _make_config(raw: dict):
 
 
 def _build(raw: dict) -> Inventory:
+    """Build, turning any malformed value the model tolerated but the reading below does not into a
+    clear refusal rather than a traceback."""
+    try:
+        return _build_unchecked(raw)
+    except (TypeError, OverflowError, ValueError, AttributeError, KeyError) as err:
+        if isinstance(err, UnsupportedModelError):
+            raise
+        raise UnsupportedModelError(f"the config is malformed: {type(err).__name__}: {err}") from None
+
+
+# The largest values a real model uses, with a wide margin: beyond them a config is a typo, and
+# building it on the meta device would run for hours (one module per layer).
+_SIZE_LIMITS = {
+    ("num_hidden_layers", "n_layer", "num_layers"): 4_096,
+    ("hidden_size", "n_embd", "d_model"): 262_144,
+    ("intermediate_size", "n_inner", "ffn_dim", "moe_intermediate_size"): 4_194_304,
+    ("vocab_size",): 16_777_216,
+    ("num_attention_heads", "n_head", "num_key_value_heads"): 16_384,
+    ("num_local_experts", "num_experts", "n_routed_experts"): 65_536,
+}
+
+
+def _check_sizes(raw: dict) -> None:
+    for names, limit in _SIZE_LIMITS.items():
+        for name in names:
+            value = raw.get(name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if value < 0 or value != value:
+                raise UnsupportedModelError(f"{name} is {value}: a size must be a positive number; check the config")
+            if value > limit:
+                raise UnsupportedModelError(
+                    f"{name} of {value:,.0f} is beyond any real model (at most {limit:,}); check the config"
+                )
+
+
+def _build_unchecked(raw: dict) -> Inventory:
     import warnings
 
     import accelerate
@@ -279,6 +318,7 @@ def _build(raw: dict) -> Inventory:
     from transformers.quantizers.quantizers_utils import should_convert_module
 
     text_raw, multimodal_type = _text_config(raw)
+    _check_sizes(text_raw)
     config = _make_config(text_raw)
     if multimodal_type is not None and getattr(config, "model_type", "") == multimodal_type:
         raise UnsupportedModelError(f"cannot find the language model inside the {multimodal_type} config")

@@ -42,7 +42,8 @@ class ModelConfig:
 
 
 _HUB_URL = re.compile(r"^https?://(?:www\.)?huggingface\.co/(?P<repo>[^/\s]+/[^/\s?#]+)(?:/(?:tree|blob)/(?P<rev>[^/\s?#]+))?")
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+# org/name, or a legacy id without an organisation (gpt2, bert-base-uncased), which the Hub still serves.
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)?$")
 
 
 def parse_config_text(text: str, where: str, hint: str = "check the file") -> dict:

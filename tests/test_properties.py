@@ -20,11 +20,10 @@ import json
 import math
 import subprocess
 import sys
-import traceback
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, assume, given, reject, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from estimator import cli
@@ -65,14 +64,6 @@ BAD_VALUES = st.one_of(
 )
 
 
-LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer")
-
-
-def _huge_layer_count(key: str, value) -> bool:
-    """A layer count the meta build would loop over for hours (see the reproduction below)."""
-    return key in LAYER_COUNT_KEYS and isinstance(value, int) and not isinstance(value, bool) and value > 4096
-
-
 @st.composite
 def mutated_configs(draw):
     base = draw(st.sampled_from(sorted(BASES)))
@@ -83,10 +74,7 @@ def mutated_configs(draw):
         if draw(st.booleans()) and key in config:
             del config[key]
         else:
-            value = draw(BAD_VALUES)
-            assume(not _huge_layer_count(key, value))
-            assume(not (key == "model_type" and isinstance(value, (dict, list))))  # reported: see below
-            config[key] = value
+            config[key] = draw(BAD_VALUES)
     return config
 
 
@@ -98,14 +86,6 @@ JOBS = [
 ]
 
 
-def _known_inventory_read_bug(err: BaseException) -> bool:
-    """The bug reproduced below: inventory.py's `int(...)` reads after the build, outside its try."""
-    if not isinstance(err, (TypeError, OverflowError)):
-        return False
-    last = traceback.extract_tb(err.__traceback__)[-1]
-    return last.filename.endswith("inventory.py") and last.name == "_build" and "int(" in (last.line or "")
-
-
 @FAST
 @given(config=mutated_configs(), job=st.sampled_from(JOBS))
 def test_mutated_configs_estimate_or_raise_valueerror(config, job):
@@ -114,24 +94,10 @@ def test_mutated_configs_estimate_or_raise_valueerror(config, job):
         result = estimate(config, job)
     except ValueError:
         return
-    except (TypeError, OverflowError) as err:
-        if _known_inventory_read_bug(err):
-            reject()  # reported; see test_values_the_model_ignores_but_the_inventory_reads
-        raise
     assert isinstance(result, Estimate)
     assert result.peak_allocated_bytes >= 0 and result.device_total_bytes >= result.peak_allocated_bytes
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=(TypeError, OverflowError),
-    reason="inventory.py _build reads head_dim, num_key_value_heads and sliding_window with int(...) after the model "
-    "is built and outside its try: GPT-2 ignores the first two and Llama's build keeps sliding_window as given, so "
-    "{'model_type': 'gpt2', ..., 'head_dim': [64]} raises TypeError ('int() argument must be ... not list'), "
-    "'head_dim': Infinity raises OverflowError, and a Llama config with 'sliding_window': [64] raises TypeError at "
-    "`sliding_window=int(sliding)`, instead of UnsupportedModelError; `python -m estimator config.json` then prints a "
-    "traceback (found by test_mutated_configs_estimate_or_raise_valueerror)",
-)
 @pytest.mark.parametrize(
     "base,changes",
     [("gpt2", {"head_dim": [64]}), ("gpt2", {"head_dim": math.inf}), ("gpt2", {"num_key_value_heads": [2]}), ("smollm2", {"sliding_window": [64]})],
@@ -142,28 +108,12 @@ def test_values_the_model_ignores_but_the_inventory_reads(base, changes):
         inventory_from_config(dict(BASES[base], **changes))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="inventory.py _make_config tests `model_type not in transformers.CONFIG_MAPPING` without checking that "
-    "model_type is a string: {'model_type': {'type': 'linear'}, ...} raises TypeError: unhashable type: 'dict' "
-    "(from transformers' _LazyConfigMapping.__contains__) instead of UnsupportedModelError. The CLI is spared only "
-    "because sources.parse_config_text now insists on a string model_type; estimate(config) is not "
-    "(found by test_mutated_configs_estimate_or_raise_valueerror)",
-)
 @pytest.mark.parametrize("model_type", [{"type": "linear"}, ["llama"]], ids=["dict", "list"])
 def test_a_model_type_that_is_not_a_string(model_type):
     with pytest.raises(ValueError):
         estimate(dict(BASES["smollm2"], model_type=model_type), Job())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="inventory.py has no bound on the layer count: {'model_type': 'llama', ..., 'num_hidden_layers': 10**13} "
-    "makes AutoModelForCausalLM.from_config build layer after layer on the meta device (about 50 kB and 5 ms each), "
-    "so inventory_from_config runs for hours and grows without bound (21 GB here) instead of refusing the size "
-    "(found by test_mutated_configs_estimate_or_raise_valueerror; the property test now skips such counts)",
-)
 def test_an_absurd_layer_count_is_refused_quickly():
     code = (
         "import resource, sys, json\n"
@@ -288,12 +238,6 @@ def test_cli_examples(offline_hub):
     assert code == 2 and err.count("\n") == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli.py prints argparse's message unescaped: `python -m estimator SmolLM2-135M $'\\r'` exits 2 with "
-    "'error: unrecognized arguments: \\r (see python -m estimator --help)', which is two lines on stderr (found by "
-    "test_random_command_lines_exit_0_or_2_without_a_traceback; the fix belongs in cli.py: escape the message)",
-)
 @pytest.mark.parametrize("argv", [["SmolLM2-135M", "\r"], ["SmolLM2-135M", "a\nb"]])
 def test_line_breaks_in_arguments_still_give_one_line(offline_hub, argv):
     code, _, err = run_cli(argv)
