@@ -506,13 +506,9 @@ def breakdown_csv(result: Estimate, fit: Fit | None) -> str:
 
 def export_json(model: Model, result: Estimate, fit: Fit | None) -> str:
     """The CLI's --json object (SPEC's keys), plus the model's source: no token, nothing secret."""
-    out = result.to_dict()
-    out["model"] = model.name
-    out["source"] = {"origin": model.origin, "url": model.source}
-    out["gpus_needed"] = fit.gpus_needed if fit is not None else None
-    if fit is not None:
-        out["fit"] = fit.to_dict()
-    return json.dumps(out, indent=2, default=_json_default)
+    from estimator.cli import json_object
+
+    return json.dumps(json_object(model.name, model.origin, model.source, result, fit), indent=2, default=_json_default)
 
 
 def _json_default(value):

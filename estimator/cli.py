@@ -101,6 +101,19 @@ def job_from_args(args: argparse.Namespace) -> Job:
     )
 
 
+def json_object(name: str, origin: str, url: str, result, fit, notes=()) -> dict:
+    """SPEC's JSON object (the CLI's --json, the app's download): the estimate, where the model came
+    from, and `gpus_needed` (None without a GPU)."""
+    out = result.to_dict()
+    out["model"] = name
+    out["source"] = {"origin": origin, "url": url}
+    out["notes"] = list(notes) + [n for n in out["notes"] if n not in notes]
+    out["gpus_needed"] = fit.gpus_needed if fit is not None else None
+    if fit is not None:
+        out["fit"] = fit.to_dict()
+    return out
+
+
 def one_line(err: BaseException) -> str:
     """Messages from libraries can span lines; SPEC's bad-input contract is one line."""
     return " ".join(str(err).split())
@@ -158,14 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     if args.json:
-        out = result.to_dict()
-        out["model"] = source.name
-        out["source"] = {"origin": source.origin, "url": source.source}
-        out["notes"] = list(source.notes) + out["notes"]
-        out["gpus_needed"] = fit.gpus_needed if fit is not None else None
-        if fit is not None:
-            out["fit"] = fit.to_dict()
-        print(json.dumps(out, indent=2))
+        print(json.dumps(json_object(source.name, source.origin, source.source, result, fit, source.notes), indent=2))
     else:
         print(render_text(source.name, source, result, fit))
     return 0
