@@ -7,13 +7,18 @@ training step (SPEC: the maximum over three steps, so the optimizer state from s
 - forward end: weights, optimizer state, every saved activation, autocast's weight copies and the
   loss's forward buffers;
 - backward start: the same activations with the loss's backward buffers instead;
-- backward end: weights, optimizer state and every gradient;
+- backward through the top layer: the loss's buffers gone, lm_head's gradient made, the layer's
+  gradients of its intermediates (and, with checkpointing, the layer recomputed);
+- backward end: weights, optimizer state and every gradient (plus, for tied embeddings, the
+  embedding's gradient before it is added to lm_head's);
 - optimizer step: weights, state, gradients and the step's temporaries.
 
 For inference (`generate`): the prefill, with the prompt's KV cache and one layer's working set,
 and the last decoding step, with the full cache and the append's transient copy.
 
-Device total = the caching allocator's reserve over the peak + the CUDA context + paged memory.
+"weights" includes cuBLAS's workspace (calibration.CUBLAS_WORKSPACE_BYTES), which the first matmul
+allocates through the caching allocator and keeps. Device total = the allocator's reserve over the
+peak + the CUDA context and libraries + paged optimizer state.
 """
 
 from __future__ import annotations
