@@ -165,9 +165,8 @@ def per_gpu(result: Estimate, strategy: Strategy, n: int) -> PerGPU:
     assert inv is not None
     paged = result.breakdown["paged_optimizer_state"]
     phases = [dict(row) for row in result.phase_components.values()]
-    if n == 1 and strategy in (Strategy.SINGLE, Strategy.PIPELINE, Strategy.TENSOR_PARALLEL, Strategy.DDP):
-        if strategy is not Strategy.DDP:
-            return _finish(inv, job, 1, phases, paged)
+    if n == 1 and strategy in (Strategy.SINGLE, Strategy.PIPELINE, Strategy.TENSOR_PARALLEL):
+        return _finish(inv, job, 1, phases, paged)
     if strategy is Strategy.PIPELINE:
         return _pipeline(result, n)
     if strategy is Strategy.TENSOR_PARALLEL:
