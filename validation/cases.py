@@ -116,6 +116,11 @@ def expand(items: list) -> list[Case]:
                 cases.append(_one(fields, f"{where} (grid)"))
         else:
             cases.append(_one(item, where))
+    return ensure_unique_ids(cases)
+
+
+def ensure_unique_ids(cases: list) -> list:
+    """Refuse a cases list with two cases of one id (anything with an `.id`); return it unchanged."""
     seen: set[str] = set()
     for case in cases:
         if case.id in seen:

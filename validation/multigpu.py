@@ -64,7 +64,7 @@ import yaml
 
 from estimator.fit import Strategy
 from estimator.job import Mode
-from validation.cases import Case, expand, select
+from validation.cases import Case, ensure_unique_ids, expand, select
 
 GIB = 1024**3
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -181,12 +181,7 @@ def load_multi_cases(path: str | Path) -> list[MultiCase]:
         if not isinstance(item, dict):
             raise ValueError(f"case {index + 1}: expected a mapping, got {type(item).__name__}")
         cases.append(_multi_one(item, f"case {index + 1}"))
-    seen: set[str] = set()
-    for multi in cases:
-        if multi.id in seen:
-            raise ValueError(f"duplicate case id {multi.id!r}: give the cases distinct ids")
-        seen.add(multi.id)
-    return cases
+    return ensure_unique_ids(cases)
 
 
 # ---------------------------------------------------------------------------------------------
