@@ -15,7 +15,7 @@ import streamlit as st
 
 import app_support as S
 import gpu_db
-from estimator import COMPONENTS, Attention, BaseDtype, Mode, Optimizer, Precision, Quant, Weights
+from estimator import Attention, Component, BaseDtype, Mode, Optimizer, Precision, Quant, Weights
 from estimator.fit import MULTI_GPU_NOTE, Strategy
 from estimator.sources import ModelConfig
 
@@ -254,7 +254,8 @@ def breakdown_chart(result, fit) -> dict:
                "#439894", "#83bcb6", "#e45756", "#ff9d98"]
     labels = [label for label, _ in rows]
     traces = []
-    for color, name in zip(palette, COMPONENTS):
+    for i, name in enumerate(Component):  # the palette repeats rather than drop a component
+        color = palette[i % len(palette)]
         values = [breakdown.get(name, 0) / GIB for _, breakdown in rows]
         if any(values):
             traces.append({

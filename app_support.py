@@ -25,6 +25,7 @@ from estimator import fit as fitting
 from estimator.fit import Fit, Strategy
 from estimator.inventory import Inventory, config_key
 from estimator.job import MAX_BATCH_SIZE, MAX_LORA_RANK, MAX_TOKENS
+from estimator.regime import regime_of
 from estimator.sources import ModelConfig, ModelSourceError, parse_config_text
 
 GIB = 1024**3
@@ -320,7 +321,7 @@ def headline(fit: Fit, num_gpus: int | None) -> tuple[str, str]:
     used = fit.per_gpu.device_total_bytes / GIB
     cap = fit.capacity_bytes / GIB
     if fit.gpus_needed is None:
-        if fit.reason and fit.reason.startswith(fit.gpu_name):
+        if fit.verdict is fitting.Verdict.CANNOT_RUN:
             return "no", f"Does not run on {fit.gpu_name}: {fit.reason}"
         return "no", f"Does not fit on {fit.gpu_name} with {fit.strategy.value}, even on {fitting.MAX_GPUS} GPUs: {fit.reason}"
     if num_gpus is not None and num_gpus != fit.gpus_needed:
@@ -409,9 +410,9 @@ def largest_fitting(model: Model, job: Job, field_name: str, gpu_name: str, stra
     """
     gpu = gpu_db.find_gpu(gpu_name)
     upper = LIMITS[field_name]
-    # No public call says whether a GPU can run a job at all (bf16, bitsandbytes), apart from its
-    # memory; `fit` decides it with this helper, so the solver asks it the same way.
-    reason = fitting.unsupported_reason(job, gpu)
+    # `fit` decides whether the platform can run the job at all (bf16, bitsandbytes) with this
+    # helper, so the solver asks it the same way.
+    reason = fitting.unsupported_reason(regime_of(job), gpu)
     if reason:
         return Limit(field_name, 0, upper, gpu.name, num_gpus, strategy, reason)
     ok = _fits_predicate(model, gpu, strategy, num_gpus)
@@ -449,7 +450,7 @@ class GridCell:
     def text(self) -> str:
         f = self.fit
         if f.gpus_needed is None:
-            return "✗ no GPU" if f.reason and f.reason.startswith(f.gpu_name) else f"✗ >{fitting.MAX_GPUS}"
+            return "✗ no GPU" if f.verdict is fitting.Verdict.CANNOT_RUN else f"✗ >{fitting.MAX_GPUS}"
         each = f.per_gpu.device_total_bytes / GIB
         if f.gpus_needed == 1:
             return f"1 · {each:.1f} GiB"

@@ -8,14 +8,14 @@ Importing this package is cheap: torch and transformers load only when an invent
 built from a config (the offline catalog ships prebuilt inventories).
 """
 
-from estimator.estimate import COMPONENTS, Estimate, estimate
+from estimator.estimate import Component, Estimate, estimate
 from estimator.inventory import Inventory, UnsupportedModelError, inventory_from_config
 from estimator.job import Attention, BaseDtype, Job, Mode, Optimizer, Precision, Quant, Weights
 
 __all__ = [
-    "COMPONENTS",
     "Attention",
     "BaseDtype",
+    "Component",
     "Estimate",
     "Inventory",
     "Job",

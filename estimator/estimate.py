@@ -23,31 +23,52 @@ peak + the CUDA context and libraries + paged optimizer state.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 from estimator import calibration
-from estimator.dtypes import tensor_bytes
+from estimator.dtypes import FP32, tensor_bytes
 from estimator.inventory import Inventory, inventory_from_config
-from estimator.job import Attention, Job, Mode
+from estimator.job import Job
+from estimator.regime import Regime, Sizes, regime_of, sizes_of
 from estimator.terms import activations as act
 from estimator.terms import kv_cache, logits, optimizer, weights
 
-# Component names, in display order. The breakdown always holds every one of them (0 when absent).
-COMPONENTS = (
-    "weights",
-    "lora_adapters",
-    "gradients",
-    "optimizer_state",
-    "activations",
-    "autocast_weight_copies",
-    "logits",
-    "kv_cache",
-    "temporaries",
-    "cuda_context",
-    "allocator_reserve",
-    "paged_optimizer_state",
-)
-ALLOCATED = COMPONENTS[:9]
+
+class Component(enum.StrEnum):
+    """One term of the breakdown, in display order. `allocated`: inside PyTorch's caching
+    allocator, so it counts in `max_memory_allocated()`; the rest count in the device total only.
+    A `Component` hashes and compares as its name, so `breakdown["weights"]` works too."""
+
+    WEIGHTS = "weights"
+    LORA_ADAPTERS = "lora_adapters"
+    GRADIENTS = "gradients"
+    OPTIMIZER_STATE = "optimizer_state"
+    ACTIVATIONS = "activations"
+    AUTOCAST_WEIGHT_COPIES = "autocast_weight_copies"
+    LOGITS = "logits"
+    KV_CACHE = "kv_cache"
+    TEMPORARIES = "temporaries"
+    CUDA_CONTEXT = "cuda_context"
+    ALLOCATOR_RESERVE = "allocator_reserve"
+    PAGED_OPTIMIZER_STATE = "paged_optimizer_state"
+
+    @property
+    def allocated(self) -> bool:
+        return self not in (Component.CUDA_CONTEXT, Component.ALLOCATOR_RESERVE, Component.PAGED_OPTIMIZER_STATE)
+
+
+ALLOCATED = tuple(c for c in Component if c.allocated)
+
+Parts = dict[Component, int]  # allocated components and their bytes, every one present (0 when absent)
+
+
+def parts(**values: int) -> Parts:
+    """A row of allocated components from keyword values; the rest are 0."""
+    row = {c: 0 for c in ALLOCATED}
+    for name, value in values.items():
+        row[Component(name)] += int(value)
+    return row
 
 
 @dataclass(frozen=True)
@@ -58,17 +79,21 @@ class Estimate:
     peak_allocated_bytes: int
     device_total_bytes: int
     peak_phase: str
-    breakdown: dict[str, int]  # at the peak phase; sums to device_total_bytes
+    breakdown: dict[Component, int]  # at the peak phase, every component; sums to device_total_bytes
     phases: dict[str, int]  # peak allocated bytes of each phase
     notes: tuple[str, ...] = field(default=())
-    phase_components: dict[str, dict[str, int]] = field(default_factory=dict, repr=False)  # allocator terms per phase
+    phase_parts: dict[str, Parts] = field(default_factory=dict, repr=False)  # allocated components per phase
     inventory: Inventory | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def regime(self) -> Regime:
+        return regime_of(self.job)
 
     def to_dict(self) -> dict:
         return {
             "peak_allocated_bytes": self.peak_allocated_bytes,
             "device_total_bytes": self.device_total_bytes,
-            "breakdown": dict(self.breakdown),
+            "breakdown": {c.value: v for c, v in self.breakdown.items()},
             "params_total": self.params_total,
             "params_trainable": self.params_trainable,
             "peak_phase": self.peak_phase,
@@ -78,61 +103,52 @@ class Estimate:
         }
 
 
-def _phase(**parts: int) -> dict[str, int]:
-    row = {name: 0 for name in ALLOCATED}
-    for name, value in parts.items():
-        row[name] += int(value)
-    return row
-
-
 def estimate(model: Inventory | dict, job: Job) -> Estimate:
     """Estimate `job` on `model` (an `Inventory`, or a config.json dict)."""
     inv = model if isinstance(model, Inventory) else inventory_from_config(model)
-    placed = weights.placements(inv, job)
+    regime, sizes = regime_of(job), sizes_of(job)
+    placed = weights.placements(inv, regime)
     base = weights.weights_bytes(placed) + inv.buffer_bytes
     adapters = weights.adapter_bytes(placed)
-    train = weights.trainable(placed)
-    notes = list(inv.notes)
-    if job.mode is Mode.INFERENCE:
-        phases = _inference_phases(inv, job, base)
-        paged = 0
+    if regime.training:
+        phases, paged = _training_phases(inv, regime, sizes, base, adapters)
     else:
-        phases, paged = _training_phases(inv, job, placed, train, base, adapters)
+        phases, paged = _inference_phases(inv, regime, sizes, base), 0
     peak_phase = max(phases, key=lambda name: sum(phases[name].values()))
     at_peak = phases[peak_phase]
-    peak_allocated = sum(at_peak.values())
-    reserve, context = device_overheads(inv, job, at_peak)
-    breakdown = dict(at_peak)
-    breakdown.update(cuda_context=context, allocator_reserve=reserve, paged_optimizer_state=paged)
-    breakdown = {name: int(breakdown.get(name, 0)) for name in COMPONENTS}
+    reserve, context = device_overheads(inv, regime, sizes, at_peak)
+    breakdown = {c: 0 for c in Component}
+    breakdown.update(at_peak)
+    breakdown.update({Component.CUDA_CONTEXT: context, Component.ALLOCATOR_RESERVE: reserve,
+                      Component.PAGED_OPTIMIZER_STATE: int(paged)})
     return Estimate(
         job=job,
         params_total=inv.params_total,
-        params_trainable=sum(p.numel for p in train),
-        peak_allocated_bytes=peak_allocated,
+        params_trainable=sum(p.numel for p in weights.trainable(placed)),
+        peak_allocated_bytes=sum(at_peak.values()),
         device_total_bytes=sum(breakdown.values()),
         peak_phase=peak_phase,
         breakdown=breakdown,
         phases={name: sum(row.values()) for name, row in phases.items()},
-        notes=tuple(notes),
-        phase_components={name: dict(row) for name, row in phases.items()},
+        notes=tuple(inv.notes),
+        phase_parts={name: dict(row) for name, row in phases.items()},
         inventory=inv,
     )
 
 
-def device_overheads(inv: Inventory, job: Job, at_peak: dict[str, int]) -> tuple[int, int]:
-    """(allocator reserve, CUDA context and libraries) for a phase's allocator terms."""
-    static = at_peak["weights"] + at_peak["lora_adapters"] + at_peak["optimizer_state"]
-    reserve = _allocator_reserve(inv, job, sum(at_peak.values()) - static)
+def device_overheads(inv: Inventory, regime: Regime, sizes: Sizes, at_peak: Parts) -> tuple[int, int]:
+    """(allocator reserve, CUDA context and libraries) for a phase's allocated components."""
+    static = at_peak[Component.WEIGHTS] + at_peak[Component.LORA_ADAPTERS] + at_peak[Component.OPTIMIZER_STATE]
+    reserve = _allocator_reserve(inv, regime, sizes, sum(at_peak.values()) - static)
     context = calibration.CUDA_CONTEXT_BYTES + calibration.CUBLAS_HANDLES_BYTES
-    if job.is_training:
+    if regime.training:
         context += calibration.AUTOGRAD_THREAD_BYTES
-    if job.mode is Mode.INFERENCE and job.weights.value == "int8":
-        context += calibration.BNB_INT8_KERNELS_BYTES
+    if regime.quantizer is not None and not regime.training:
+        context += regime.quantizer.kernels_bytes
     return reserve, context
 
 
-def _allocator_reserve(inv: Inventory, job: Job, dynamic: int) -> int:
+def _allocator_reserve(inv: Inventory, regime: Regime, sizes: Sizes, dynamic: int) -> int:
     """Reserved-but-free memory at the peak (the caching allocator keeps freed blocks cached).
 
     Training: the loss's backward needs two fp32 N×V blocks while only the fp32 upcast's block has
@@ -143,11 +159,10 @@ def _allocator_reserve(inv: Inventory, job: Job, dynamic: int) -> int:
     (calibration.ALLOCATOR_FRAGMENTATION).
     """
     hole = 0
-    dtype = weights.compute_dtype(job)
-    if job.is_training and dtype != "fp32":
-        hole = tensor_bytes(job.batch_size * job.seq_len * inv.vocab_size, dtype)
-    if job.mode is Mode.INFERENCE and inv.use_cache:
-        final = kv_cache.cache_bytes(inv, job.batch_size, job.prompt_len + job.new_tokens - 1, dtype)
+    if regime.training and regime.compute != FP32:
+        hole = tensor_bytes(sizes.training_tokens * inv.vocab_size, regime.compute)
+    if not regime.training and inv.use_cache:
+        final = kv_cache.cache_bytes(inv, sizes.batch, sizes.final_len, regime.compute)
         hole = int(calibration.KV_CAT_FRAGMENTATION * final)
     return int(hole + calibration.ALLOCATOR_FRAGMENTATION * max(dynamic, 0))
 
@@ -155,25 +170,26 @@ def _allocator_reserve(inv: Inventory, job: Job, dynamic: int) -> int:
 # -------------------------------------------------------------------------------------------------
 # Inference
 # -------------------------------------------------------------------------------------------------
-def _inference_phases(inv: Inventory, job: Job, base: int) -> dict[str, dict[str, int]]:
-    dtype = weights.compute_dtype(job)
-    b, p, n = job.batch_size, job.prompt_len, job.new_tokens
+def _inference_phases(inv: Inventory, regime: Regime, sizes: Sizes, base: int) -> dict[str, Parts]:
+    dtype = regime.compute
+    b = sizes.batch
+    resident = base + calibration.CUBLAS_WORKSPACE_BYTES
     last = logits.generate_logits_bytes(b, inv.vocab_size, dtype)
+    prefill_working = act.prefill_working_bytes(inv, regime, sizes)
     if not inv.use_cache:  # no KV cache: every step is a prefill of the sequence so far
-        step = _phase(weights=base + calibration.CUBLAS_WORKSPACE_BYTES, temporaries=act.prefill_working_bytes(inv, job, dtype), logits=last)
-        return {"prefill": step}
-    prefill = _phase(
-        weights=base + calibration.CUBLAS_WORKSPACE_BYTES,
-        kv_cache=kv_cache.cache_bytes(inv, b, p, dtype, after_prefill=True),
-        temporaries=act.prefill_working_bytes(inv, job, dtype),
+        return {"prefill": parts(weights=resident, temporaries=prefill_working, logits=last)}
+    prefill = parts(
+        weights=resident,
+        kv_cache=kv_cache.cache_bytes(inv, b, sizes.prompt_len, dtype, after_prefill=True),
+        temporaries=prefill_working,
         logits=last,
     )
-    final_len = p + n - 1
-    decode = _phase(
-        weights=base + calibration.CUBLAS_WORKSPACE_BYTES,
+    final_len = sizes.final_len
+    decode = parts(
+        weights=resident,
         kv_cache=kv_cache.cache_bytes(inv, b, final_len, dtype),
         temporaries=kv_cache.append_transient_bytes(inv, b, final_len, dtype)
-        + act.decode_working_bytes(inv, job, dtype),
+        + act.decode_working_bytes(inv, regime, sizes),
         logits=last,
     )
     return {"prefill": prefill, "decode": decode}
@@ -182,25 +198,14 @@ def _inference_phases(inv: Inventory, job: Job, base: int) -> dict[str, dict[str
 # -------------------------------------------------------------------------------------------------
 # Training
 # -------------------------------------------------------------------------------------------------
-def _training_phases(inv, job, placed, train, base, adapters):
-    targets = weights.lora_targets(inv, job)
-    quantized = frozenset(p.name.removesuffix(".weight") for p in placed if p.kind == "quantized")
-    tokens = job.batch_size * job.seq_len
-    memo = inv.memo()
-    key = ("optimizer", job.mode, job.precision, job.base_dtype, job.quant, job.double_quant, job.lora_r, job.lora_targets, job.optimizer)
-    if key not in memo:
-        shapes = {p.name: p.shape for p in inv.params}
-        for lin in targets:
-            shapes[lin.name + ".lora_A"] = (job.lora_r, lin.in_features)
-            shapes[lin.name + ".lora_B"] = (lin.out_features, job.lora_r)
-        memo[key] = (optimizer.optimizer_memory(job.optimizer, train, shapes), optimizer.gradient_bytes(train))
-    opt, grads = memo[key]
-    key = ("saved", job.mode, job.precision, job.base_dtype, job.quant, job.lora_r, job.lora_targets, job.lora_dropout, job.attn, job.seq_len)
-    if key not in memo:
-        memo[key] = act.saved_activations(inv, job, frozenset(lin.name for lin in targets), quantized)
-    saved = memo[key]
+def _training_phases(inv: Inventory, regime: Regime, sizes: Sizes, base: int, adapters: int) -> tuple[dict[str, Parts], int]:
+    """The five phases of one training step (see the module's docstring), and the paged state's bytes."""
+    train = weights.trainable(weights.placements(inv, regime))
+    opt, grads = optimizer.optimizer_and_gradients(inv, regime)
+    saved = act.saved_activations(inv, regime, sizes)
+    tokens = sizes.training_tokens
     outside = saved.outside * tokens
-    if job.gradient_checkpointing:
+    if regime.gradient_checkpointing:
         layers = saved.checkpointed_input * tokens * inv.num_layers
         top = max(range(inv.num_layers), key=lambda i: saved.layers[i]) if inv.num_layers else 0
         recompute = saved.layers[top] * tokens + saved.layer_weight_copies_bytes[top] if inv.num_layers else 0
@@ -213,36 +218,31 @@ def _training_phases(inv, job, placed, train, base, adapters):
     copies_forward = max(saved.weight_copies_cached_bytes, copies_backward)
     activations_total = int(layers + outside)
 
-    logits_dtype = weights.compute_dtype(job)
-    lg = logits.training_logits(tokens, inv.vocab_size, logits_dtype, inv.final_logit_softcapping is not None)
+    lg = logits.training_logits(tokens, inv.vocab_size, regime.compute, inv.final_logit_softcapping is not None)
 
-    static = dict(
-        weights=base + calibration.CUBLAS_WORKSPACE_BYTES, lora_adapters=adapters, optimizer_state=opt.state_bytes
-    )
-    forward_end = _phase(
-        **static, activations=activations_total, autocast_weight_copies=copies_forward, logits=lg.forward_peak_bytes
-    )
-    backward_start = _phase(
-        **static, activations=activations_total, autocast_weight_copies=copies_backward, logits=lg.backward_peak_bytes
-    )
+    static = dict(weights=base + calibration.CUBLAS_WORKSPACE_BYTES, lora_adapters=adapters, optimizer_state=opt.state_bytes)
+    forward_end = parts(**static, activations=activations_total, autocast_weight_copies=copies_forward,
+                        logits=lg.forward_peak_bytes)
+    backward_start = parts(**static, activations=activations_total, autocast_weight_copies=copies_backward,
+                           logits=lg.backward_peak_bytes)
     # The top layer's backward: the loss's buffers are gone, the lm_head's gradient exists, and the
     # layer's gradients of its intermediates (three of the widest, as the gated product's backward
     # holds them) are alive; with checkpointing, the recomputed layer's activations too.
-    prefix = _lm_head_prefix(inv)
-    lm_grads = sum(tensor_bytes(p.numel, p.dtype) for p in train if p.name.startswith(prefix))
-    layer_backward = _phase(
+    prefix = (inv.lm_head.name + ".") if inv.lm_head is not None else None
+    lm_grads = sum(tensor_bytes(p.numel, p.dtype) for p in train if prefix and p.name.startswith(prefix))
+    layer_backward = parts(
         **static,
         activations=activations_total,
         autocast_weight_copies=copies_backward,
         gradients=lm_grads,
-        temporaries=int(recompute + act.backward_working_bytes(inv, job) * tokens),
+        temporaries=int(recompute + act.backward_working_bytes(inv, regime) * tokens),
     )
     tied_transient = 0
-    if inv.tied_embeddings:
-        embed = [p for p in train if p.kind == "base" and p.name in _embedding_names(inv)]
-        tied_transient = sum(tensor_bytes(p.numel, p.dtype) for p in embed)
-    backward_end = _phase(**static, gradients=grads, temporaries=tied_transient)
-    step = _phase(**static, gradients=grads, temporaries=opt.step_temp_bytes)
+    if inv.tied_embeddings:  # the embedding's gradient before it is added to lm_head's
+        embeddings = {p.name for p in inv.params if p.kind == "embedding"}
+        tied_transient = sum(tensor_bytes(p.numel, p.dtype) for p in train if p.kind == "base" and p.name in embeddings)
+    backward_end = parts(**static, gradients=grads, temporaries=tied_transient)
+    step = parts(**static, gradients=grads, temporaries=opt.step_temp_bytes)
     phases = {
         "forward_end": forward_end,
         "backward_start": backward_start,
@@ -251,12 +251,3 @@ def _training_phases(inv, job, placed, train, base, adapters):
         "optimizer_step": step,
     }
     return phases, opt.paged_bytes
-
-
-def _lm_head_prefix(inv: Inventory) -> str:
-    lm = inv.lm_head
-    return (lm.name + ".") if lm is not None else "\0"
-
-
-def _embedding_names(inv: Inventory) -> set[str]:
-    return {p.name for p in inv.params if p.kind == "embedding"}

@@ -36,11 +36,12 @@ import math
 from dataclasses import dataclass, field
 
 from estimator.dtypes import tensor_bytes
-from estimator.estimate import COMPONENTS, Estimate, device_overheads, estimate
+from estimator.estimate import ALLOCATED, Component, Estimate, Parts, device_overheads
 from estimator.inventory import Inventory
-from estimator.job import Job, Mode
-from estimator.terms import kv_cache, weights
+from estimator.job import Job
+from estimator.regime import Regime, Sizes, sizes_of
 from estimator.terms import activations as act
+from estimator.terms import kv_cache, logits, weights
 
 MAX_GPUS = 64
 GIB = 1024**3
@@ -98,6 +99,14 @@ class PerGPU:
     device_total_bytes: int
 
 
+class Verdict(str, enum.Enum):
+    """The answer for the GPU count shown (`Fit.per_gpu.num_gpus`)."""
+
+    FITS = "fits"
+    DOES_NOT_FIT = "does_not_fit"
+    CANNOT_RUN = "cannot_run"  # the platform lacks something the job needs (bf16, bitsandbytes…)
+
+
 @dataclass(frozen=True)
 class Fit:
     gpu_name: str
@@ -107,6 +116,7 @@ class Fit:
     per_gpu: PerGPU  # at gpus_needed, or at the count asked for, or at MAX_GPUS when nothing fits
     reason: str | None = None  # why nothing fits, or why the platform cannot run the job
     notes: tuple[str, ...] = field(default=())
+    verdict: Verdict = Verdict.FITS  # at per_gpu's count
 
     def describe(self) -> list[str]:
         cap = self.capacity_bytes / GIB
@@ -146,12 +156,13 @@ class Fit:
 # -------------------------------------------------------------------------------------------------
 # Per-GPU memory for a strategy and a count
 # -------------------------------------------------------------------------------------------------
-def _finish(inv: Inventory, job: Job, n: int, phases: list[dict[str, int]], paged: int) -> PerGPU:
+def _finish(result: Estimate, n: int, phases: list[Parts], paged: int) -> PerGPU:
     worst = max(phases, key=lambda row: sum(row.values()))
-    reserve, context = device_overheads(inv, job, worst)
-    breakdown = {name: 0 for name in COMPONENTS}
-    breakdown.update({k: int(v) for k, v in worst.items()})
-    breakdown.update(cuda_context=context, allocator_reserve=reserve, paged_optimizer_state=int(paged))
+    reserve, context = device_overheads(result.inventory, result.regime, sizes_of(result.job), worst)
+    breakdown = {c: 0 for c in Component}
+    breakdown.update({c: int(v) for c, v in worst.items()})
+    breakdown.update({Component.CUDA_CONTEXT: context, Component.ALLOCATOR_RESERVE: reserve,
+                      Component.PAGED_OPTIMIZER_STATE: int(paged)})
     return PerGPU(n, breakdown, sum(worst.values()), sum(breakdown.values()))
 
 
@@ -161,80 +172,77 @@ def _largest_layer_params(inv: Inventory) -> int:
 
 def per_gpu(result: Estimate, strategy: Strategy, n: int) -> PerGPU:
     """The fullest GPU's memory when `result`'s job runs on `n` GPUs with `strategy`."""
-    inv, job = result.inventory, result.job
+    inv, regime = result.inventory, result.regime
     assert inv is not None
-    paged = result.breakdown["paged_optimizer_state"]
-    phases = [dict(row) for row in result.phase_components.values()]
+    paged = result.breakdown[Component.PAGED_OPTIMIZER_STATE]
+    phases = [dict(row) for row in result.phase_parts.values()]
     if n == 1 and strategy in (Strategy.SINGLE, Strategy.PIPELINE, Strategy.TENSOR_PARALLEL):
-        return _finish(inv, job, 1, phases, paged)
+        return _finish(result, 1, phases, paged)
     if strategy is Strategy.PIPELINE:
         return _pipeline(result, n)
     if strategy is Strategy.TENSOR_PARALLEL:
         return _tensor_parallel(result, n)
     shard = lambda v: int(math.ceil(v / n))  # noqa: E731
-    compute_bytes = 4 if weights.compute_dtype(job) == "fp32" else 2
-    grad_bytes = 4 if job.mode is Mode.FULL and job.precision.value in ("fp32", "amp_bf16", "amp_fp16") else 2
-    memo = inv.memo()
-    if "layer_and_root_params" not in memo:
-        memo["layer_and_root_params"] = (_largest_layer_params(inv), sum(p.numel for p in inv.params if p.layer is None))
-    layer_params, root_params = memo["layer_and_root_params"]
+    compute_bytes, grad_bytes = int(regime.compute), int(regime.gradient)
+    layer_params, root_params = inv.derived(("layer_and_root_params",), lambda: _layer_and_root_params(inv))
     out = []
     for row in phases:
         row = dict(row)
-        grads_in_phase = row["gradients"] > 0
+        grads_in_phase = row[Component.GRADIENTS] > 0
         if strategy is Strategy.DDP:
-            row["temporaries"] += _grads_total(result)  # bucket buffers, allocated once, kept
+            row[Component.TEMPORARIES] += _grads_total(result)  # bucket buffers, allocated once, kept
         if strategy in (Strategy.ZERO1, Strategy.ZERO2, Strategy.ZERO3):
-            row["optimizer_state"] = shard(row["optimizer_state"])
-            if row["temporaries"] and grads_in_phase:
-                row["temporaries"] = shard(row["temporaries"])
+            row[Component.OPTIMIZER_STATE] = shard(row[Component.OPTIMIZER_STATE])
+            if row[Component.TEMPORARIES] and grads_in_phase:
+                row[Component.TEMPORARIES] = shard(row[Component.TEMPORARIES])
         if strategy is Strategy.ZERO3_OFFLOAD:
-            row["optimizer_state"] = 0
+            row[Component.OPTIMIZER_STATE] = 0
             if grads_in_phase:
-                row["temporaries"] = 0
+                row[Component.TEMPORARIES] = 0
         if strategy in (Strategy.ZERO2, Strategy.ZERO3, Strategy.ZERO3_OFFLOAD):
-            row["gradients"] = shard(row["gradients"])
+            row[Component.GRADIENTS] = shard(row[Component.GRADIENTS])
         if strategy in (Strategy.ZERO3, Strategy.ZERO3_OFFLOAD) and n > 1:
             # FSDP's mixed precision gathers each unit in the compute dtype and frees it after use,
             # so the whole-model autocast copies become the per-layer gather buffers below.
-            row["autocast_weight_copies"] = 0
-            row["weights"] = shard(row["weights"])
-            row["lora_adapters"] = shard(row["lora_adapters"])
-            layer_grads = layer_params * (compute_bytes + grad_bytes) if job.mode is Mode.FULL else 0
-            row["temporaries"] += 2 * layer_params * compute_bytes + layer_grads + root_params * compute_bytes
+            row[Component.AUTOCAST_WEIGHT_COPIES] = 0
+            row[Component.WEIGHTS] = shard(row[Component.WEIGHTS])
+            row[Component.LORA_ADAPTERS] = shard(row[Component.LORA_ADAPTERS])
+            layer_grads = layer_params * (compute_bytes + grad_bytes) if regime.base_trainable else 0
+            row[Component.TEMPORARIES] += 2 * layer_params * compute_bytes + layer_grads + root_params * compute_bytes
         out.append(row)
     if strategy in (Strategy.ZERO1, Strategy.ZERO2, Strategy.ZERO3):
         paged = shard(paged)
     elif strategy is Strategy.ZERO3_OFFLOAD:
         paged = 0
-    return _finish(inv, job, n, out, paged)
+    return _finish(result, n, out, paged)
+
+
+def _layer_and_root_params(inv: Inventory) -> tuple[int, int]:
+    """The largest decoder layer's parameters, and those outside the layer stack."""
+    return _largest_layer_params(inv), sum(p.numel for p in inv.params if p.layer is None)
 
 
 def _grads_total(result: Estimate) -> int:
-    return max((row["gradients"] for row in result.phase_components.values()), default=0)
+    return max((row[Component.GRADIENTS] for row in result.phase_parts.values()), default=0)
 
 
 def _pipeline(result: Estimate, n: int) -> PerGPU:
     """device_map="auto": contiguous layers per GPU; the fullest GPU decides."""
-    inv, job = result.inventory, result.job
+    inv = result.inventory
     assert inv is not None
-    key = ("pipeline", job)
-    memo = inv.memo()
-    if key not in memo:
-        memo[key] = _pipeline_sizes(inv, job)
-    per_layer_w, per_layer_kv, first_w, last_w, working, head = memo[key]
+    regime, sizes = result.regime, sizes_of(result.job)
+    stages = inv.derived(("pipeline", regime, sizes), lambda: _pipeline_sizes(inv, regime, sizes))
     # Contiguous stages with the smallest possible fullest stage (the linear partition problem),
     # the embedding going with the first layers and the final norm and lm_head with the last.
-    sizes = [first_w] + [w + kv for w, kv in zip(per_layer_w, per_layer_kv)] + [last_w]
-    load = _min_max_partition(sizes, n)
-    worst_row = {name: 0 for name in COMPONENTS[:9]}
-    kv_share = int(load * sum(per_layer_kv) / max(sum(sizes), 1))  # the fullest stage's KV, pro rata
-    worst_row["weights"] = load - kv_share
-    worst_row["kv_cache"] = kv_share
-    worst_row["temporaries"] = working
-    worst_row["logits"] = head
-    assert worst_row is not None
-    return _finish(inv, job, n, [worst_row], 0)
+    runs = [stages.first_bytes] + [w + kv for w, kv in zip(stages.layer_weight_bytes, stages.layer_kv_bytes)] + [stages.last_bytes]
+    load = _min_max_partition(runs, n)
+    kv_share = int(load * sum(stages.layer_kv_bytes) / max(sum(runs), 1))  # the fullest stage's KV, pro rata
+    worst = {c: 0 for c in ALLOCATED}
+    worst[Component.WEIGHTS] = load - kv_share
+    worst[Component.KV_CACHE] = kv_share
+    worst[Component.TEMPORARIES] = stages.working_bytes
+    worst[Component.LOGITS] = stages.logits_bytes
+    return _finish(result, n, [worst], 0)
 
 
 def _min_max_partition(sizes: list[int], n: int) -> int:
@@ -260,13 +268,23 @@ def _min_max_partition(sizes: list[int], n: int) -> int:
     return lo
 
 
-def _pipeline_sizes(inv: Inventory, job: Job):
-    """Per-layer weights and final KV cache; the embedding's share (first GPU) and the final norm's
-    and lm_head's (last GPU; a tied lm_head is the embedding); one layer's working set; the logits."""
-    from estimator.terms import logits as lg
+@dataclass(frozen=True)
+class PipelineStages:
+    """What `device_map="auto"` places, in bytes: each decoder layer's weights and final KV cache;
+    the embedding's share (first GPU) and the final norm's and lm_head's (last GPU; a tied lm_head
+    is the embedding); one layer's working set; the logits."""
 
-    placed = {p.name: p for p in weights.placements(inv, job)}
-    dtype = weights.compute_dtype(job)
+    layer_weight_bytes: tuple[int, ...]
+    layer_kv_bytes: tuple[int, ...]
+    first_bytes: int
+    last_bytes: int
+    working_bytes: int
+    logits_bytes: int
+
+
+def _pipeline_sizes(inv: Inventory, regime: Regime, sizes: Sizes) -> PipelineStages:
+    placed = {p.name: p for p in weights.placements(inv, regime)}
+    dtype = regime.compute
     per_layer_w = [0] * inv.num_layers
     first_w = inv.buffer_bytes
     last_w = 0
@@ -278,30 +296,30 @@ def _pipeline_sizes(inv: Inventory, job: Job):
             first_w += size
         else:
             last_w += size
-    tokens_final = job.prompt_len + job.new_tokens - 1
-    per_layer_kv = [
+    final = sizes.final_len
+    per_layer_kv = tuple(
         kv_cache.layer_cache_bytes(
-            inv, job.batch_size, tokens_final if t == "full_attention" or not inv.sliding_window else min(tokens_final, inv.sliding_window), dtype
+            inv, sizes.batch, final if t == "full_attention" or not inv.sliding_window else min(final, inv.sliding_window), dtype
         )
         for t in inv.layer_types
-    ]
-    working = act.prefill_working_bytes(inv, job, dtype)
-    head = lg.generate_logits_bytes(job.batch_size, inv.vocab_size, dtype)
-    return per_layer_w, per_layer_kv, first_w, last_w, working, head
+    )
+    working = act.prefill_working_bytes(inv, regime, sizes)
+    head = logits.generate_logits_bytes(sizes.batch, inv.vocab_size, dtype)
+    return PipelineStages(tuple(per_layer_w), per_layer_kv, first_w, last_w, working, head)
 
 
 def _tensor_parallel(result: Estimate, n: int) -> PerGPU:
-    inv, job = result.inventory, result.job
+    inv = result.inventory
     assert inv is not None
     rows = []
     kv_split = min(n, inv.num_kv_heads)  # beyond the KV heads, KV heads are replicated
-    norms = sum(tensor_bytes(p.numel, weights.compute_dtype(job)) for p in inv.params if p.kind == "norm")
-    for row in result.phase_components.values():
+    norms = sum(tensor_bytes(p.numel, result.regime.compute) for p in inv.params if p.kind == "norm")
+    for row in result.phase_parts.values():
         row = dict(row)
-        row["weights"] = int((row["weights"] - norms) / n + norms)
-        row["kv_cache"] = int(row["kv_cache"] / kv_split)
+        row[Component.WEIGHTS] = int((row[Component.WEIGHTS] - norms) / n + norms)
+        row[Component.KV_CACHE] = int(row[Component.KV_CACHE] / kv_split)
         rows.append(row)
-    return _finish(inv, job, n, rows, 0)
+    return _finish(result, n, rows, 0)
 
 
 def _valid_counts(inv: Inventory, strategy: Strategy, gpu=None) -> list[int]:
@@ -321,10 +339,10 @@ def fit(result: Estimate, gpu, strategy: Strategy | None = None, num_gpus: int |
     strategy = strategy or default_strategy(job)
     capacity = int(gpu.usable_by_default_bytes)
     notes: list[str] = []
-    reason = unsupported_reason(job, gpu)
+    reason = unsupported_reason(result.regime, gpu)
     if reason:
         shown = per_gpu(result, strategy, num_gpus or 1)
-        return Fit(gpu.name, capacity, strategy, None, shown, reason, tuple(notes))
+        return Fit(gpu.name, capacity, strategy, None, shown, reason, tuple(notes), verdict=Verdict.CANNOT_RUN)
     counts = _valid_counts(inv, strategy, gpu)
     needed, chosen = _smallest_fitting(result, strategy, counts, capacity)
     if needed is None:
@@ -336,7 +354,8 @@ def fit(result: Estimate, gpu, strategy: Strategy | None = None, num_gpus: int |
         chosen = per_gpu(result, strategy, num_gpus)
     if (needed or 1) > 1 or (num_gpus or 1) > 1:
         notes.append(MULTI_GPU_NOTE)
-    return Fit(gpu.name, capacity, strategy, needed, chosen, reason, tuple(notes))
+    verdict = Verdict.FITS if chosen.device_total_bytes <= capacity else Verdict.DOES_NOT_FIT
+    return Fit(gpu.name, capacity, strategy, needed, chosen, reason, tuple(notes), verdict=verdict)
 
 
 def _smallest_fitting(result: Estimate, strategy: Strategy, counts: list[int], capacity: int) -> tuple[int | None, PerGPU | None]:
@@ -368,7 +387,7 @@ def _ranges(counts: list[int]) -> str:
 def _why_not(result: Estimate, strategy: Strategy, capacity: int, n: int, figures: PerGPU) -> str:
     inv = result.inventory
     assert inv is not None
-    fixed = figures.breakdown["cuda_context"]
+    fixed = figures.breakdown[Component.CUDA_CONTEXT]
     if n == 1:
         return f"it needs {figures.device_total_bytes / GIB:.1f} GiB and this GPU has {capacity / GIB:.1f} GiB; a single machine of this kind has one GPU"
     if strategy in (Strategy.PIPELINE,):
@@ -376,7 +395,7 @@ def _why_not(result: Estimate, strategy: Strategy, capacity: int, n: int, figure
             f"split as finely as it goes ({n} GPUs), the fullest GPU still needs {figures.device_total_bytes / GIB:.1f} GiB, "
             f"more than the {capacity / GIB:.1f} GiB this GPU has (one layer and its working set do not fit)"
         )
-    acts = figures.breakdown["activations"] + figures.breakdown["logits"] + figures.breakdown["temporaries"]
+    acts = figures.breakdown[Component.ACTIVATIONS] + figures.breakdown[Component.LOGITS] + figures.breakdown[Component.TEMPORARIES]
     if acts + fixed > capacity:
         hint = "lower the batch size or sequence length"
         if not result.job.gradient_checkpointing:
@@ -385,33 +404,15 @@ def _why_not(result: Estimate, strategy: Strategy, capacity: int, n: int, figure
     return f"with {n} GPUs the fullest still needs {figures.device_total_bytes / GIB:.1f} GiB of {capacity / GIB:.1f} GiB"
 
 
-def _needs_bf16(job: Job) -> bool:
-    if job.mode is Mode.INFERENCE:
-        return job.weights.value in ("bf16", "int8", "nf4", "fp4")  # bnb layers compute in bf16 here
-    if job.mode is Mode.FULL:
-        return job.precision.value in ("amp_bf16", "bf16")
-    return True  # LoRA and QLoRA run their forward under bf16 autocast (SPEC)
-
-
-def unsupported_reason(job: Job, gpu) -> str | None:
-    """Why `gpu`'s platform cannot run `job` at all (no bf16, no bitsandbytes…), or None."""
-    if _needs_bf16(job):
-        ok, why = gpu.supports("bf16")
-        if not ok:
+def unsupported_reason(regime: Regime, gpu) -> str | None:
+    """Why `gpu`'s platform cannot run a job of `regime` at all (no bf16, no bitsandbytes…), or None."""
+    for feature in regime.features:
+        ok, why = gpu.supports(feature)
+        if ok:
+            continue
+        if feature == "bf16":
             return f"{gpu.name} has no bf16: {why.strip()} (use fp16 for this GPU)"
-    feature = None
-    if job.mode is Mode.QLORA or (job.mode is Mode.INFERENCE and job.weights.is_4bit):
-        feature = "bnb_4bit"
-    elif job.mode is Mode.INFERENCE and job.weights.value == "int8":
-        feature = "bnb_int8"
-    elif job.is_training and job.optimizer.is_paged:
-        feature = "bnb_paged_optim"
-    elif job.is_training and job.optimizer.uses_bitsandbytes:
-        feature = "bnb_optim_8bit"
-    for name in [feature] if feature else []:
-        ok, why = gpu.supports(name)
-        if not ok:
-            return f"{gpu.name} cannot run this job: {why}"
+        return f"{gpu.name} cannot run this job: {why}"
     return None
 
 

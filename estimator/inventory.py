@@ -19,7 +19,9 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal, TypeVar
+
+_T = TypeVar("_T")
 
 # Inventories of every catalog config, built with the pinned transformers by
 # `python -m estimator.catalog.prebuild`; tests check each against a fresh build.
@@ -119,14 +121,13 @@ class Inventory:
     quantization: str | None = None
     text_only_of: str | None = None  # set when a multimodal config was sized by its text model
     notes: tuple[str, ...] = field(default=())
+    # Values derived from this inventory and hashable inputs (a regime, sizes): see `derived`.
+    _derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     # ---- totals -----------------------------------------------------------------------------
     @functools.cached_property
     def params_total(self) -> int:
         return sum(p.numel for p in self.params)
-
-    def params_of(self, *kinds: ParamKind) -> int:
-        return sum(p.numel for p in self.params if p.kind in kinds)
 
     @functools.cached_property
     def layer_linears(self) -> tuple[tuple[Linear, ...], ...]:
@@ -144,13 +145,12 @@ class Inventory:
                 return lin
         return None
 
-    def memo(self) -> dict:
-        """Per-inventory cache for derived values (placements, traces) that depend on a job's few fields."""
-        return self.__dict__.setdefault("_memo", {})
-
-    @functools.cached_property
-    def largest_param_numel(self) -> int:
-        return max((p.numel for p in self.params), default=0)
+    def derived(self, key: tuple, compute: Callable[[], _T]) -> _T:
+        """`compute()`, once per `key`. The key names the function and every input it reads besides
+        this inventory (a `Regime`, `Sizes`): hashable values, never a hand-picked set of job fields."""
+        if key not in self._derived:
+            self._derived[key] = compute()
+        return self._derived[key]
 
     def layer_param_numel(self, layer: int) -> int:
         return sum(p.numel for p in self.params if p.layer == layer)
@@ -162,6 +162,8 @@ class Inventory:
 def inventory_to_dict(inv: Inventory) -> dict:
     out = {}
     for f in dataclasses.fields(inv):
+        if not f.init:
+            continue
         value = getattr(inv, f.name)
         if f.name == "params":
             value = [[p.name, list(p.shape), p.kind, p.layer, p.in_quantized_linear] for p in value]

@@ -10,6 +10,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field, fields, replace
 
+from estimator.optimizers import Optimizer
+
 
 class Mode(str, enum.Enum):
     INFERENCE = "inference"
@@ -56,24 +58,6 @@ class BaseDtype(str, enum.Enum):
 class Quant(str, enum.Enum):
     NF4 = "nf4"
     FP4 = "fp4"
-
-
-class Optimizer(str, enum.Enum):
-    ADAMW_FUSED = "adamw_fused"
-    ADAMW = "adamw"
-    ADAMW_8BIT = "adamw_8bit"
-    PAGED_ADAMW_8BIT = "paged_adamw_8bit"
-    PAGED_ADAMW_32BIT = "paged_adamw_32bit"
-    SGD = "sgd"
-    ADAFACTOR = "adafactor"
-
-    @property
-    def is_paged(self) -> bool:
-        return self in (Optimizer.PAGED_ADAMW_8BIT, Optimizer.PAGED_ADAMW_32BIT)
-
-    @property
-    def uses_bitsandbytes(self) -> bool:
-        return self in (Optimizer.ADAMW_8BIT, Optimizer.PAGED_ADAMW_8BIT, Optimizer.PAGED_ADAMW_32BIT)
 
 
 class Attention(str, enum.Enum):

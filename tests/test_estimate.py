@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from estimator import COMPONENTS, Job, calibration, estimate, inventory_from_config
+from estimator import Component, Job, calibration, estimate, inventory_from_config
 from estimator.catalog import find_entry
 from validation.report import compare, load_rows
 
@@ -41,9 +41,10 @@ def _applicable(repo: str, job: Job) -> Job:
 @pytest.mark.parametrize("job", JOBS, ids=lambda j: "-".join(str(v) for k, v in j.to_dict().items() if k in ("mode", "weights", "precision", "quant", "optimizer")))
 def test_breakdown_adds_up(repo, job):
     result = estimate(inv_of(repo), _applicable(repo, job))
-    assert list(result.breakdown) == list(COMPONENTS)
+    assert list(result.breakdown) == list(Component)
     assert sum(result.breakdown.values()) == result.device_total_bytes
-    allocated = sum(v for k, v in result.breakdown.items() if k not in ("cuda_context", "allocator_reserve", "paged_optimizer_state"))
+    allocated = sum(v for k, v in result.breakdown.items() if k.allocated)
+    assert {k for k in Component if not k.allocated} == {"cuda_context", "allocator_reserve", "paged_optimizer_state"}
     assert allocated == result.peak_allocated_bytes == max(result.phases.values())
     assert result.device_total_bytes > result.peak_allocated_bytes > result.breakdown["weights"] > 0
     assert all(v >= 0 for v in result.breakdown.values())

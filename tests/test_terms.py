@@ -10,10 +10,10 @@ import pytest
 
 from estimator import Job, inventory_from_config
 from estimator.catalog import find_entry
-from estimator.dtypes import block, nbytes, tensor_bytes
-from estimator.job import Optimizer
+from estimator.dtypes import BF16, FP32, block, nbytes, tensor_bytes
+from estimator.regime import regime_of
 from estimator.terms import activations as act
-from estimator.terms import kv_cache, logits, optimizer, weights
+from estimator.terms import kv_cache, logits, weights
 
 MIB = 1024**2
 RESULTS = Path(__file__).resolve().parent.parent / "validation" / "results"
@@ -31,28 +31,12 @@ def test_four_bit_never_floors():
 
 
 # ---------------------------------------------------------------- weights
-def test_nf4_double_quant_bytes_by_hand():
-    n = 4096 * 4096  # 16 Mi weights: 8 MiB of codes, 262,144 blocks of 64
-    blocks = n // 64
-    expected = 8 * MIB + 512 + blocks + 512 + block(4 * math.ceil(blocks / 256))
-    assert weights.quantized_4bit_bytes(n, 4096, double_quant=True) == expected
-
-
-def test_nf4_without_double_quant_keeps_fp32_absmax():
-    n = 4096 * 4096
-    assert weights.quantized_4bit_bytes(n, 4096, double_quant=False) == 8 * MIB + 512 + 4 * (n // 64)
-
-
-def test_int8_has_one_scale_per_row():
-    assert weights.int8_bytes(4096 * 14336, 14336) == 4096 * 14336 + 14336 * 4
-
-
 def test_qlora_upcasts_everything_not_4bit():
     inv = inv_of("meta-llama/Llama-3.1-8B")
-    placed = weights.placements(inv, Job(mode="qlora"))
+    placed = weights.placements(inv, regime_of(Job(mode="qlora")))
     embed = [p for p in placed if p.name == "model.embed_tokens.weight"][0]
     lm = [p for p in placed if p.name == "lm_head.weight"][0]
-    assert embed.dtype == lm.dtype == "fp32"
+    assert embed.dtype == lm.dtype == FP32
     # "for Llama-3-8B, embeddings plus lm_head become 4.2 GB"
     assert embed.bytes + lm.bytes == pytest.approx(2 * 128_256 * 4096 * 4, rel=1e-6)
     assert round((embed.bytes + lm.bytes) / 1e9, 1) == 4.2
@@ -61,77 +45,41 @@ def test_qlora_upcasts_everything_not_4bit():
 def test_lora_adapters_match_peft_counts():
     """peft reported 41,943,040 trainable parameters for r=16 all-linear on Llama-3.1-8B (h100 run)."""
     inv = inv_of("meta-llama/Llama-3.1-8B")
-    placed = weights.placements(inv, Job(mode="lora", lora_r=16))
+    placed = weights.placements(inv, regime_of(Job(mode="lora", lora_r=16)))
     assert sum(p.numel for p in placed if p.trainable) == 41_943_040
-    qv = weights.placements(inv, Job(mode="lora", lora_r=8, lora_targets=("q_proj", "v_proj")))
+    qv = weights.placements(inv, regime_of(Job(mode="lora", lora_r=8, lora_targets=("q_proj", "v_proj"))))
     assert sum(p.numel for p in qv if p.trainable) == 3_407_872
-    assert all(p.dtype == "fp32" for p in placed if p.kind == "adapter")
+    assert all(p.dtype == FP32 for p in placed if p.kind == "adapter")
 
 
 def test_unknown_lora_target_is_an_error():
     with pytest.raises(ValueError, match="no linear layer matches"):
-        weights.lora_targets(inv_of("meta-llama/Llama-3.2-1B"), Job(mode="lora", lora_targets=("c_attn",)))
-
-
-# ---------------------------------------------------------------- optimizers
-def _placed(numel: int, dtype: str = "fp32"):
-    return (weights.Placed("w", numel, dtype, tensor_bytes(numel, dtype), True, "base"),)
-
-
-def test_adamw_keeps_two_states_in_the_parameter_dtype():
-    m = optimizer.optimizer_memory(Optimizer.ADAMW_FUSED, _placed(1_000_000), {"w": (1000, 1000)})
-    assert m.state_bytes == 2 * tensor_bytes(1_000_000, "fp32") + 512 and m.step_temp_bytes == 0
-    bf = optimizer.optimizer_memory(Optimizer.ADAMW, _placed(1_000_000, "bf16"), {"w": (1000, 1000)})
-    assert bf.state_bytes == 2 * tensor_bytes(1_000_000, "bf16")
-    assert bf.step_temp_bytes == tensor_bytes(1_000_000, "bf16")  # _foreach_sqrt
-
-
-def test_8bit_adam_blockwise_and_small_tensors_in_fp32():
-    big = optimizer.optimizer_memory(Optimizer.ADAMW_8BIT, _placed(1_000_000), {"w": (1000, 1000)})
-    assert big.state_bytes == 2 * block(1_000_000) + 2 * tensor_bytes(math.ceil(1_000_000 / 256), "fp32")
-    small = optimizer.optimizer_memory(Optimizer.ADAMW_8BIT, _placed(1000), {"w": (1000,)})
-    assert small.state_bytes == 2 * tensor_bytes(1000, "fp32")
-
-
-def test_paged_states_leave_the_allocator_above_100k_elements():
-    m = optimizer.optimizer_memory(Optimizer.PAGED_ADAMW_32BIT, _placed(1_000_000), {"w": (1000, 1000)})
-    assert m.state_bytes == 0 and m.paged_bytes == 2 * tensor_bytes(1_000_000, "fp32")
-    small = optimizer.optimizer_memory(Optimizer.PAGED_ADAMW_32BIT, _placed(50_000), {"w": (50_000,)})
-    assert small.paged_bytes == 0 and small.state_bytes > 0
-
-
-def test_sgd_momentum_and_adafactor_factored_states():
-    sgd = optimizer.optimizer_memory(Optimizer.SGD, _placed(1_000_000), {"w": (1000, 1000)})
-    assert sgd.state_bytes == tensor_bytes(1_000_000, "fp32")
-    ada = optimizer.optimizer_memory(Optimizer.ADAFACTOR, _placed(1_000_000), {"w": (1000, 1000)})
-    assert ada.state_bytes == 2 * tensor_bytes(1000, "fp32")  # row and column vectors
-    assert ada.step_temp_bytes == 2 * tensor_bytes(1_000_000, "fp32")
-    half = optimizer.optimizer_memory(Optimizer.ADAFACTOR, _placed(1_000_000, "bf16"), {"w": (1000, 1000)})
-    assert half.step_temp_bytes == 4 * tensor_bytes(1_000_000, "fp32")  # plus fp32 copies of p and grad
+        weights.lora_targets(inv_of("meta-llama/Llama-3.2-1B"), regime_of(Job(mode="lora", lora_targets=("c_attn",))))
 
 
 # ---------------------------------------------------------------- KV cache and logits
 def test_kv_cache_by_hand_llama_8b():
     inv = inv_of("meta-llama/Llama-3.1-8B")
     # 32 layers × (K + V) × 8 KV heads × 4096 tokens × 128 × 2 bytes = 512 MiB
-    assert kv_cache.cache_bytes(inv, 1, 4096, "bf16") == 512 * MIB
+    assert kv_cache.cache_bytes(inv, 1, 4096, BF16) == 512 * MIB
 
 
 def test_sliding_window_cache_is_capped_after_the_prefill():
     inv = inv_of("google/gemma-2-2b-it")
-    long = kv_cache.cache_bytes(inv, 1, 8192, "bf16")
+    long = kv_cache.cache_bytes(inv, 1, 8192, BF16)
     full = sum(1 for t in inv.layer_types if t == "full_attention")
     per_token = 2 * inv.num_kv_heads * inv.head_dim * 2
     assert long == full * per_token * 8192 + (inv.num_layers - full) * per_token * 4096
-    assert kv_cache.cache_bytes(inv, 1, 8192, "bf16", after_prefill=True) == inv.num_layers * per_token * 8192
+    assert kv_cache.cache_bytes(inv, 1, 8192, BF16, after_prefill=True) == inv.num_layers * per_token * 8192
 
 
 def test_logits_backward_holds_three_fp32_copies():
-    lg = logits.training_logits(2048, 128_256, "bf16", softcap=False)
+    lg = logits.training_logits(2048, 128_256, BF16, softcap=False)
     nv = 2048 * 128_256
     assert lg.backward_peak_bytes == 3 * 4 * nv
     assert lg.forward_peak_bytes == 2 * nv + 4 * nv + 4 * nv
-    assert lg.saved_bytes == 4 * nv
+    # fp32 logits are not copied by `.float()`: the logits and log_softmax's output only
+    assert logits.training_logits(2048, 128_256, FP32, softcap=False).forward_peak_bytes == 4 * nv + 4 * nv
 
 
 # ---------------------------------------------------------------- the activation trace vs the census
@@ -178,9 +126,9 @@ def test_trace_matches_the_measured_census_of_layer_0(case, repo, layer):
     row = _census(case)
     inv = inv_of(repo)
     job = Job.from_dict(row["job"])
-    targets = frozenset(l.name for l in weights.lora_targets(inv, job))
-    quantized = frozenset(l.name for l in inv.linears if l.bnb_quantized) if job.mode.value == "qlora" else frozenset()
-    f = act.flow(job, targets, quantized)
+    f = act.flow_of(inv, regime_of(job))
+    if job.mode.value == "qlora":  # the trace's 4-bit linears are those transformers converts
+        assert f.quantized == frozenset(l.name for l in inv.linears if l.bnb_quantized)
     tr = act.Trace(f, inv, job.seq_len)
     x = tr.new(inv.hidden_size, f.residual, f.base_trainable)
     act.trace_layer(tr, x, layer)

@@ -44,44 +44,21 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
+from estimator.dtypes import BF16, BOOL, FP16, FP32, INT64, DType
 from estimator.inventory import Inventory, Linear
-from estimator.job import Attention, Job, Mode
+from estimator.job import Attention
+from estimator.regime import Regime, Sizes
+from estimator.terms import weights
 
-class Dtype(float):
-    """A floating dtype: its size in bytes (it multiplies as a float) and its identity (fp16 ≠ bf16)."""
-
-    name: str
-
-    def __new__(cls, size: float, name: str) -> "Dtype":
-        obj = float.__new__(cls, size)
-        obj.name = name
-        return obj
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Dtype) and self.name == other.name
-
-    def __ne__(self, other: object) -> bool:
-        return not self.__eq__(other)
-
-    def __hash__(self) -> int:
-        return hash(self.name)
-
-    def __repr__(self) -> str:
-        return self.name
-
-
-FP32, BF16, FP16 = Dtype(4.0, "fp32"), Dtype(2.0, "bf16"), Dtype(2.0, "fp16")
-BOOL, INT64 = 1.0, 8.0
-DTYPES = {"fp32": FP32, "bf16": BF16, "fp16": FP16}
-
-
-def promote(a: Dtype, b: Dtype) -> Dtype:
+def promote(a: DType, b: DType) -> DType:
     """torch's type promotion between floating dtypes: fp16 with bf16 gives fp32."""
     if a == b:
         return a
     if FP32 in (a, b) or {a.name, b.name} == {"fp16", "bf16"}:
         return FP32
     return a if a >= b else b
+
+
 FLASH_MAX_HEAD_DIM = 256  # torch's flash/efficient SDPA kernels accept head_dim ≤ 256
 
 
@@ -97,36 +74,51 @@ class T:
 
 @dataclass(frozen=True)
 class Flow:
-    """The facts of one job that decide dtypes and what trains."""
+    """What the trace needs of a job: its regime, and which linears are adapted or stored in 4-bit."""
 
-    mode: Mode
-    compute: Dtype  # the matmul dtype (autocast's, or the weights' own without it)
-    autocast: bool
-    residual: Dtype  # the embedding's dtype, which the hidden stream starts in
-    base_dtype: Dtype  # dtype of unquantized base weights
-    base_trainable: bool
-    quantized: frozenset[str]  # linears stored in 4-bit
-    adapted: frozenset[str]  # LoRA-adapted linears
-    lora_r: int
-    lora_dropout: float
-    attn: Attention
-    training: bool = True
-    base_is_compute: bool = True  # same dtype, not just the same size: fp16 weights under bf16 autocast are cast
+    regime: Regime
+    adapted: frozenset[str] = frozenset()  # LoRA-adapted linears
+    quantized: frozenset[str] = frozenset()  # linears bitsandbytes stores in 4-bit
 
+    @property
+    def compute(self) -> DType:
+        return self.regime.compute
 
-def flow(job: Job, adapted: frozenset[str], quantized: frozenset[str] = frozenset()) -> Flow:
-    if job.mode is Mode.FULL:
-        amp = job.precision.is_amp
-        dtype = FP32 if amp else DTYPES[job.precision.value]
-        compute = {"amp_bf16": BF16, "amp_fp16": FP16}.get(job.precision.value, dtype)
-        return Flow(job.mode, compute, amp, dtype, dtype, True, frozenset(), frozenset(), 0, 0.0, job.attn, True, not amp)
-    if job.mode is Mode.LORA:
-        base = DTYPES[job.base_dtype.value]  # SPEC: LoRA's forward runs under bf16 autocast
-        return Flow(job.mode, BF16, True, base, base, False, frozenset(), adapted, job.lora_r, job.lora_dropout, job.attn, True, base == BF16)
-    if job.mode is Mode.QLORA:
-        return Flow(job.mode, BF16, True, FP32, FP32, False, quantized, adapted, job.lora_r, job.lora_dropout, job.attn, True, False)
-    dtype = DTYPES.get(job.weights.value, BF16)
-    return Flow(job.mode, dtype, False, dtype, dtype, False, quantized, frozenset(), 0, 0.0, job.attn, training=False)
+    @property
+    def autocast(self) -> bool:
+        return self.regime.autocast
+
+    @property
+    def residual(self) -> DType:
+        return self.regime.residual
+
+    @property
+    def base_dtype(self) -> DType:
+        return self.regime.storage
+
+    @property
+    def base_trainable(self) -> bool:
+        return self.regime.base_trainable
+
+    @property
+    def base_is_compute(self) -> bool:
+        return self.regime.base_is_compute
+
+    @property
+    def training(self) -> bool:
+        return self.regime.training
+
+    @property
+    def attn(self) -> Attention:
+        return self.regime.attn
+
+    @property
+    def lora_r(self) -> int:
+        return self.regime.adapter.r if self.regime.adapter is not None else 0
+
+    @property
+    def lora_dropout(self) -> float:
+        return self.regime.adapter.dropout if self.regime.adapter is not None else 0.0
 
 
 @dataclass
@@ -459,9 +451,22 @@ class SavedActivations:
     lm_head_copy_bytes: float
 
 
-def saved_activations(inv: Inventory, job: Job, adapted: frozenset[str], quantized: frozenset[str]) -> SavedActivations:
-    f = flow(job, adapted, quantized)
-    tr = Trace(f, inv, job.seq_len)
+def saved_activations(inv: Inventory, regime: Regime, sizes: Sizes) -> SavedActivations:
+    """What one training forward saves, per token, at `sizes.seq_len` (once per inventory, regime and length)."""
+    return inv.derived(("saved", regime, sizes.seq_len), lambda: _saved_activations(inv, regime, sizes.seq_len))
+
+
+def flow_of(inv: Inventory, regime: Regime) -> Flow:
+    """The regime with the linears that PEFT adapts and that bitsandbytes stores in 4-bit."""
+    adapted = frozenset(lin.name for lin in weights.lora_targets(inv, regime))
+    placed = weights.placements(inv, regime)
+    quantized = frozenset(p.name.removesuffix(".weight") for p in placed if p.kind == "quantized")
+    return Flow(regime, adapted, quantized)
+
+
+def _saved_activations(inv: Inventory, regime: Regime, seq_len: int) -> SavedActivations:
+    f = flow_of(inv, regime)
+    tr = Trace(f, inv, seq_len)
     embed_grad = f.base_trainable
     if embed_grad:
         tr.save_bytes(INT64)  # token ids, for the embedding's gradient
@@ -525,15 +530,14 @@ def _widest(inv: Inventory) -> int:
     return max(inv.intermediate_size, inv.hidden_size)
 
 
-def backward_working_bytes(inv: Inventory, job: Job) -> float:
+def backward_working_bytes(inv: Inventory, regime: Regime) -> float:
     """Per token, while one layer's backward runs: the product's backward holds the gradient of the
     product and the two it produces (for the activation output and the up projection), each as wide
     as the MLP's intermediate, in the compute dtype."""
-    f = flow(job, frozenset())
-    return 3 * _widest(inv) * f.compute
+    return 3 * _widest(inv) * regime.compute
 
 
-def _attention_working(inv: Inventory, job: Job, dtype: float, kind: str, prompt: int) -> float:
+def _attention_working(inv: Inventory, dtype: DType, kind: str, prompt: int) -> float:
     q = inv.num_heads * inv.head_dim
     kv = inv.num_kv_heads * (inv.kv_head_dim + inv.v_head_dim)
     projections = q + kv + 2 * q  # q, k, v, and RoPE's two temporaries (q·cos, rotate_half(q)·sin)
@@ -545,7 +549,7 @@ def _attention_working(inv: Inventory, job: Job, dtype: float, kind: str, prompt
     return projections * dtype + scores
 
 
-def prefill_working_bytes(inv: Inventory, job: Job, dtype_name: str) -> int:
+def prefill_working_bytes(inv: Inventory, regime: Regime, sizes: Sizes) -> int:
     """The largest transient of `generate`'s prefill: one layer's working set at B·P tokens.
 
     Alive throughout: the embedding output (the model's forward keeps `inputs_embeds`), the residual
@@ -555,18 +559,18 @@ def prefill_working_bytes(inv: Inventory, job: Job, dtype_name: str) -> int:
     output; bitsandbytes 4-bit dequantizes one weight to bf16 per matmul when more than one row
     goes through it.
     """
-    dtype = FP32 if dtype_name == "fp32" else BF16
+    dtype = FP32 if regime.compute == FP32 else BF16
+    quantizer = regime.quantizer
     # Without a KV cache (config use_cache=false) every step reruns the whole sequence: the last
     # step, at prompt + new − 1 tokens, is the largest.
-    prompt = job.prompt_len if inv.use_cache else job.prompt_len + job.new_tokens - 1
-    tokens = job.batch_size * prompt
+    prompt = sizes.prompt_len if inv.use_cache else sizes.final_len
+    tokens = sizes.batch * prompt
     h = inv.hidden_size
     widest = _widest(inv)
     gqa = inv.num_kv_heads != inv.num_heads
-    f = flow(job, frozenset())
-    trace = Trace(f, inv, prompt)
+    trace = Trace(Flow(regime), inv, prompt)
     kind = trace.kernel(dtype, False, gqa)
-    attn = _attention_working(inv, job, dtype, kind, prompt)
+    attn = _attention_working(inv, dtype, kind, prompt)
     if inv.hidden_act == "gelu_new":
         mlp = 4 * widest * dtype
     elif inv.mlp_gated:
@@ -574,8 +578,8 @@ def prefill_working_bytes(inv: Inventory, job: Job, dtype_name: str) -> int:
         mlp = (4 if fused else 3) * widest * dtype
     else:
         mlp = 2 * widest * dtype
-    if job.weights.value == "int8":
-        mlp += widest * FP32  # int8 matmul accumulates into int32 before dequantizing
+    if quantizer is not None and quantizer.accumulator_bytes:
+        mlp += widest * quantizer.accumulator_bytes  # int8 matmul accumulates into int32 before dequantizing
     window = inv.sliding_window
     masked = bool(window) and prompt > window and any(t != "full_attention" for t in inv.layer_types)
     if masked:
@@ -587,17 +591,18 @@ def prefill_working_bytes(inv: Inventory, job: Job, dtype_name: str) -> int:
     per_token = (extra_h + 1) * h * dtype + max(attn, mlp)
     total = per_token * tokens
     if masked:
-        total += job.batch_size * prompt * prompt
-    if job.weights.is_4bit:
+        total += sizes.batch * prompt * prompt
+    if quantizer is not None and quantizer.dequantizes_per_matmul:
         total += max((lin.weight_params for lin in inv.linears if lin.bnb_quantized), default=0) * BF16
     return int(total)
 
 
-def decode_working_bytes(inv: Inventory, job: Job, dtype_name: str) -> int:
+def decode_working_bytes(inv: Inventory, regime: Regime, sizes: Sizes) -> int:
     """One decoding step's activations (a single new token per sequence) are small."""
-    dtype = FP32 if dtype_name == "fp32" else BF16
+    dtype = FP32 if regime.compute == FP32 else BF16
+    quantizer = regime.quantizer
     per_token = (3 * inv.hidden_size + 3 * _widest(inv)) * dtype
-    total = per_token * job.batch_size
-    if job.weights.is_4bit and job.batch_size > 1:
+    total = per_token * sizes.batch
+    if quantizer is not None and quantizer.dequantizes_per_matmul and sizes.batch > 1:
         total += max((lin.weight_params for lin in inv.linears if lin.bnb_quantized), default=0) * BF16
     return int(total)

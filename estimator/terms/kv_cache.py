@@ -14,23 +14,24 @@ the new one, one token longer, are both alive.
 
 from __future__ import annotations
 
-from estimator.dtypes import tensor_bytes
+from estimator.dtypes import DType, tensor_bytes
 from estimator.inventory import Inventory
 
 
-def _per_token_bytes(inv: Inventory, batch: int, dtype: str) -> tuple[int, int]:
+def _per_token_elements(inv: Inventory, batch: int) -> tuple[int, int]:
+    """Key and value elements per position of one layer, for `batch` sequences."""
     k = batch * inv.num_kv_heads * inv.kv_head_dim
     v = batch * inv.num_kv_heads * inv.v_head_dim
     return k, v
 
 
-def layer_cache_bytes(inv: Inventory, batch: int, tokens: int, dtype: str) -> int:
+def layer_cache_bytes(inv: Inventory, batch: int, tokens: int, dtype: DType) -> int:
     """Keys plus values of one layer holding `tokens` positions."""
-    k, v = _per_token_bytes(inv, batch, dtype)
+    k, v = _per_token_elements(inv, batch)
     return tensor_bytes(k * tokens, dtype) + tensor_bytes(v * tokens, dtype)
 
 
-def cache_bytes(inv: Inventory, batch: int, tokens: int, dtype: str, *, after_prefill: bool = False) -> int:
+def cache_bytes(inv: Inventory, batch: int, tokens: int, dtype: DType, *, after_prefill: bool = False) -> int:
     """The whole cache once `tokens` positions have been seen."""
     total = 0
     for kind in inv.layer_types:
@@ -41,7 +42,7 @@ def cache_bytes(inv: Inventory, batch: int, tokens: int, dtype: str, *, after_pr
     return total
 
 
-def append_transient_bytes(inv: Inventory, batch: int, tokens: int, dtype: str) -> int:
+def append_transient_bytes(inv: Inventory, batch: int, tokens: int, dtype: DType) -> int:
     """`torch.cat` keeps the old key (or value) tensor of one layer alive beside its successor."""
-    k, v = _per_token_bytes(inv, batch, dtype)
+    k, v = _per_token_elements(inv, batch)
     return tensor_bytes(max(k, v) * tokens, dtype)

@@ -22,28 +22,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from estimator.dtypes import tensor_bytes
+from estimator.dtypes import FP32, DType, tensor_bytes
 
 
 @dataclass(frozen=True)
 class LogitsMemory:
     forward_peak_bytes: int  # alive at the peak inside the loss's forward
-    saved_bytes: int  # alive from the end of the forward until the backward reaches the loss
     backward_peak_bytes: int  # alive at the start of the backward
 
 
-def training_logits(tokens: int, vocab: int, logits_dtype: str, softcap: bool) -> LogitsMemory:
+def training_logits(tokens: int, vocab: int, logits_dtype: DType, softcap: bool) -> LogitsMemory:
+    """The loss's buffers for `tokens` positions of a `vocab`-wide head, in bytes."""
     nv = tokens * vocab
     model_logits = tensor_bytes(nv, logits_dtype)
-    upcast = 0 if logits_dtype == "fp32" else tensor_bytes(nv, "fp32")
+    upcast = 0 if logits_dtype == FP32 else tensor_bytes(nv, "fp32")
     log_softmax = tensor_bytes(nv, "fp32")
     softcap_saved = tensor_bytes(nv, logits_dtype) if softcap else 0
     forward_peak = model_logits + upcast + log_softmax + softcap_saved
-    saved = log_softmax + softcap_saved
     backward_peak = 3 * tensor_bytes(nv, "fp32") + softcap_saved
-    return LogitsMemory(forward_peak, saved, backward_peak)
+    return LogitsMemory(forward_peak, backward_peak)
 
 
-def generate_logits_bytes(batch: int, vocab: int, dtype: str) -> int:
+def generate_logits_bytes(batch: int, vocab: int, dtype: DType) -> int:
     """The last position's logits and generate's fp32 copy of them."""
     return tensor_bytes(batch * vocab, dtype) + tensor_bytes(batch * vocab, "fp32")
