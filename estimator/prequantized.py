@@ -44,49 +44,15 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from estimator.dtypes import BF16, BY_SAFETENSORS, FP16, FP32, TORCH_NAMES
 from estimator.inventory import Inventory, Linear, Param
+from estimator.quantizers import BNB_4BIT_BLOCKSIZE, BNB_4BIT_CODE_ENTRIES, BNB_NESTED_BLOCKSIZE, BNB_NESTED_MAP_ENTRIES
 
-# Bytes per element of each safetensors dtype (safetensors/src/tensor.rs `Dtype`). Sub-byte float
-# formats are listed per element; packed integer formats are stored as I32/U8 and need nothing
-# special here.
-SAFETENSORS_DTYPE_BYTES: dict[str, float] = {
-    "BOOL": 1,
-    "U8": 1,
-    "I8": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-    "F8_E8M0": 1,
-    "I16": 2,
-    "U16": 2,
-    "F16": 2,
-    "BF16": 2,
-    "I32": 4,
-    "U32": 4,
-    "F32": 4,
-    "I64": 8,
-    "U64": 8,
-    "F64": 8,
-    "C64": 8,
-    "F4": 0.5,
-    "F6_E2M3": 0.75,
-    "F6_E3M2": 0.75,
-}
+# Bytes per element of each safetensors dtype come from the one table (estimator/dtypes.py), and
+# bitsandbytes' block sizes from its quantizer entry (estimator/quantizers.py).
+SAFETENSORS_DTYPE_BYTES: dict[str, float] = {code: float(d) for code, d in BY_SAFETENSORS.items()}
+_TORCH_TO_SAFETENSORS = {name: d.safetensors for name, d in {**TORCH_NAMES, **{d.name: d for d in (BF16, FP16, FP32)}}.items()}
 
-_TORCH_TO_SAFETENSORS = {
-    "float16": "F16",
-    "half": "F16",
-    "fp16": "F16",
-    "bfloat16": "BF16",
-    "bf16": "BF16",
-    "float32": "F32",
-    "float": "F32",
-    "fp32": "F32",
-}
-
-BNB_BLOCKSIZE = 64  # bitsandbytes Params4bit default blocksize (functional.quantize_4bit)
-BNB_NESTED_BLOCKSIZE = 256  # double quantization's blocksize for the absmax
-BNB_CODE_ENTRIES = 16  # nf4/fp4 code map, fp32
-BNB_NESTED_MAP_ENTRIES = 256  # dynamic map of the quantized absmax, fp32
 AWQ_PACK = 32  # AWQ and GPTQ pack 32/bits codes into each int32
 
 
@@ -276,10 +242,10 @@ def _awq_layout(bits: int, group: int, gemv: bool) -> Layout:
 def _bnb4_layout(double_quant: bool, dtype: str) -> Layout:
     def layout(name: str, n_in: int, n_out: int, bias: bool) -> list[StoredTensor]:
         numel = n_in * n_out
-        blocks = math.ceil(numel / BNB_BLOCKSIZE)
+        blocks = math.ceil(numel / BNB_4BIT_BLOCKSIZE)
         out = [
             StoredTensor(f"{name}.weight", (math.ceil(numel / 2), 1), "U8"),
-            StoredTensor(f"{name}.weight.quant_map", (BNB_CODE_ENTRIES,), "F32"),
+            StoredTensor(f"{name}.weight.quant_map", (BNB_4BIT_CODE_ENTRIES,), "F32"),
         ]
         if double_quant:
             out += [
@@ -482,7 +448,7 @@ def _plan(config: dict) -> _Plan | str | None:
                 double = bool(block.get("bnb_4bit_use_double_quant", False))
                 kind = str(block.get("bnb_4bit_quant_type") or "fp4").lower()
                 layout = _bnb4_layout(double, dtype)
-                text = f"bitsandbytes 4-bit {kind}{' with double quantization' if double else ''}: two codes per byte, absmax per {BNB_BLOCKSIZE}"
+                text = f"bitsandbytes 4-bit {kind}{' with double quantization' if double else ''}: two codes per byte, absmax per {BNB_4BIT_BLOCKSIZE}"
             else:
                 layout = _bnb8_layout(dtype)
                 text = "bitsandbytes LLM.int8: int8 weights, one fp32 scale per output row"
