@@ -16,6 +16,7 @@ import streamlit as st
 import app_support as S
 import gpu_db
 from estimator import Attention, Component, BaseDtype, Mode, Optimizer, Precision, Quant, Weights
+from estimator import present
 from estimator.fit import MULTI_GPU_NOTE, Strategy
 from estimator.sources import ModelConfig
 
@@ -236,7 +237,7 @@ def _count(n: int) -> str:
 
 
 def show_headline(fit, num_gpus) -> None:
-    status, text = S.headline(fit, num_gpus)
+    status, text = present.headline(fit, num_gpus)
     # Material icons ship with Streamlit's frontend, so they render where no emoji font is installed.
     icon = {"fits": ":green[:material/check_circle:]", "needs": ":orange[:material/group_work:]", "no": ":red[:material/block:]"}[status]
     st.markdown(f"### {icon} {text}")
@@ -400,9 +401,9 @@ def estimate_page(pool: list, stage) -> None:
         show_limits(model, job, gpu, strategy, num_gpus)
     with right:
         slug = f"{model.name.replace('/', '--')}-{job.mode.value}"
-        st.download_button("Breakdown as CSV", S.breakdown_csv(result, fit), file_name=f"{slug}.csv", mime="text/csv",
+        st.download_button("Breakdown as CSV", present.breakdown_csv(result, fit), file_name=f"{slug}.csv", mime="text/csv",
                            key="download_csv", icon=":material/download:")
-        st.download_button("Estimate as JSON", S.export_json(model, result, fit), file_name=f"{slug}.json",
+        st.download_button("Estimate as JSON", present.export_json(model.name, model.origin, model.source, result, fit), file_name=f"{slug}.json",
                            mime="application/json", key="download_json", icon=":material/download:")
     st.divider()
     stage.text = "filling the table of jobs × dtypes"

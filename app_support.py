@@ -9,12 +9,8 @@ this module between reruns, so a rerun that changes nothing recomputes nothing.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import enum
 import functools
-import io
-import json
 import math
 from dataclasses import dataclass, fields
 from typing import Callable, Iterable, Mapping
@@ -316,25 +312,6 @@ def fits_for_gpus(model: Model, job: Job, gpus: Iterable, strategy: Strategy | N
     return list(_fits_for_gpus(model, job, tuple(gpus), strategy or fitting.default_strategy(job)))
 
 
-def headline(fit: Fit, num_gpus: int | None) -> tuple[str, str]:
-    """(status, sentence): status is "fits", "needs" or "no"; the sentence is the answer in GiB."""
-    used = fit.per_gpu.device_total_bytes / GIB
-    cap = fit.capacity_bytes / GIB
-    if fit.gpus_needed is None:
-        if fit.verdict is fitting.Verdict.CANNOT_RUN:
-            return "no", f"Does not run on {fit.gpu_name}: {fit.reason}"
-        return "no", f"Does not fit on {fit.gpu_name} with {fit.strategy.value}, even on {fitting.MAX_GPUS} GPUs: {fit.reason}"
-    if num_gpus is not None and num_gpus != fit.gpus_needed:
-        ok = fit.per_gpu.device_total_bytes <= fit.capacity_bytes
-        verdict = "fits" if ok else f"does not fit (needs {fit.gpus_needed})"
-        return ("fits" if ok else "needs"), (
-            f"On {num_gpus} × {fit.gpu_name} with {fit.strategy.value}: {used:.1f} of {cap:.1f} GiB per GPU; {verdict}"
-        )
-    if fit.gpus_needed == 1:
-        return "fits", f"Fits on 1 × {fit.gpu_name}: {used:.1f} of {cap:.1f} GiB"
-    return "needs", f"Needs {fit.gpus_needed} × {fit.gpu_name} with {fit.strategy.value}: {used:.1f} of {cap:.1f} GiB on the fullest GPU"
-
-
 # -------------------------------------------------------------------------------------------------
 # The largest batch and the longest sequence that fit
 # -------------------------------------------------------------------------------------------------
@@ -473,46 +450,3 @@ def current_column(job: Job) -> str | None:
         if all(getattr(job, k).value == v for k, v in changes.items()):
             return column
     return None
-
-
-# -------------------------------------------------------------------------------------------------
-# Exports
-# -------------------------------------------------------------------------------------------------
-def breakdown_rows(result: Estimate, fit: Fit | None) -> list[dict]:
-    """One row per component: bytes and GiB for the whole job on one GPU, and per GPU under the fit."""
-    rows = []
-    per = fit.per_gpu.breakdown if fit is not None else {}
-    for name, value in result.breakdown.items():
-        row = {"component": name, "one_gpu_bytes": int(value), "one_gpu_gib": round(value / GIB, 4)}
-        if fit is not None:
-            row["per_gpu_bytes"] = int(per.get(name, 0))
-            row["per_gpu_gib"] = round(per.get(name, 0) / GIB, 4)
-        rows.append(row)
-    total = {"component": "device_total", "one_gpu_bytes": result.device_total_bytes, "one_gpu_gib": round(result.device_total_bytes / GIB, 4)}
-    peak = {"component": "peak_allocated", "one_gpu_bytes": result.peak_allocated_bytes, "one_gpu_gib": round(result.peak_allocated_bytes / GIB, 4)}
-    if fit is not None:
-        total.update(per_gpu_bytes=fit.per_gpu.device_total_bytes, per_gpu_gib=round(fit.per_gpu.device_total_bytes / GIB, 4))
-        peak.update(per_gpu_bytes=fit.per_gpu.peak_allocated_bytes, per_gpu_gib=round(fit.per_gpu.peak_allocated_bytes / GIB, 4))
-    return rows + [peak, total]
-
-
-def breakdown_csv(result: Estimate, fit: Fit | None) -> str:
-    rows = breakdown_rows(result, fit)
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return out.getvalue()
-
-
-def export_json(model: Model, result: Estimate, fit: Fit | None) -> str:
-    """The CLI's --json object (SPEC's keys), plus the model's source: no token, nothing secret."""
-    from estimator.cli import json_object
-
-    return json.dumps(json_object(model.name, model.origin, model.source, result, fit), indent=2, default=_json_default)
-
-
-def _json_default(value):
-    if isinstance(value, enum.Enum):
-        return value.value
-    raise TypeError(f"cannot write {type(value).__name__} as JSON")

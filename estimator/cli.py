@@ -7,13 +7,14 @@ wrong and what to do (SPEC).
 from __future__ import annotations
 
 import argparse
+import enum
 import json
 import os
 import sys
+import typing
+from dataclasses import fields
 
-from estimator.job import Attention, BaseDtype, Job, Mode, Optimizer, Precision, Quant, Weights
-
-GIB = 1024**3
+from estimator.job import Job
 
 
 class UsageError(Exception):
@@ -43,30 +44,49 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _default_text(value) -> str:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, tuple):
+        return ",".join(value)
+    return str(value)
+
+
+def _add_job_options(p: argparse.ArgumentParser) -> None:
+    """One option per `Job` field, named after it, with the field's default and help text.
+
+    Enums offer their members; whole numbers must be positive; a boolean that defaults to off is a
+    switch (`--gradient-checkpointing`), one that defaults to on is turned off with `--no-…`.
+    """
+    hints = typing.get_type_hints(Job)
+    for f in fields(Job):
+        kind = hints[f.name]
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", f.name)
+        if kind is bool:
+            if f.default:
+                p.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", help=help_text)
+            else:
+                p.add_argument(flag, dest=f.name, action="store_true", help=help_text)
+            continue
+        shown = f"{help_text} ({_default_text(f.default)})"
+        if isinstance(kind, type) and issubclass(kind, enum.Enum):
+            p.add_argument(flag, dest=f.name, choices=[m.value for m in kind], default=f.default.value, help=shown)
+        elif kind is int:
+            p.add_argument(flag, dest=f.name, type=_positive, default=f.default, help=shown)
+        elif kind is float:
+            p.add_argument(flag, dest=f.name, type=_fraction, default=f.default, help=shown)
+        else:  # a tuple of names, given comma-separated
+            p.add_argument(flag, dest=f.name, default=_default_text(f.default), help=shown)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="python -m estimator",
         description="How much GPU memory a Hugging Face model needs for a job, term by term, and how many GPUs.",
     )
     p.add_argument("model", help="Hub repo id or URL, a path to a config.json (or its folder), or a catalog name")
-    choices = lambda enum: [m.value for m in enum]  # noqa: E731
-    p.add_argument("--mode", choices=choices(Mode), default="inference", help="the job (inference)")
-    p.add_argument("--batch-size", type=_positive, default=1, help="sequences per step or per generate call (1)")
-    p.add_argument("--seq-len", type=_positive, default=2048, help="training tokens per sequence (2048)")
-    p.add_argument("--prompt-len", type=_positive, default=512, help="inference prompt tokens (512)")
-    p.add_argument("--new-tokens", type=_positive, default=256, help="inference generated tokens (256)")
-    p.add_argument("--weights", choices=choices(Weights), default="bf16", help="inference weights (bf16)")
-    p.add_argument("--precision", choices=choices(Precision), default="amp_bf16", help="full fine-tuning (amp_bf16)")
-    p.add_argument("--base-dtype", choices=choices(BaseDtype), default="bf16", help="LoRA base (bf16)")
-    p.add_argument("--quant", choices=choices(Quant), default="nf4", help="QLoRA storage (nf4)")
-    p.add_argument("--no-double-quant", action="store_true", help="4-bit without double quantization")
-    p.add_argument("--lora-r", type=_positive, default=16, help="LoRA rank (16)")
-    p.add_argument("--lora-alpha", type=_fraction, default=32, help="LoRA alpha (32)")
-    p.add_argument("--lora-dropout", type=_fraction, default=0.05, help="LoRA dropout (0.05)")
-    p.add_argument("--lora-targets", default="all-linear", help="all-linear or NAME[,NAME...] (all-linear)")
-    p.add_argument("--optimizer", choices=choices(Optimizer), default="adamw_fused", help="optimizer (adamw_fused)")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
-    p.add_argument("--attn", choices=choices(Attention), default="sdpa", help="attention implementation (sdpa)")
+    _add_job_options(p)
     p.add_argument("--gpu", help="a GPU from gpu_db: also say how many are needed")
     p.add_argument("--strategy", help="multi-GPU strategy (see --help-strategies)")
     p.add_argument("--num-gpus", type=_positive, help="figures per GPU for this many GPUs")
@@ -79,77 +99,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def job_from_args(args: argparse.Namespace) -> Job:
-    targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
-    return Job(
-        mode=args.mode,
-        batch_size=args.batch_size,
-        seq_len=args.seq_len,
-        prompt_len=args.prompt_len,
-        new_tokens=args.new_tokens,
-        weights=args.weights,
-        precision=args.precision,
-        base_dtype=args.base_dtype,
-        quant=args.quant,
-        double_quant=not args.no_double_quant,
-        lora_r=args.lora_r,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout,
-        lora_targets=targets,
-        optimizer=args.optimizer,
-        gradient_checkpointing=args.gradient_checkpointing,
-        attn=args.attn,
-    )
-
-
-def json_object(name: str, origin: str, url: str, result, fit, notes=()) -> dict:
-    """SPEC's JSON object (the CLI's --json, the app's download): the estimate, where the model came
-    from, and `gpus_needed` (None without a GPU)."""
-    out = result.to_dict()
-    out["model"] = name
-    out["source"] = {"origin": origin, "url": url}
-    out["notes"] = list(notes) + [n for n in out["notes"] if n not in notes]
-    out["gpus_needed"] = fit.gpus_needed if fit is not None else None
-    if fit is not None:
-        out["fit"] = fit.to_dict()
-    return out
-
-
-def one_line(err: BaseException) -> str:
-    """Messages from libraries can span lines; SPEC's bad-input contract is one line."""
-    return " ".join(str(err).split())
-
-
-def _gib(n: int) -> str:
-    return f"{n / GIB:8.2f} GiB"
-
-
-def render_text(name: str, source, result, fit) -> str:
-    job = result.job
-    lines = [f"{name}  ({source.origin}: {source.source})"]
-    shown = ", ".join(f"{k}={v}" for k, v in job.to_dict().items() if k in job.relevant_fields())
-    lines.append(f"job: {shown}")
-    lines.append(f"parameters: {result.params_total:,} total, {result.params_trainable:,} trainable")
-    lines.append("")
-    lines.append(f"memory at the peak ({result.peak_phase.replace('_', ' ')}), GiB = 1024^3 bytes:")
-    for component, value in result.breakdown.items():
-        if value:
-            lines.append(f"  {component.replace('_', ' '):24s}{_gib(value)}")
-    lines.append(f"  {'peak allocated':24s}{_gib(result.peak_allocated_bytes)}   (torch.cuda.max_memory_allocated)")
-    lines.append(f"  {'device total':24s}{_gib(result.device_total_bytes)}   (what nvidia-smi shows)")
-    if fit is not None:
-        lines.append("")
-        lines.extend(fit.describe())
-    for note in tuple(source.notes) + tuple(n for n in result.notes if n not in source.notes):
-        lines.append(f"note: {note}")
-    return "\n".join(lines)
+    """The `Job` of the parsed options: every field by its own name (Job validates the values)."""
+    return Job(**{f.name: getattr(args, f.name) for f in fields(Job)})
 
 
 def main(argv: list[str] | None = None) -> int:
     from estimator.estimate import estimate
+    from estimator.fit import fit as fit_on, parse_strategy, which_gpus
     from estimator.inventory import UnsupportedModelError
+    from estimator.present import json_object, one_line, render_text
     from estimator.sources import ModelSourceError, resolve
 
     parser = build_parser()
+    fit = which = None
     try:
         args = parser.parse_args(argv)
         job = job_from_args(args)
@@ -157,11 +119,14 @@ def main(argv: list[str] | None = None) -> int:
         reference = args.model if not args.revision else f"{args.model}@{args.revision}"
         source = resolve(reference, token=token)
         result = estimate(source.config, job)
-        fit = None
         if args.gpu or args.which_gpus:
-            from estimator import fit as fitting
+            import gpu_db
 
-            fit = fitting.from_cli(source.config, job, result, args)
+            strategy = parse_strategy(args.strategy, job) if args.strategy else None
+            if args.which_gpus:
+                which = which_gpus(result, gpu_db.load_gpus(), strategy, sort=args.sort)
+            else:
+                fit = fit_on(result, gpu_db.find_gpu(args.gpu), strategy, args.num_gpus)
     except UsageError as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
@@ -171,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     if args.json:
-        print(json.dumps(json_object(source.name, source.origin, source.source, result, fit, source.notes), indent=2))
+        print(json.dumps(json_object(source.name, source.origin, source.source, result, fit, source.notes, which=which), indent=2))
     else:
-        print(render_text(source.name, source, result, fit))
+        print(render_text(source.name, source, result, fit, which=which, num_gpus=args.num_gpus))
     return 0

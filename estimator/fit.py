@@ -118,40 +118,6 @@ class Fit:
     notes: tuple[str, ...] = field(default=())
     verdict: Verdict = Verdict.FITS  # at per_gpu's count
 
-    def describe(self) -> list[str]:
-        cap = self.capacity_bytes / GIB
-        used = self.per_gpu.device_total_bytes / GIB
-        if self.gpus_needed is None:
-            head = f"Does not fit on {self.gpu_name} with {self.strategy.value} up to {MAX_GPUS} GPUs: {self.reason}"
-        elif self.gpus_needed == 1:
-            head = f"Fits on 1 × {self.gpu_name}: {used:.1f} of {cap:.1f} GiB"
-        else:
-            head = f"Needs {self.gpus_needed} × {self.gpu_name} with {self.strategy.value}: {used:.1f} of {cap:.1f} GiB on the fullest GPU"
-        lines = [head]
-        if self.per_gpu.num_gpus > 1 or self.gpus_needed != 1:
-            lines.append(f"per GPU with {self.per_gpu.num_gpus} GPUs (GiB):")
-            for name, value in self.per_gpu.breakdown.items():
-                if value:
-                    lines.append(f"  {name.replace('_', ' '):24s}{value / GIB:8.2f}")
-        lines.extend(f"note: {n}" for n in self.notes)
-        return lines
-
-    def to_dict(self) -> dict:
-        return {
-            "gpu": self.gpu_name,
-            "capacity_bytes": self.capacity_bytes,
-            "strategy": self.strategy.value,
-            "gpus_needed": self.gpus_needed,
-            "per_gpu": {
-                "num_gpus": self.per_gpu.num_gpus,
-                "peak_allocated_bytes": self.per_gpu.peak_allocated_bytes,
-                "device_total_bytes": self.per_gpu.device_total_bytes,
-                "breakdown": dict(self.per_gpu.breakdown),
-            },
-            "reason": self.reason,
-            "notes": list(self.notes),
-        }
-
 
 # -------------------------------------------------------------------------------------------------
 # Per-GPU memory for a strategy and a count
@@ -430,32 +396,3 @@ def which_gpus(result: Estimate, gpus, strategy: Strategy | None = None, sort: s
     else:
         fits.sort(key=key)
     return fits
-
-
-class WhichGPUs:
-    """The CLI's answer to --which-gpus."""
-
-    def __init__(self, fits: list[Fit]) -> None:
-        self.fits = fits
-        self.gpus_needed = None
-
-    def describe(self) -> list[str]:
-        lines = [f"{'GPU':34s} {'memory GiB':>10s} {'GPUs needed':>12s}  strategy"]
-        for f in self.fits:
-            count = str(f.gpus_needed) if f.gpus_needed is not None else "—"
-            lines.append(f"{f.gpu_name:34s} {f.capacity_bytes / GIB:10.1f} {count:>12s}  {f.strategy.value}")
-        return lines
-
-    def to_dict(self) -> dict:
-        return {"gpus": [f.to_dict() for f in self.fits]}
-
-
-def from_cli(config: dict, job: Job, result: Estimate, args):
-    """--gpu / --which-gpus / --strategy / --num-gpus, for estimator.cli."""
-    import gpu_db
-
-    strategy = parse_strategy(args.strategy, job) if args.strategy else None
-    if args.which_gpus:
-        return WhichGPUs(which_gpus(result, gpu_db.load_gpus(), strategy, sort=args.sort))
-    gpu = gpu_db.find_gpu(args.gpu)
-    return fit(result, gpu, strategy, args.num_gpus)

@@ -76,6 +76,12 @@ DEFAULT_PROMPT_LEN = 512
 DEFAULT_NEW_TOKENS = 256
 
 
+def _option(default, help: str):
+    """A job field with the help text its command-line option shows (estimator/cli.py builds the
+    options from these fields, so each default lives here only)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class Job:
     """One job on one model. Field names and defaults follow SPEC's command line.
@@ -84,23 +90,23 @@ class Job:
     `lora_targets` is `("all-linear",)` or a tuple of module names (PEFT matches them as suffixes).
     """
 
-    mode: Mode = Mode.INFERENCE
-    batch_size: int = 1
-    seq_len: int = DEFAULT_SEQ_LEN
-    prompt_len: int = DEFAULT_PROMPT_LEN
-    new_tokens: int = DEFAULT_NEW_TOKENS
-    weights: Weights = Weights.BF16
-    precision: Precision = Precision.AMP_BF16
-    base_dtype: BaseDtype = BaseDtype.BF16
-    quant: Quant = Quant.NF4
-    double_quant: bool = True
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_targets: tuple[str, ...] = ("all-linear",)
-    optimizer: Optimizer = Optimizer.ADAMW_FUSED
-    gradient_checkpointing: bool = False
-    attn: Attention = Attention.SDPA
+    mode: Mode = _option(Mode.INFERENCE, "the job")
+    batch_size: int = _option(1, "sequences per step or per generate call")
+    seq_len: int = _option(DEFAULT_SEQ_LEN, "training tokens per sequence")
+    prompt_len: int = _option(DEFAULT_PROMPT_LEN, "inference prompt tokens")
+    new_tokens: int = _option(DEFAULT_NEW_TOKENS, "inference generated tokens")
+    weights: Weights = _option(Weights.BF16, "inference weights")
+    precision: Precision = _option(Precision.AMP_BF16, "full fine-tuning")
+    base_dtype: BaseDtype = _option(BaseDtype.BF16, "LoRA base")
+    quant: Quant = _option(Quant.NF4, "QLoRA storage")
+    double_quant: bool = _option(True, "4-bit without double quantization")
+    lora_r: int = _option(16, "LoRA rank")
+    lora_alpha: float = _option(32, "LoRA alpha")
+    lora_dropout: float = _option(0.05, "LoRA dropout")
+    lora_targets: tuple[str, ...] = _option(("all-linear",), "all-linear or NAME[,NAME...]")
+    optimizer: Optimizer = _option(Optimizer.ADAMW_FUSED, "optimizer")
+    gradient_checkpointing: bool = _option(False, "recompute activations in backward")
+    attn: Attention = _option(Attention.SDPA, "attention implementation")
 
     def __post_init__(self) -> None:
         coerce = {
@@ -156,11 +162,6 @@ class Job:
     @property
     def uses_lora(self) -> bool:
         return self.mode in (Mode.LORA, Mode.QLORA)
-
-    @property
-    def tokens(self) -> int:
-        """Tokens per step: B·S for training, B·(prompt) for inference's prefill."""
-        return self.batch_size * (self.seq_len if self.is_training else self.prompt_len)
 
     def with_(self, **changes) -> "Job":
         return replace(self, **changes)

@@ -73,6 +73,14 @@ class Quantizer:
     def is_4bit(self) -> bool:
         return self.storage.name in ("nf4", "fp4")
 
+    def bnb_config(self, double_quant: bool) -> dict:
+        """The `transformers.BitsAndBytesConfig` keyword arguments that load this scheme (SPEC),
+        dtypes named as torch names them."""
+        if not self.is_4bit:
+            return {"load_in_8bit": True}
+        return {"load_in_4bit": True, "bnb_4bit_quant_type": self.name, "bnb_4bit_use_double_quant": double_quant,
+                "bnb_4bit_compute_dtype": self.compute.torch}
+
 
 QUANTIZERS: dict[str, Quantizer] = {
     q.name: q

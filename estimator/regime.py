@@ -45,7 +45,8 @@ class Regime:
     """Dtypes, autocast, what trains, and the quantizer and optimizer entries of one job."""
 
     mode: Mode
-    storage: DType  # every unquantized base parameter, as stored on the GPU
+    load: DType  # the dtype `from_pretrained(dtype=...)` loads the checkpoint in
+    storage: DType  # every unquantized base parameter, as stored on the GPU (after QLoRA's upcast)
     compute: DType  # the dtype matmuls run in: autocast's, else the weights' own
     autocast: bool
     base_trainable: bool  # full fine-tuning: every base parameter trains
@@ -79,7 +80,7 @@ class Regime:
     def features(self) -> tuple[str, ...]:
         """The platform features (gpu_db/platforms.yaml) the job needs."""
         needed = []
-        if self.compute == BF16 or (self.autocast and self.compute == BF16):
+        if self.compute == BF16:
             needed.append("bf16")
         if self.quantizer is not None:
             needed.append(self.quantizer.feature)
@@ -123,13 +124,15 @@ def regime_of(job: Job) -> Regime:
     if job.mode is Mode.INFERENCE:
         quantizer = QUANTIZERS.get(job.weights.value)
         storage = BF16 if quantizer is not None else DTYPES[job.weights.value]
-        return Regime(job.mode, storage, storage, False, False, quantizer, job.double_quant, **common)
+        return Regime(job.mode, storage, storage, storage, False, False, quantizer, job.double_quant, **common)
     if job.mode is Mode.FULL:
         if job.precision.is_amp:
             compute = {"amp_bf16": BF16, "amp_fp16": FP16}[job.precision.value]
-            return Regime(job.mode, FP32, compute, True, True, None, job.double_quant, **common)
+            return Regime(job.mode, FP32, FP32, compute, True, True, None, job.double_quant, **common)
         dtype = DTYPES[job.precision.value]
-        return Regime(job.mode, dtype, dtype, False, True, None, job.double_quant, **common)
+        return Regime(job.mode, dtype, dtype, dtype, False, True, None, job.double_quant, **common)
     if job.mode is Mode.LORA:
-        return Regime(job.mode, DTYPES[job.base_dtype.value], BF16, True, False, None, job.double_quant, **common)
-    return Regime(job.mode, FP32, BF16, True, False, QUANTIZERS[job.quant.value], job.double_quant, **common)
+        base = DTYPES[job.base_dtype.value]
+        return Regime(job.mode, base, base, BF16, True, False, None, job.double_quant, **common)
+    # QLoRA loads in bf16; prepare_model_for_kbit_training then casts every non-4-bit parameter to fp32
+    return Regime(job.mode, BF16, FP32, BF16, True, False, QUANTIZERS[job.quant.value], job.double_quant, **common)

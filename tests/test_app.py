@@ -18,6 +18,7 @@ import app_support as S
 import gpu_db
 from estimator import Job, estimate
 from estimator import fit as fitting
+from estimator import present
 from estimator.catalog import find_entry
 from estimator.fit import Strategy
 from estimator.sources import ModelConfig, ModelSourceError
@@ -96,7 +97,7 @@ def test_default_page_answers_first():
     assert_clean(at)
     expected = fitting.fit(estimate(model("Llama-3.1-8B").inventory, Job()), gpu_db.find_gpu("H100 SXM 80GB"))
     assert expected.gpus_needed == 1
-    assert headline(at) == "fits: " + expected.describe()[0]  # "Fits on 1 × H100 SXM 80GB: x of 79.6 GiB"
+    assert headline(at) == "fits: " + present.describe_fit(expected)[0]  # "Fits on 1 × H100 SXM 80GB: x of 79.6 GiB"
     assert at.selectbox(key="model").value == "Llama-3.1-8B"
     assert at.selectbox(key="gpu").value == "H100 SXM 80GB"
     assert len(at.get("plotly_chart")) == 1
@@ -591,12 +592,12 @@ def test_exports():
     job = Job(mode="full")
     result = estimate(m.inventory, job)
     f = S.fit_job(m, job, gpu_db.find_gpu("H100 SXM 80GB"))
-    csv_text = S.breakdown_csv(result, f)
+    csv_text = present.breakdown_csv(result, f)
     lines = csv_text.splitlines()
     assert lines[0] == "component,one_gpu_bytes,one_gpu_gib,per_gpu_bytes,per_gpu_gib"
     assert lines[-1].startswith(f"device_total,{result.device_total_bytes},")
     assert len(lines) == 1 + len(result.breakdown) + 2
-    data = json.loads(S.export_json(m, result, f))
+    data = json.loads(present.export_json(m.name, m.origin, m.source, result, f))
     for key in ("peak_allocated_bytes", "device_total_bytes", "breakdown", "params_total", "params_trainable", "gpus_needed"):
         assert key in data
     assert data["gpus_needed"] == f.gpus_needed and f.gpus_needed > 1 and data["fit"]["strategy"] == "zero3"

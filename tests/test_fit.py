@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import gpu_db
-from estimator import Job, estimate, inventory_from_config
+from estimator import Job, estimate, inventory_from_config, present
 from estimator.catalog import find_entry
 from estimator.fit import MAX_GPUS, Strategy, fit, parse_strategy, per_gpu, which_gpus
 
@@ -79,7 +79,7 @@ def test_no_count_up_to_the_limit_says_why():
     result = est("meta-llama/Llama-3.1-8B", Job(mode="full", batch_size=64, seq_len=8192))
     answer = fit(result, H100, Strategy.ZERO3)
     assert answer.gpus_needed is None
-    assert "activations" in answer.reason and str(MAX_GPUS) in answer.describe()[0]
+    assert "activations" in answer.reason and str(MAX_GPUS) in present.describe_fit(answer)[0]
 
 
 def test_platform_limits_are_reasons():
@@ -92,7 +92,7 @@ def test_single_gpu_fit_and_headline():
     result = est("meta-llama/Llama-3.1-8B", Job(mode="inference", prompt_len=512, new_tokens=256))
     answer = fit(result, H100)
     assert answer.gpus_needed == 1
-    assert answer.describe()[0].startswith("Fits on 1 × H100")
+    assert present.describe_fit(answer)[0].startswith("Fits on 1 × H100")
     assert answer.per_gpu.device_total_bytes == result.device_total_bytes
 
 

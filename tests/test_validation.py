@@ -128,3 +128,36 @@ def test_measure_dry_run_on_cpu(tmp_path):
     assert row["params_total"] == 134_515_008
     assert row["params_trainable"] > 0 and len(row["steps"]) == 3
     assert row["saved_tensors"]["rows"]
+
+
+@pytest.mark.parametrize(
+    "job, dtype, autocast, quant",
+    [
+        (Job(mode="inference", weights="fp16"), "float16", None, None),
+        (Job(mode="inference", weights="int8"), "bfloat16", None, "int8"),
+        (Job(mode="inference", weights="fp4", double_quant=False), "bfloat16", None, ("fp4", False)),
+        (Job(mode="full"), "float32", "bfloat16", None),
+        (Job(mode="full", precision="amp_fp16"), "float32", "float16", None),
+        (Job(mode="full", precision="bf16"), "bfloat16", None, None),
+        (Job(mode="lora", base_dtype="fp16"), "float16", "bfloat16", None),
+        (Job(mode="qlora"), "bfloat16", "bfloat16", ("nf4", True)),
+    ],
+)
+def test_harness_loads_as_the_regime_says(job, dtype, autocast, quant):
+    """SPEC's loading rules, as the harness applies them from the estimator's regime (CPU only)."""
+    import torch
+
+    from validation.measure import autocast_dtype, from_pretrained_kwargs
+
+    kwargs = from_pretrained_kwargs(job)
+    assert kwargs["dtype"] is getattr(torch, dtype)
+    assert kwargs["attn_implementation"] == job.attn.value
+    assert autocast_dtype(job) is (getattr(torch, autocast) if autocast else None)
+    config = kwargs.get("quantization_config")
+    if quant is None:
+        assert config is None
+    elif quant == "int8":
+        assert config.load_in_8bit and not config.load_in_4bit
+    else:
+        assert config.load_in_4bit and config.bnb_4bit_quant_type == quant[0]
+        assert config.bnb_4bit_use_double_quant is quant[1] and config.bnb_4bit_compute_dtype is torch.bfloat16

@@ -21,6 +21,8 @@ import time
 import traceback
 from pathlib import Path
 
+from estimator.optimizers import OPTIMIZERS
+from estimator.regime import regime_of
 from validation.cases import Case, load_cases, select
 
 GIB = 1024**3
@@ -140,76 +142,45 @@ def build_checkpoint(model: str, directory: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # One case, in its own process
 # ---------------------------------------------------------------------------------------------
-_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-
-
-def _torch_dtype(name: str):
+def torch_dtype(d):
+    """The `torch.dtype` of a `DType` of the estimator's table."""
     import torch
 
-    return getattr(torch, _DTYPES[name])
+    return getattr(torch, d.torch)
 
 
-def _bnb_config(job, *, four_bit: bool, quant: str):
-    import torch
+def from_pretrained_kwargs(job) -> dict:
+    """dtype, quantization and attention exactly as SPEC's job loads them: the estimator's regime."""
     import transformers
 
-    if not four_bit:
-        return transformers.BitsAndBytesConfig(load_in_8bit=True)
-    return transformers.BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=quant,
-        bnb_4bit_use_double_quant=job.double_quant,
-        bnb_4bit_compute_dtype=torch.bfloat16,
-    )
+    regime = regime_of(job)
+    kwargs: dict = {"attn_implementation": regime.attn.value, "dtype": torch_dtype(regime.load)}
+    if regime.quantizer is not None:
+        bnb = regime.quantizer.bnb_config(regime.double_quant)
+        if "bnb_4bit_compute_dtype" in bnb:
+            bnb["bnb_4bit_compute_dtype"] = torch_dtype(regime.quantizer.compute)
+        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(**bnb)
+    return kwargs
+
+
+def autocast_dtype(job):
+    """The dtype the forward runs under autocast in, or None without autocast."""
+    regime = regime_of(job)
+    return torch_dtype(regime.compute) if regime.autocast else None
 
 
 def load_model(case: Case, ckpt: Path):
     """`from_pretrained(..., device_map={"": 0})` with the dtype or quantization the job names."""
-    import torch
     import transformers
 
-    job = case.job
-    kwargs: dict = {"device_map": {"": 0 if DEVICE == "cuda" else "cpu"}, "attn_implementation": job.attn.value}
-    mode = job.mode.value
-    if mode == "inference":
-        weights = job.weights.value
-        if weights in ("int8", "nf4", "fp4"):
-            kwargs["quantization_config"] = _bnb_config(job, four_bit=weights != "int8", quant=weights)
-            kwargs["dtype"] = torch.bfloat16
-        else:
-            kwargs["dtype"] = _torch_dtype(weights)
-    elif mode == "full":
-        precision = job.precision.value
-        kwargs["dtype"] = torch.float32 if precision.startswith("amp_") else _torch_dtype(precision)
-    elif mode == "lora":
-        kwargs["dtype"] = _torch_dtype(job.base_dtype.value)
-    else:  # qlora
-        kwargs["quantization_config"] = _bnb_config(job, four_bit=True, quant=job.quant.value)
-        kwargs["dtype"] = torch.bfloat16
+    kwargs = from_pretrained_kwargs(case.job)
+    kwargs["device_map"] = {"": 0 if DEVICE == "cuda" else "cpu"}
     return transformers.AutoModelForCausalLM.from_pretrained(str(ckpt), **kwargs)
 
 
 def make_optimizer(name: str, params):
-    import torch
-
-    if name == "adamw_fused":
-        return torch.optim.AdamW(params, lr=1e-5, fused=True)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=1e-5, foreach=True)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=1e-5, momentum=0.9)
-    if name == "adafactor":
-        from transformers import Adafactor
-
-        return Adafactor(params)
-    import bitsandbytes as bnb
-
-    cls = {
-        "adamw_8bit": bnb.optim.AdamW8bit,
-        "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
-        "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
-    }[name]
-    return cls(params, lr=1e-5)
+    """The optimizer SPEC names, as its registry entry builds it."""
+    return OPTIMIZERS[name].build(params)
 
 
 def _lora_config(job):
@@ -341,12 +312,7 @@ def run_training(case: Case, ckpt: Path, probe: DeviceProbe, result: dict, diag:
     vocab = model.config.get_text_config().vocab_size
     torch.manual_seed(0)
     ids = torch.randint(0, vocab, (job.batch_size, job.seq_len), device=DEVICE)
-    if mode == "full" and job.precision.is_amp:
-        amp_dtype = torch.bfloat16 if job.precision.value == "amp_bf16" else torch.float16
-    elif mode == "full":
-        amp_dtype = None
-    else:
-        amp_dtype = torch.bfloat16
+    amp_dtype = autocast_dtype(job)
 
     def forward():
         if amp_dtype is None:

@@ -310,27 +310,12 @@ class GpuProbe:
 # The worker: one rank of one case, under torchrun
 # ---------------------------------------------------------------------------------------------
 def _from_pretrained_kwargs(multi: MultiCase) -> dict:
-    """dtype / quantization exactly as SPEC's job loads it (validation.measure.load_model's rules)."""
-    import torch
+    """dtype / quantization exactly as SPEC's job loads it (validation.measure's, from the regime)."""
+    from validation.measure import from_pretrained_kwargs
 
-    from validation.measure import _bnb_config, _torch_dtype
-
-    job = multi.case.job
-    kwargs: dict = {"attn_implementation": job.attn.value}
-    if job.mode is Mode.INFERENCE:
-        if job.weights.value in ("int8", "nf4", "fp4"):
-            kwargs["quantization_config"] = _bnb_config(job, four_bit=job.weights.value != "int8", quant=job.weights.value)
-            kwargs["dtype"] = torch.bfloat16
-        else:
-            kwargs["dtype"] = _torch_dtype(job.weights.value)
-    elif job.mode is Mode.FULL:
-        precision = job.precision.value
-        kwargs["dtype"] = torch.float32 if job.precision.is_amp else _torch_dtype(precision)
-    elif job.mode is Mode.LORA:
-        kwargs["dtype"] = _torch_dtype(job.base_dtype.value)
-    else:
+    if multi.case.job.mode is Mode.QLORA:
         raise ValueError("QLoRA under FSDP is not a case kind here")
-    return kwargs
+    return from_pretrained_kwargs(multi.case.job)
 
 
 def decoder_layers(model) -> list:
@@ -343,16 +328,6 @@ def decoder_layers(model) -> list:
     return layers
 
 
-def _amp_dtype(job):
-    import torch
-
-    if job.mode is Mode.FULL:
-        if not job.precision.is_amp:
-            return None
-        return torch.bfloat16 if job.precision.value == "amp_bf16" else torch.float16
-    return torch.bfloat16  # SPEC: LoRA runs its forward under bf16 autocast
-
-
 def _shard(model, multi: MultiCase, device_type: str, world_size: int) -> str:
     """FSDP2: every decoder layer, then the root. Returns what was done, for the JSON."""
     import torch
@@ -361,7 +336,9 @@ def _shard(model, multi: MultiCase, device_type: str, world_size: int) -> str:
 
     reshard = multi.kind is not Kind.FSDP_SHARD_GRAD_OP
     mesh = init_device_mesh(device_type, (world_size,))
-    amp = _amp_dtype(multi.case.job)
+    from validation.measure import autocast_dtype
+
+    amp = autocast_dtype(multi.case.job)
     mp = MixedPrecisionPolicy(param_dtype=amp, reduce_dtype=torch.float32) if amp is not None else MixedPrecisionPolicy()
     layers = decoder_layers(model)
     root = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -397,7 +374,7 @@ def run_fsdp(multi: MultiCase, ckpt: Path, device, probe: GpuProbe, result: dict
     import torch
     import transformers
 
-    from validation.measure import _count_params, _lora_config, make_optimizer
+    from validation.measure import _count_params, _lora_config, autocast_dtype, make_optimizer
 
     job = multi.case.job
     clock = _Clock(result)
@@ -426,7 +403,7 @@ def run_fsdp(multi: MultiCase, ckpt: Path, device, probe: GpuProbe, result: dict
     vocab = model.config.get_text_config().vocab_size
     torch.manual_seed(0)  # every rank the same ids: shapes, not data, decide memory
     ids = torch.randint(0, vocab, (job.batch_size, job.seq_len), device=device)
-    amp = _amp_dtype(job)
+    amp = autocast_dtype(job)
     result["autocast"] = None if amp is None else str(amp).replace("torch.", "")
 
     def forward():

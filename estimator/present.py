@@ -1,0 +1,180 @@
+"""Presentation: every way an answer is written out, in one place. SPEC's JSON object, the CLI's
+text, the headline sentence (the CLI and the app say the same thing), the which-GPUs table, and the
+breakdown as rows and CSV.
+
+Nothing here computes memory: it formats `Estimate` and `Fit` objects. Sizes are shown in GiB
+(1024³ bytes), and every table says so.
+"""
+
+from __future__ import annotations
+
+import csv
+import enum
+import io
+import json
+
+from estimator.estimate import Estimate
+from estimator.fit import MAX_GPUS, Fit, Verdict
+
+GIB = 1024**3
+
+
+def one_line(err: BaseException) -> str:
+    """Messages from libraries can span lines; SPEC's bad-input contract is one line."""
+    return " ".join(str(err).split())
+
+
+# -------------------------------------------------------------------------------------------------
+# The answer for one GPU
+# -------------------------------------------------------------------------------------------------
+def headline(fit: Fit, num_gpus: int | None = None) -> tuple[str, str]:
+    """(status, sentence): status is "fits", "needs" or "no"; the sentence is the answer in GiB.
+
+    `num_gpus` is the count the user asked for, if any (else the fewest that fit are shown).
+    """
+    used = fit.per_gpu.device_total_bytes / GIB
+    cap = fit.capacity_bytes / GIB
+    if fit.gpus_needed is None:
+        if fit.verdict is Verdict.CANNOT_RUN:
+            return "no", f"Does not run on {fit.gpu_name}: {fit.reason}"
+        return "no", f"Does not fit on {fit.gpu_name} with {fit.strategy.value}, even on {MAX_GPUS} GPUs: {fit.reason}"
+    if num_gpus is not None and num_gpus != fit.gpus_needed:
+        ok = fit.verdict is Verdict.FITS
+        verdict = "fits" if ok else f"does not fit (needs {fit.gpus_needed})"
+        return ("fits" if ok else "needs"), (
+            f"On {num_gpus} × {fit.gpu_name} with {fit.strategy.value}: {used:.1f} of {cap:.1f} GiB per GPU; {verdict}"
+        )
+    if fit.gpus_needed == 1:
+        return "fits", f"Fits on 1 × {fit.gpu_name}: {used:.1f} of {cap:.1f} GiB"
+    return "needs", f"Needs {fit.gpus_needed} × {fit.gpu_name} with {fit.strategy.value}: {used:.1f} of {cap:.1f} GiB on the fullest GPU"
+
+
+def describe_fit(fit: Fit, num_gpus: int | None = None) -> list[str]:
+    """The headline, the per-GPU breakdown when more than one GPU is involved, and the notes."""
+    lines = [headline(fit, num_gpus)[1]]
+    if fit.per_gpu.num_gpus > 1 or fit.gpus_needed != 1:
+        lines.append(f"per GPU with {fit.per_gpu.num_gpus} GPUs (GiB):")
+        for name, value in fit.per_gpu.breakdown.items():
+            if value:
+                lines.append(f"  {name.replace('_', ' '):24s}{value / GIB:8.2f}")
+    lines.extend(f"note: {n}" for n in fit.notes)
+    return lines
+
+
+def fit_dict(fit: Fit) -> dict:
+    """A `Fit` as JSON-able values (the `"fit"` object of SPEC's JSON)."""
+    return {
+        "gpu": fit.gpu_name,
+        "capacity_bytes": fit.capacity_bytes,
+        "strategy": fit.strategy.value,
+        "gpus_needed": fit.gpus_needed,
+        "per_gpu": {
+            "num_gpus": fit.per_gpu.num_gpus,
+            "peak_allocated_bytes": fit.per_gpu.peak_allocated_bytes,
+            "device_total_bytes": fit.per_gpu.device_total_bytes,
+            "breakdown": {c.value: v for c, v in fit.per_gpu.breakdown.items()},
+        },
+        "reason": fit.reason,
+        "notes": list(fit.notes),
+    }
+
+
+# -------------------------------------------------------------------------------------------------
+# Every GPU
+# -------------------------------------------------------------------------------------------------
+def which_gpus_lines(fits: list[Fit]) -> list[str]:
+    lines = [f"{'GPU':34s} {'memory GiB':>10s} {'GPUs needed':>12s}  strategy"]
+    for f in fits:
+        count = str(f.gpus_needed) if f.gpus_needed is not None else "—"
+        lines.append(f"{f.gpu_name:34s} {f.capacity_bytes / GIB:10.1f} {count:>12s}  {f.strategy.value}")
+    return lines
+
+
+# -------------------------------------------------------------------------------------------------
+# SPEC's JSON object and the CLI's text
+# -------------------------------------------------------------------------------------------------
+def json_object(name: str, origin: str, url: str, result: Estimate, fit: Fit | None = None,
+                notes=(), which: list[Fit] | None = None) -> dict:
+    """SPEC's JSON object (the CLI's --json, the app's download): the estimate, where the model came
+    from, and `gpus_needed` (None without a GPU, and for the which-GPUs list)."""
+    out = result.to_dict()
+    out["model"] = name
+    out["source"] = {"origin": origin, "url": url}
+    out["notes"] = list(notes) + [n for n in out["notes"] if n not in notes]
+    out["gpus_needed"] = fit.gpus_needed if fit is not None else None
+    if fit is not None:
+        out["fit"] = fit_dict(fit)
+    elif which is not None:
+        out["fit"] = {"gpus": [fit_dict(f) for f in which]}
+    return out
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:8.2f} GiB"
+
+
+def render_text(name: str, source, result: Estimate, fit: Fit | None = None, which: list[Fit] | None = None,
+                num_gpus: int | None = None) -> str:
+    """The CLI's answer for people: the job, the breakdown at the peak, the fit, the notes."""
+    job = result.job
+    lines = [f"{name}  ({source.origin}: {source.source})"]
+    shown = ", ".join(f"{k}={v}" for k, v in job.to_dict().items() if k in job.relevant_fields())
+    lines.append(f"job: {shown}")
+    lines.append(f"parameters: {result.params_total:,} total, {result.params_trainable:,} trainable")
+    lines.append("")
+    lines.append(f"memory at the peak ({result.peak_phase.replace('_', ' ')}), GiB = 1024^3 bytes:")
+    for component, value in result.breakdown.items():
+        if value:
+            lines.append(f"  {component.replace('_', ' '):24s}{_gib(value)}")
+    lines.append(f"  {'peak allocated':24s}{_gib(result.peak_allocated_bytes)}   (torch.cuda.max_memory_allocated)")
+    lines.append(f"  {'device total':24s}{_gib(result.device_total_bytes)}   (what nvidia-smi shows)")
+    if fit is not None:
+        lines.append("")
+        lines.extend(describe_fit(fit, num_gpus))
+    elif which is not None:
+        lines.append("")
+        lines.extend(which_gpus_lines(which))
+    for note in tuple(source.notes) + tuple(n for n in result.notes if n not in source.notes):
+        lines.append(f"note: {note}")
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------------------------
+# The breakdown as rows, CSV and JSON (the app's downloads)
+# -------------------------------------------------------------------------------------------------
+def breakdown_rows(result: Estimate, fit: Fit | None) -> list[dict]:
+    """One row per component: bytes and GiB for the whole job on one GPU, and per GPU under the fit."""
+    rows = []
+    per = fit.per_gpu.breakdown if fit is not None else {}
+    for name, value in result.breakdown.items():
+        row = {"component": name.value, "one_gpu_bytes": int(value), "one_gpu_gib": round(value / GIB, 4)}
+        if fit is not None:
+            row["per_gpu_bytes"] = int(per.get(name, 0))
+            row["per_gpu_gib"] = round(per.get(name, 0) / GIB, 4)
+        rows.append(row)
+    total = {"component": "device_total", "one_gpu_bytes": result.device_total_bytes, "one_gpu_gib": round(result.device_total_bytes / GIB, 4)}
+    peak = {"component": "peak_allocated", "one_gpu_bytes": result.peak_allocated_bytes, "one_gpu_gib": round(result.peak_allocated_bytes / GIB, 4)}
+    if fit is not None:
+        total.update(per_gpu_bytes=fit.per_gpu.device_total_bytes, per_gpu_gib=round(fit.per_gpu.device_total_bytes / GIB, 4))
+        peak.update(per_gpu_bytes=fit.per_gpu.peak_allocated_bytes, per_gpu_gib=round(fit.per_gpu.peak_allocated_bytes / GIB, 4))
+    return rows + [peak, total]
+
+
+def breakdown_csv(result: Estimate, fit: Fit | None) -> str:
+    rows = breakdown_rows(result, fit)
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def export_json(name: str, origin: str, url: str, result: Estimate, fit: Fit | None) -> str:
+    """The CLI's --json object (SPEC's keys), plus the model's source: no token, nothing secret."""
+    return json.dumps(json_object(name, origin, url, result, fit), indent=2, default=_json_default)
+
+
+def _json_default(value):
+    if isinstance(value, enum.Enum):
+        return value.value
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")
