@@ -162,6 +162,8 @@ OPTIMIZERS: dict[str, OptimizerEntry] = {
                        ("torch.optim.SGD", {"lr": _LR, "momentum": 0.9})),
         OptimizerEntry("adafactor", "transformers.Adafactor", _adafactor, ("transformers.Adafactor", {}),
                        trainer_optim=("adafactor",)),
+        OptimizerEntry("sgd_no_momentum", "torch.optim.SGD without momentum, the Trainer's optim=\"sgd\"", _sgd(momentum=False),
+                       ("torch.optim.SGD", {"lr": _LR}), trainer_optim=("sgd",)),
     )
 }
 

@@ -43,3 +43,45 @@ def test_sgd_momentum_and_adafactor_factored_states():
     assert ada.step_temp_bytes == 2 * tensor_bytes(1_000_000, "fp32")
     half = optimizer_memory(Optimizer.ADAFACTOR, _placed(1_000_000, "bf16"), {"w": (1000, 1000)})
     assert half.step_temp_bytes == 4 * tensor_bytes(1_000_000, "fp32")  # plus fp32 copies of p and grad
+
+
+def test_sgd_without_momentum_keeps_no_state():
+    """The Trainer's optim="sgd" is torch.optim.SGD(momentum=0): no momentum_buffer, an in-place step."""
+    m = optimizer_memory(Optimizer.SGD_NO_MOMENTUM, _placed(1_000_000), {"w": (1000, 1000)})
+    assert (m.state_bytes, m.paged_bytes, m.step_temp_bytes) == (0, 0, 0)
+    assert OPTIMIZERS["sgd_no_momentum"].trainer_optim == ("sgd",)
+    assert OPTIMIZERS["sgd_no_momentum"].factory == ("torch.optim.SGD", {"lr": 1e-5})
+
+
+def test_every_entry_is_offered_everywhere():
+    """The enum, the command line and the Trainer's names come from the registry alone."""
+    from estimator.cli import build_parser
+
+    assert [o.value for o in Optimizer] == list(OPTIMIZERS)
+    action = next(a for a in build_parser()._actions if a.dest == "optimizer")
+    assert list(action.choices) == list(OPTIMIZERS)
+    trainer_names = [n for e in OPTIMIZERS.values() for n in e.trainer_optim]
+    assert len(trainer_names) == len(set(trainer_names))
+    assert {"adamw_torch_fused", "adamw_torch", "adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit",
+            "paged_adamw_32bit", "adafactor", "sgd"} <= set(trainer_names)
+
+
+def test_every_entry_builds_its_real_optimizer():
+    """`build` makes the class the entry names, with its arguments (bitsandbytes where installed)."""
+    import importlib.util
+
+    import torch
+
+    for entry in OPTIMIZERS.values():
+        if entry.uses_bitsandbytes and importlib.util.find_spec("bitsandbytes") is None:
+            continue
+        params = [torch.nn.Parameter(torch.zeros(4, 4))]
+        try:
+            built = entry.build(params)
+        except (RuntimeError, ValueError) as err:  # fused AdamW and bitsandbytes want a GPU for their kernels
+            assert entry.name in ("adamw_fused",) or entry.uses_bitsandbytes, f"{entry.name}: {err}"
+            continue
+        path = entry.factory[0]
+        assert f"{type(built).__module__}.{type(built).__name__}".endswith(path.rpartition(".")[2])
+        for key, value in entry.factory[1].items():
+            assert built.defaults[key] == value, (entry.name, key)
