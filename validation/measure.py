@@ -468,6 +468,23 @@ def _gpu_info() -> dict:
     return info
 
 
+def measure_context(probe: DeviceProbe, result: dict) -> None:
+    """Start CUDA and record what it costs before any model: the context, then cuBLAS's handles."""
+    import torch
+
+    _cuda().init()
+    torch.empty(1, device=DEVICE)
+    first = probe.sample("context")
+    result["context_bytes"] = first["device_used"] - first["reserved"]
+    # The first matmul creates cuBLAS/cuBLASLt handles and workspaces, as the job's first forward would.
+    a = torch.ones(64, 64, device=DEVICE, dtype=torch.bfloat16)
+    (a @ a).sum().item()
+    del a
+    blas = probe.sample("blas")
+    result["blas_workspace_allocated_bytes"] = blas["allocated"] - first["allocated"]
+    result["blas_device_bytes"] = blas["device_used"] - first["device_used"]
+
+
 def measure_case(case: Case, ckpt: Path, diag: bool) -> dict:
     """Run one case in this (fresh) process and return its result row."""
     import torch
@@ -476,17 +493,7 @@ def measure_case(case: Case, ckpt: Path, diag: bool) -> dict:
     t0 = time.time()
     probe = DeviceProbe()
     try:
-        _cuda().init()
-        torch.empty(1, device=DEVICE)
-        first = probe.sample("context")
-        result["context_bytes"] = first["device_used"] - first["reserved"]
-        # The first matmul creates cuBLAS/cuBLASLt handles and workspaces, as the job's first forward would.
-        a = torch.ones(64, 64, device=DEVICE, dtype=torch.bfloat16)
-        (a @ a).sum().item()
-        del a
-        blas = probe.sample("blas")
-        result["blas_workspace_allocated_bytes"] = blas["allocated"] - first["allocated"]
-        result["blas_device_bytes"] = blas["device_used"] - first["device_used"]
+        measure_context(probe, result)
         if case.job.mode.value == "inference":
             run_inference(case, ckpt, probe, result)
         else:
@@ -546,8 +553,10 @@ def _in_child(target, args, timeout_s: float) -> dict:
     return value
 
 
-def _in_subprocess(case: Case, ckpt: Path, diag: bool, timeout_s: float) -> dict:
-    """Run one case in a fresh interpreter (slower than a fork: it pays the imports again)."""
+def _in_subprocess(case, ckpt: Path, diag: bool, timeout_s: float, module: str = "validation.measure") -> dict:
+    """Run one case in a fresh interpreter (slower than a fork: it pays the imports again).
+
+    `module` is the harness whose hidden `--run-one` reads the case (validation.trainer_run too)."""
     import subprocess
     import tempfile
 
@@ -557,7 +566,7 @@ def _in_subprocess(case: Case, ckpt: Path, diag: bool, timeout_s: float) -> dict
         spec.write_text(json.dumps({"case": case.to_dict(), "ckpt": str(ckpt), "diag": diag}))
         try:
             proc = subprocess.run(
-                [sys.executable, "-m", "validation.measure", "--run-one", str(spec), "--result", str(out)],
+                [sys.executable, "-m", module, "--run-one", str(spec), "--result", str(out)],
                 timeout=timeout_s,
                 capture_output=True,
                 text=True,
@@ -588,6 +597,37 @@ def _done_ids(path: Path) -> set[str]:
     return done
 
 
+def add_deadline_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--stop-at",
+        type=float,
+        help="unix time: start no checkpoint or case when fewer than --reserve-s seconds remain before it; "
+        "a later call with --skip-done resumes (for one device call with a time limit)",
+    )
+    parser.add_argument("--reserve-s", type=float, default=60.0, help="seconds to keep for one case (with --stop-at)")
+
+
+class Deadline:
+    """`--stop-at`: whether another case may start, and a case's timeout cut to end before it."""
+
+    def __init__(self, stop_at: float | None, reserve_s: float, case_timeout_s: float) -> None:
+        self.stop_at, self.reserve_s, self.case_timeout_s = stop_at, reserve_s, case_timeout_s
+
+    def left_s(self) -> float:
+        return float("inf") if self.stop_at is None else self.stop_at - time.time()
+
+    def may_start(self) -> bool:
+        return self.left_s() >= self.reserve_s
+
+    def timeout_s(self) -> float:
+        # _in_child waits up to 30 s more for a timed-out child before killing it.
+        return max(1.0, min(self.case_timeout_s, self.left_s() - 35.0))
+
+    def cut_short(self, row: dict, timeout_s: float) -> bool:
+        """A case that failed because --stop-at cut its timeout: leave it for the next call."""
+        return row.get("status") == "error" and timeout_s < self.case_timeout_s and self.left_s() < 40.0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m validation.measure", description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", default="validation/cases.yaml", help="YAML cases file")
@@ -605,6 +645,7 @@ def main(argv: list[str] | None = None) -> int:
         default="fork",
         help="fork: children of a parent that imported the libraries once; spawn: a fresh interpreter per case",
     )
+    add_deadline_arguments(parser)
     parser.add_argument("--run-one", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -638,7 +679,11 @@ def main(argv: list[str] | None = None) -> int:
     by_model: dict[str, list[Case]] = {}
     for case in cases:
         by_model.setdefault(case.model, []).append(case)
+    deadline = Deadline(args.stop_at, args.reserve_s, args.case_timeout)
     for model, group in by_model.items():
+        if not deadline.may_start():
+            print(f"stop   --stop-at is near; a later call with --skip-done resumes at {group[0].id}", flush=True)
+            break
         try:
             ckpt = _checkpoint(model, work)
         except Exception as err:  # noqa: BLE001
@@ -649,10 +694,17 @@ def main(argv: list[str] | None = None) -> int:
                     handle.write(json.dumps(row) + "\n")
             continue
         for case in group:
+            if not deadline.may_start():
+                print(f"stop   --stop-at is near; a later call with --skip-done resumes at {case.id}", flush=True)
+                break
+            timeout_s = deadline.timeout_s()
             if args.isolation == "fork":
-                row = _in_child(measure_case, (case, ckpt, args.diag), args.case_timeout)
+                row = _in_child(measure_case, (case, ckpt, args.diag), timeout_s)
             else:
-                row = _in_subprocess(case, ckpt, args.diag, args.case_timeout)
+                row = _in_subprocess(case, ckpt, args.diag, timeout_s)
+            if deadline.cut_short(row, timeout_s):
+                print(f"stop   {case.id} was cut short by --stop-at; not recorded", flush=True)
+                break
             row.setdefault("case", case.id)
             row.setdefault("model", model)
             row.setdefault("job", case.job.to_dict())
