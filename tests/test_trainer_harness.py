@@ -129,7 +129,7 @@ def test_lora_and_bnb_configs_match_the_plain_loop():
     job = Job(mode="qlora", lora_r=8, lora_targets=("q_proj", "v_proj"), double_quant=False)
     assert LoraConfig(**lora_config_kwargs(c)) == measure._lora_config(job)
     ours = dict(bnb_config_kwargs(c), bnb_4bit_compute_dtype=torch.bfloat16)
-    loop = measure._bnb_config(job, four_bit=True, quant="nf4")
+    loop = measure.from_pretrained_kwargs(job)["quantization_config"]
     from transformers import BitsAndBytesConfig
 
     assert BitsAndBytesConfig(**ours).to_dict() == loop.to_dict()

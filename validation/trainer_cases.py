@@ -197,12 +197,9 @@ def bnb_config_kwargs(case: TrainerCase) -> dict | None:
     (the compute dtype is written as a name; the harness turns it into torch.bfloat16)."""
     if case.mode != "qlora":
         return None
-    return {
-        "load_in_4bit": True,
-        "bnb_4bit_quant_type": case.quant["quant"],
-        "bnb_4bit_use_double_quant": case.quant["double_quant"],
-        "bnb_4bit_compute_dtype": "bfloat16",
-    }
+    from estimator.quantizers import QUANTIZERS
+
+    return QUANTIZERS[case.quant["quant"]].bnb_config(case.quant["double_quant"])
 
 
 # ---------------------------------------------------------------------------------------------
