@@ -171,12 +171,5 @@ OPTIMIZERS: dict[str, OptimizerEntry] = {
 Optimizer = enum.Enum("Optimizer", {name.upper(): name for name in OPTIMIZERS}, type=str, module=__name__)
 Optimizer.__doc__ = "An optimizer of `OPTIMIZERS`, by name."
 Optimizer.entry = property(lambda self: OPTIMIZERS[self.value])  # type: ignore[attr-defined]
-Optimizer.is_paged = property(lambda self: OPTIMIZERS[self.value].paged)  # type: ignore[attr-defined]
 Optimizer.uses_bitsandbytes = property(lambda self: OPTIMIZERS[self.value].uses_bitsandbytes)  # type: ignore[attr-defined]
 
-
-def optimizer_memory(name, train: tuple[Trainable, ...], shapes: Shapes) -> OptimizerMemory:
-    """State and step temporaries of optimizer `name` (an `Optimizer` or its value) over `train`."""
-    if not train:
-        return OptimizerMemory(0, 0, 0)
-    return OPTIMIZERS[getattr(name, "value", name)].memory(train, shapes)
