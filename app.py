@@ -9,8 +9,6 @@ model itself lives in `estimator/`. Every input is mirrored into the URL (never 
 
 from __future__ import annotations
 
-import inspect
-
 import streamlit as st
 
 import app_support as S
@@ -51,11 +49,9 @@ def catalog_model(name: str) -> S.Model:
 
 
 @st.cache_data(show_spinner=False)
-def accuracy_data():
-    from validation.report import compare, load_rows, summary_rows
-
-    comparisons = [compare(row) for row in load_rows()]
-    return comparisons, summary_rows(comparisons)
+def accuracy_data() -> dict:
+    """The committed validation figures (validation/accuracy.json, written by `python -m validation.report`)."""
+    return S.load_accuracy()
 
 
 # -------------------------------------------------------------------------------------------------
@@ -420,14 +416,11 @@ def accuracy_page() -> None:
     import pandas as pd
     import plotly.graph_objects as go
 
-    from validation import peers
-    from validation.peers import PEERS
-
-    STAGE.text = "scoring the validation runs"
+    STAGE.text = "reading the validation runs"
     st.subheader("How close is it? Measured vs estimated, on an H100 80GB")
-    with st.spinner("Scoring the estimator and the peers on every measured run…"):
-        comparisons, summary = accuracy_data()
-    ok = [c for c in comparisons if c.status == "ok"]
+    data = accuracy_data()
+    comparisons, summary, PEERS = data["comparisons"], data["summary"], data["peers"]
+    ok = [c for c in comparisons if c["status"] == "ok"]
     peer_names = {"can_it_run_llm": "can-it-run-llm", "accelerate": "accelerate estimate-memory", "gpu_poor": "gpu_poor"}
 
     def pct(stat):
@@ -437,7 +430,7 @@ def accuracy_page() -> None:
     overall = next(r for r in summary if r["group"] == "all")
     holdout = next(r for r in summary if r["group"] == "holdout")
     lines = [
-        f"- **{overall['cases']} runs** measured to completion ({sum(1 for c in ok if c.holdout)} of them holdouts, written down before measuring).",
+        f"- **{overall['cases']} runs** measured to completion ({sum(1 for c in ok if c['holdout'])} of them holdouts, written down before measuring).",
         f"- This estimator, peak allocated: median |error| {overall['peak'][1] * 100:.1f}%, worst {overall['peak'][2] * 100:.1f}%; "
         f"device total: median {overall['device'][1] * 100:.1f}%, worst {overall['device'][2] * 100:.1f}%.",
         f"- On the holdouts only: peak median {pct(holdout['peak']).split(' / ')[0]}, device median {pct(holdout['device']).split(' / ')[0]}.",
@@ -449,19 +442,19 @@ def accuracy_page() -> None:
     st.markdown("\n".join(lines))
 
     fig = go.Figure()
-    top = max(max(c.measured_device or 0, c.estimated_device) for c in ok) / GIB * 1.15
+    top = max(max(c["measured_device"] or 0, c["estimated_device"]) for c in ok) / GIB * 1.15
     fig.add_trace(go.Scatter(x=[0.3, top], y=[0.3, top], mode="lines", name="exact", line=dict(color="gray", dash="dot")))
-    fig.add_trace(go.Scatter(x=[c.measured_peak / GIB for c in ok], y=[c.estimated_peak / GIB for c in ok], mode="markers",
-                             name="this estimator: peak allocated", text=[c.case for c in ok], marker=dict(size=9, color="#1f77b4"),
+    fig.add_trace(go.Scatter(x=[c["measured_peak"] / GIB for c in ok], y=[c["estimated_peak"] / GIB for c in ok], mode="markers",
+                             name="this estimator: peak allocated", text=[c["case"] for c in ok], marker=dict(size=9, color="#1f77b4"),
                              hovertemplate="%{text}<br>measured %{x:.2f} GiB<br>estimated %{y:.2f} GiB<extra></extra>"))
-    fig.add_trace(go.Scatter(x=[c.measured_device / GIB for c in ok], y=[c.estimated_device / GIB for c in ok], mode="markers",
-                             name="this estimator: device total", text=[c.case for c in ok], marker=dict(size=8, color="#17becf", symbol="diamond"),
+    fig.add_trace(go.Scatter(x=[c["measured_device"] / GIB for c in ok], y=[c["estimated_device"] / GIB for c in ok], mode="markers",
+                             name="this estimator: device total", text=[c["case"] for c in ok], marker=dict(size=8, color="#17becf", symbol="diamond"),
                              hovertemplate="%{text}<br>measured %{x:.2f} GiB<br>estimated %{y:.2f} GiB<extra></extra>"))
     colors = {"can_it_run_llm": "#d62728", "accelerate": "#ff7f0e", "gpu_poor": "#2ca02c"}
     for p in PEERS:
-        pts = [c for c in ok if c.peers.get(p)]
-        fig.add_trace(go.Scatter(x=[c.measured_device / GIB for c in pts], y=[c.peers[p] / GIB for c in pts], mode="markers",
-                                 name=f"{peer_names[p]} (vs device total)", text=[c.case for c in pts],
+        pts = [c for c in ok if c["peers"].get(p)]
+        fig.add_trace(go.Scatter(x=[c["measured_device"] / GIB for c in pts], y=[c["peers"][p] / GIB for c in pts], mode="markers",
+                                 name=f"{peer_names[p]} (vs device total)", text=[c["case"] for c in pts],
                                  marker=dict(size=7, color=colors[p], symbol="x"),
                                  hovertemplate="%{text}<br>measured %{x:.2f} GiB<br>estimated %{y:.2f} GiB<extra></extra>"))
     fig.update_layout(xaxis=dict(title="measured (GiB)", type="log"), yaxis=dict(title="estimated (GiB)", type="log"),
@@ -478,25 +471,26 @@ def accuracy_page() -> None:
     st.markdown("**Every run** (GiB; errors in %)")
     st.dataframe(pd.DataFrame([
         {
-            "case": c.case, "model": c.model, "mode": c.mode, "set": "holdout" if c.holdout else "calibration",
-            "measured peak": round(c.measured_peak / GIB, 2), "estimated peak": round(c.estimated_peak / GIB, 2),
-            "peak error %": round(c.peak_error * 100, 1),
-            "measured device": round(c.measured_device / GIB, 2), "estimated device": round(c.estimated_device / GIB, 2),
-            "device error %": round(c.device_error * 100, 1),
-            **{f"{peer_names[p]} error %": (None if c.peer_error(p) is None else round(c.peer_error(p) * 100, 1)) for p in PEERS},
+            "case": c["case"], "model": c["model"], "mode": c["mode"], "set": "holdout" if c["holdout"] else "calibration",
+            "measured peak": round(c["measured_peak"] / GIB, 2), "estimated peak": round(c["estimated_peak"] / GIB, 2),
+            "peak error %": round(c["peak_error"] * 100, 1),
+            "measured device": round(c["measured_device"] / GIB, 2), "estimated device": round(c["estimated_device"] / GIB, 2),
+            "device error %": round(c["device_error"] * 100, 1),
+            **{f"{peer_names[p]} error %": (None if c["peer_errors"][p] is None else round(c["peer_errors"][p] * 100, 1)) for p in PEERS},
         }
         for c in ok
     ]), hide_index=True, width="stretch", key="accuracy_table")
-    failed = [c for c in comparisons if c.status != "ok"]
+    failed = [c for c in comparisons if c["status"] != "ok"]
     if failed:
         st.caption("Runs that did not complete (out of memory on the 80 GB card; the estimate should say they do not fit): "
-                   + "; ".join(f"{c.case} ({c.status}, estimated {c.estimated_device / GIB:.1f} GiB)" for c in failed))
+                   + "; ".join(f"{c['case']} ({c['status']}, estimated {c['estimated_device'] / GIB:.1f} GiB)" for c in failed))
     with st.expander("The peers' formulas, with their sources"):
-        st.markdown(inspect.getdoc(peers))
-        for fn in (peers.can_it_run_llm, peers.accelerate_estimate, peers.gpu_poor, peers.automodel_params):
-            st.markdown(f"**`{fn.__name__}`**: {inspect.getdoc(fn)}")
-        st.code(inspect.getsource(peers.gpu_poor), language="python")
-    st.caption("Measured by validation/measure.py; the same figures as validation/REPORT.md.")
+        st.markdown(data["peers_doc"])
+        for fn in data["peer_formulas"]:
+            st.markdown(f"**`{fn['name']}`**: {fn['doc']}")
+        st.code(data["gpu_poor_source"], language="python")
+    st.caption("Measured by validation/measure.py; the same figures as validation/REPORT.md "
+               f"(validation/accuracy.json, written by `{data['command']}`).")
 
 
 def state_job():

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
+from pathlib import Path
 from dataclasses import dataclass, fields
 from typing import Callable, Iterable, Mapping
 
@@ -34,6 +36,14 @@ AUTO = "auto"  # the GPU count when the app picks the fewest that fit
 # -------------------------------------------------------------------------------------------------
 # Model sources
 # -------------------------------------------------------------------------------------------------
+ACCURACY_PATH = Path(__file__).resolve().parent / "validation" / "accuracy.json"
+
+
+def load_accuracy(path: Path = ACCURACY_PATH) -> dict:
+    """The committed validation figures the accuracy page shows: plain data, no harness code."""
+    return json.loads(path.read_text())
+
+
 def parse_upload(data: bytes, filename: str) -> ModelConfig:
     """An uploaded config.json → `ModelConfig`, or a `ModelSourceError` that says what to do."""
     where = f"the uploaded file {filename!r}"

@@ -12,6 +12,7 @@ listed apart: their measured figure is not a peak.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -25,6 +26,7 @@ from validation.peers import PEERS, peer_figures
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPORT_PATH = Path(__file__).resolve().parent / "REPORT.md"
 PLOT_PATH = Path(__file__).resolve().parent / "accuracy.png"
+DATA_PATH = Path(__file__).resolve().parent / "accuracy.json"  # what the app's accuracy page reads
 GIB = 1024**3
 
 
@@ -231,11 +233,43 @@ def write_plot(comparisons: list[Comparison], path: Path = PLOT_PATH) -> Path:
     return path
 
 
+def accuracy_data(comparisons: list[Comparison]) -> dict:
+    """The report's figures as plain data, for the app's accuracy page: every comparison with its
+    errors, the summary rows, and the peers' formulas as text (so the page needs no harness code)."""
+    import inspect
+
+    from validation import peers
+
+    rows = []
+    for c in comparisons:
+        row = dataclasses.asdict(c)
+        row.update(peak_error=c.peak_error, device_error=c.device_error,
+                   peer_errors={p: c.peer_error(p) for p in PEERS})
+        rows.append(row)
+    formulas = [{"name": fn.__name__, "doc": inspect.getdoc(fn)}
+                for fn in (peers.can_it_run_llm, peers.accelerate_estimate, peers.gpu_poor, peers.automodel_params)]
+    return {
+        "comparisons": rows,
+        "summary": summary_rows(comparisons),
+        "peers": list(PEERS),
+        "peers_doc": inspect.getdoc(peers),
+        "peer_formulas": formulas,
+        "gpu_poor_source": inspect.getsource(peers.gpu_poor),
+        "command": "python -m validation.report",
+    }
+
+
+def write_data(comparisons: list[Comparison], path: Path = DATA_PATH) -> Path:
+    path.write_text(json.dumps(accuracy_data(comparisons), indent=1, sort_keys=True) + "\n")
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m validation.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", default=str(RESULTS_DIR), help="folder of measured JSON lines")
     parser.add_argument("--out", default=str(REPORT_PATH), help="where to write the markdown report")
     parser.add_argument("--plot", default=str(PLOT_PATH), help="where to write the PNG plot ('' to skip)")
+    parser.add_argument("--data", default=str(DATA_PATH), help="where to write the app's accuracy data as JSON ('' to skip)")
     args = parser.parse_args(argv)
     comparisons = [compare(row) for row in load_rows(Path(args.results))]
     if not comparisons:
@@ -243,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     text = render_markdown(comparisons, "python -m validation.report")
     Path(args.out).write_text(text)
+    if args.data:
+        write_data(comparisons, Path(args.data))
     for row in summary_rows(comparisons):
         n, med, worst = row["peak"]
         _, dmed, dworst = row["device"]
