@@ -12,6 +12,8 @@ from __future__ import annotations
 import streamlit as st
 
 import app_support as S
+from page_state import url as U
+from page_state import values as P
 import gpu_db
 from estimator import Attention, Component, BaseDtype, Mode, Optimizer, Precision, Quant, Weights
 from estimator import present
@@ -57,26 +59,10 @@ def accuracy_data() -> dict:
 # -------------------------------------------------------------------------------------------------
 # Session state: defaults, the link's values on first load, and values kept while widgets hide
 # -------------------------------------------------------------------------------------------------
-DEFAULTS: dict[str, object] = {
-    "page": "estimate",
-    "model": S.DEFAULT_MODEL,
-    "hub_id": "",
-    "hf_token": "",
-    **S.JOB_DEFAULTS,
-    "lora_alpha": float(S.JOB_DEFAULTS["lora_alpha"]),
-    "lora_dropout": float(S.JOB_DEFAULTS["lora_dropout"]),
-    "vendor": "any",
-    "min_memory_gib": 0.0,
-    "gpu": S.DEFAULT_GPU,
-    "strategy": S.default_strategy_for(S.JOB_DEFAULTS["mode"]).value,
-    "num_gpus": S.AUTO,
-}
-
-
 def init_state() -> list[str]:
     """Defaults, then (first run of a session only) the URL's values; returns the link's refusals."""
     state = st.session_state
-    for key, value in DEFAULTS.items():
+    for key, value in P.DEFAULTS.items():
         if key in state:
             state[key] = state[key]  # keeps a hidden widget's value (Streamlit drops unrendered widgets' state)
         else:
@@ -84,7 +70,7 @@ def init_state() -> list[str]:
     if "_restored" in state:
         return []
     state["_restored"] = True
-    values, errors = S.parse_query_params(st.query_params.to_dict(), [e.name for e in catalog()])
+    values, errors = U.parse_query_params(st.query_params.to_dict(), [e.name for e in catalog()])
     for key, value in values.items():
         if key == "lora_alpha" or key == "lora_dropout" or key == "min_memory_gib":
             value = float(value)
@@ -93,7 +79,7 @@ def init_state() -> list[str]:
 
 
 def sync_query_params(values: dict, job) -> None:
-    wanted = S.query_params_for(values, job)
+    wanted = U.query_params_for(values, job)
     if st.query_params.to_dict() != wanted:
         st.query_params.from_dict(wanted)
 
@@ -140,14 +126,14 @@ def job_inputs() -> None:
         format_func={"inference": "inference", "full": "full", "lora": "LoRA", "qlora": "QLoRA"}.get,
         help="inference: generate(); full: every parameter trains; LoRA / QLoRA: adapters on a frozen base.",
     )
-    relevant = set(S.job_from_values({"mode": state["mode"]}).relevant_fields())
+    relevant = set(P.job_from_values({"mode": state["mode"]}).relevant_fields())
     col = st.sidebar.columns(2)
-    col[0].number_input("Batch size", min_value=1, max_value=S.LIMITS["batch_size"], step=1, key="batch_size")
+    col[0].number_input("Batch size", min_value=1, max_value=P.LIMITS["batch_size"], step=1, key="batch_size")
     if "seq_len" in relevant:
-        col[1].number_input("Sequence length", min_value=1, max_value=S.LIMITS["seq_len"], step=256, key="seq_len")
+        col[1].number_input("Sequence length", min_value=1, max_value=P.LIMITS["seq_len"], step=256, key="seq_len")
     else:
-        col[1].number_input("Prompt tokens", min_value=1, max_value=S.LIMITS["prompt_len"], step=256, key="prompt_len")
-        st.sidebar.number_input("New tokens", min_value=1, max_value=S.LIMITS["new_tokens"], step=64, key="new_tokens")
+        col[1].number_input("Prompt tokens", min_value=1, max_value=P.LIMITS["prompt_len"], step=256, key="prompt_len")
+        st.sidebar.number_input("New tokens", min_value=1, max_value=P.LIMITS["new_tokens"], step=64, key="new_tokens")
     if "weights" in relevant:
         st.sidebar.selectbox("Weights", _values(Weights), key="weights",
                              help="int8 = bitsandbytes LLM.int8; nf4/fp4 = bitsandbytes 4-bit with double quantization.")
@@ -161,7 +147,7 @@ def job_inputs() -> None:
         st.sidebar.checkbox("Double quantization", key="double_quant")
     if "lora_r" in relevant:
         col = st.sidebar.columns(3)
-        col[0].number_input("Rank r", min_value=1, max_value=S.LIMITS["lora_r"], step=8, key="lora_r")
+        col[0].number_input("Rank r", min_value=1, max_value=P.LIMITS["lora_r"], step=8, key="lora_r")
         col[1].number_input("Alpha", min_value=0.001, max_value=1e6, step=8.0, format="%g", key="lora_alpha")
         col[2].number_input("Dropout", min_value=0.0, max_value=0.99, step=0.05, format="%.2f", key="lora_dropout")
         st.sidebar.text_input("Target modules", key="lora_targets", help="all-linear, or module names separated by commas (q_proj,v_proj).")
@@ -176,8 +162,8 @@ def gpu_inputs() -> list:
     state = st.session_state
     st.sidebar.header("GPU")
     col = st.sidebar.columns(2)
-    col[0].selectbox("Vendor", list(S.VENDORS), key="vendor")
-    col[1].number_input("Min. memory (GiB)", min_value=0.0, max_value=S.MAX_MIN_MEMORY_GIB, step=8.0, format="%g", key="min_memory_gib")
+    col[0].selectbox("Vendor", list(P.VENDORS), key="vendor")
+    col[1].number_input("Min. memory (GiB)", min_value=0.0, max_value=P.MAX_MIN_MEMORY_GIB, step=8.0, format="%g", key="min_memory_gib")
     vendor = None if state["vendor"] == "any" else state["vendor"]
     pool = list(gpu_db.filter_gpus(vendor=vendor, min_memory_bytes=int(state["min_memory_gib"] * GIB), gpus=all_gpus()))
     if not pool:
@@ -185,17 +171,17 @@ def gpu_inputs() -> list:
         pool = list(all_gpus())
     names = [g.name for g in pool]
     if state["gpu"] not in names:
-        state["gpu"] = S.DEFAULT_GPU if S.DEFAULT_GPU in names else names[0]
+        state["gpu"] = P.DEFAULT_GPU if P.DEFAULT_GPU in names else names[0]
     by_name = {g.name: g for g in pool}
     st.sidebar.selectbox("GPU", names, key="gpu", format_func=lambda n: f"{n} ({by_name[n].memory_gib:.1f} GiB)")
-    options = [s.value for s in S.strategies_for(state["mode"])]
+    options = [s.value for s in P.strategies_for(state["mode"])]
     if state["strategy"] not in options:
-        state["strategy"] = S.default_strategy_for(state["mode"]).value
+        state["strategy"] = P.default_strategy_for(state["mode"]).value
     col = st.sidebar.columns(2)
     col[0].selectbox("Multi-GPU strategy", options, key="strategy",
                      help="Used when one GPU is not enough. Training: DDP / ZeRO (FSDP); inference: device_map pipeline or tensor parallel.")
-    col[1].selectbox("GPU count", [S.AUTO] + list(range(1, 65)), key="num_gpus",
-                     format_func=lambda v: "fewest that fit" if v == S.AUTO else str(v))
+    col[1].selectbox("GPU count", [P.AUTO] + list(range(1, 65)), key="num_gpus",
+                     format_func=lambda v: "fewest that fit" if v == P.AUTO else str(v))
     return pool
 
 
@@ -361,10 +347,10 @@ def estimate_page(pool: list, stage) -> None:
     state = st.session_state
     model = resolve_model(stage)
     stage.text = "checking the job"
-    job = S.job_from_values({k: state[k] for k in S.JOB_FIELDS})
+    job = P.job_from_values({k: state[k] for k in P.JOB_FIELDS})
     gpu = next(g for g in pool if g.name == state["gpu"])
     strategy = Strategy(state["strategy"])
-    num_gpus = None if state["num_gpus"] == S.AUTO else int(state["num_gpus"])
+    num_gpus = None if state["num_gpus"] == P.AUTO else int(state["num_gpus"])
 
     stage.text = f"estimating {model.name}"
     result = S.cached_estimate(model, job)
@@ -497,9 +483,9 @@ def state_job():
     """The job the widgets describe, or (while a field is invalid) the mode's defaults, for the URL."""
     state = st.session_state
     try:
-        return S.job_from_values({k: state[k] for k in S.JOB_FIELDS})
+        return P.job_from_values({k: state[k] for k in P.JOB_FIELDS})
     except ValueError:
-        return S.job_from_values({"mode": state["mode"]})
+        return P.job_from_values({"mode": state["mode"]})
 
 
 # -------------------------------------------------------------------------------------------------
@@ -508,7 +494,7 @@ def state_job():
 def main() -> None:
     link_errors = init_state()
     st.title("Can I run it?")
-    st.radio("View", list(S.PAGES), key="page", horizontal=True, label_visibility="collapsed",
+    st.radio("View", list(P.PAGES), key="page", horizontal=True, label_visibility="collapsed",
              format_func={"estimate": "Estimate", "accuracy": "Accuracy"}.get)
     for message in link_errors:
         st.error(message)

@@ -12,25 +12,21 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
+from dataclasses import dataclass
 from pathlib import Path
-from dataclasses import dataclass, fields
-from typing import Callable, Iterable, Mapping
+from typing import Iterable
 
 import gpu_db
 from estimator import Estimate, Job, Mode, estimate, inventory_from_config
 from estimator import fit as fitting
 from estimator.fit import Fit, Strategy
 from estimator.inventory import Inventory, config_key
-from estimator.job import MAX_BATCH_SIZE, MAX_LORA_RANK, MAX_TOKENS
-from estimator.regime import regime_of
+from estimator import limits
+from estimator.limits import Limit
 from estimator.sources import ModelConfig, ModelSourceError, parse_config_text
 
 GIB = 1024**3
 MAX_UPLOAD_BYTES = 4 * 1024 * 1024  # a config.json is a few KiB; anything this large is not one
-DEFAULT_MODEL = "Llama-3.1-8B"
-DEFAULT_GPU = "H100 SXM 80GB"
-AUTO = "auto"  # the GPU count when the app picks the fewest that fit
 
 
 # -------------------------------------------------------------------------------------------------
@@ -100,181 +96,6 @@ def model_from_source(source: ModelConfig) -> Model:
 
 
 # -------------------------------------------------------------------------------------------------
-# Widgets ⇄ Job ⇄ URL
-# -------------------------------------------------------------------------------------------------
-JOB_DEFAULTS = Job().to_dict()
-JOB_FIELDS = tuple(f.name for f in fields(Job))
-
-# Upper bounds the number inputs enforce (the same as Job's: beyond them a job is a typo).
-LIMITS = {
-    "batch_size": MAX_BATCH_SIZE,
-    "seq_len": MAX_TOKENS,
-    "prompt_len": MAX_TOKENS,
-    "new_tokens": MAX_TOKENS,
-    "lora_r": MAX_LORA_RANK,
-}
-MAX_MIN_MEMORY_GIB = 4096.0
-PAGES = ("estimate", "accuracy")
-VENDORS = ("any",) + tuple(v.value for v in gpu_db.Vendor)
-
-
-def job_from_values(values: Mapping[str, object]) -> Job:
-    """A `Job` from widget values (missing fields keep their defaults); ValueError on bad input."""
-    data = {k: v for k, v in values.items() if k in JOB_FIELDS}
-    if isinstance(data.get("lora_targets"), str):
-        data["lora_targets"] = tuple(t.strip() for t in str(data["lora_targets"]).split(",") if t.strip())
-    return Job(**data)
-
-
-def strategies_for(mode: Mode | str) -> tuple[Strategy, ...]:
-    mode = Mode(mode)
-    return fitting.TRAINING_STRATEGIES if mode is not Mode.INFERENCE else fitting.INFERENCE_STRATEGIES
-
-
-def default_strategy_for(mode: Mode | str) -> Strategy:
-    return fitting.default_strategy(Job(mode=Mode(mode)))
-
-
-def _parse_bool(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"expected true or false, got {text!r}")
-
-
-def _parse_int(text: str) -> int:
-    try:
-        return int(text.strip().replace("_", ""))
-    except ValueError:
-        raise ValueError(f"expected a whole number, got {text!r}") from None
-
-
-def _parse_number(text: str) -> float | int:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise ValueError(f"expected a finite number, got {text!r}")
-    return int(value) if value.is_integer() else value
-
-
-def _job_field_value(name: str, text: str) -> object:
-    """One job field from its URL text, checked by Job's own validation."""
-    default = JOB_DEFAULTS[name]
-    if name in ("lora_alpha", "lora_dropout"):
-        value: object = _parse_number(text)
-    elif isinstance(default, bool):
-        value = _parse_bool(text)
-    elif isinstance(default, int):
-        value = _parse_int(text)
-    else:
-        value = text.strip()
-    checked = job_from_values({name: value}).to_dict()[name]  # raises ValueError with Job's message
-    return checked
-
-
-def parse_query_params(params: Mapping[str, str], catalog_names: Iterable[str]) -> tuple[dict, list[str]]:
-    """URL query params → widget values, and one message per parameter that was refused.
-
-    A refused parameter is left out (its widget keeps its default); the rest still apply.
-    """
-    values: dict[str, object] = {}
-    errors: list[str] = []
-    catalog_names = list(catalog_names)
-
-    def refuse(name: str, why: str) -> None:
-        shown = "…" if "token" in name.lower() else repr(params[name])  # a token is never echoed
-        errors.append(f"The link's {name}={shown} was ignored: {why}.")
-
-    for name, text in params.items():
-        text = str(text)
-        try:
-            if name in JOB_FIELDS:
-                values[name] = _job_field_value(name, text)
-            elif name == "model":
-                match = [n for n in catalog_names if n.casefold() == text.strip().casefold()]
-                if not match:
-                    raise ValueError("it is not a catalog model; put a Hub id in hub= instead")
-                values[name] = match[0]
-            elif name == "hub":
-                values["hub_id"] = text.strip()
-            elif name == "gpu":
-                values[name] = gpu_db.find_gpu(text).name
-            elif name == "vendor":
-                if text.strip().lower() not in VENDORS:
-                    raise ValueError(f"use one of {', '.join(VENDORS)}")
-                values[name] = text.strip().lower()
-            elif name == "min_memory_gib":
-                number = float(_parse_number(text))
-                if not 0 <= number <= MAX_MIN_MEMORY_GIB:
-                    raise ValueError(f"use a number of GiB from 0 to {MAX_MIN_MEMORY_GIB:,.0f}")
-                values[name] = number
-            elif name == "strategy":
-                try:
-                    values[name] = Strategy(text.strip().lower()).value
-                except ValueError:
-                    raise ValueError(f"use one of {', '.join(s.value for s in Strategy)}") from None
-            elif name == "num_gpus":
-                if text.strip().lower() == AUTO:
-                    values[name] = AUTO
-                else:
-                    count = _parse_int(text)
-                    if not 1 <= count <= fitting.MAX_GPUS:
-                        raise ValueError(f"use {AUTO} or a count from 1 to {fitting.MAX_GPUS}")
-                    values[name] = count
-            elif name == "page":
-                if text.strip().lower() not in PAGES:
-                    raise ValueError(f"use one of {', '.join(PAGES)}")
-                values[name] = text.strip().lower()
-            elif name in ("token", "hf_token"):
-                raise ValueError("a token is never read from a link; type it in the token box")
-            else:
-                raise ValueError("the app has no such setting")
-        except ValueError as err:
-            refuse(name, str(err).rstrip("."))
-    mode = values.get("mode", JOB_DEFAULTS["mode"])
-    if "strategy" in values and Strategy(values["strategy"]) not in strategies_for(mode):
-        errors.append(
-            f"The link's strategy={params['strategy']!r} was ignored: for {mode} use one of "
-            f"{', '.join(s.value for s in strategies_for(mode))}."
-        )
-        del values["strategy"]
-    return values, errors
-
-
-def query_params_for(values: Mapping[str, object], job: Job) -> dict[str, str]:
-    """The URL query params that reproduce the view: every input shown, never the token."""
-    out: dict[str, str] = {}
-    if values.get("page", "estimate") != "estimate":
-        out["page"] = str(values["page"])
-    hub = str(values.get("hub_id") or "").strip()
-    if hub:
-        out["hub"] = hub
-    else:
-        out["model"] = str(values.get("model") or DEFAULT_MODEL)
-    job_values = job.to_dict()
-    for name in job.relevant_fields():
-        value = job_values[name]
-        if isinstance(value, bool):
-            out[name] = "true" if value else "false"
-        elif isinstance(value, float):
-            out[name] = f"{value:g}"
-        else:
-            out[name] = str(value)
-    for name in ("gpu", "vendor", "min_memory_gib", "strategy", "num_gpus"):
-        value = values.get(name)
-        if value is None:
-            continue
-        if name == "min_memory_gib":
-            value = f"{float(value):g}"
-        out[name] = str(value)
-    return out
-
-
-# -------------------------------------------------------------------------------------------------
 # Estimates and GPU counts
 # -------------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=2048)
@@ -323,88 +144,12 @@ def fits_for_gpus(model: Model, job: Job, gpus: Iterable, strategy: Strategy | N
 
 
 # -------------------------------------------------------------------------------------------------
-# The largest batch and the longest sequence that fit
+# The largest batch and the longest sequence that fit (the library's solver, over cached estimates)
 # -------------------------------------------------------------------------------------------------
-def largest_true(predicate: Callable[[int], bool], upper: int, start: int = 1, start_ok: bool | None = None) -> int:
-    """The largest n in [1, upper] with predicate(n) true, for a predicate true up to some n and false after.
-
-    Exponential search from `start` (doubling up while it holds, halving down while it fails),
-    then bisection of the bracket: O(log n) calls. 0 when predicate(1) is false.
-    """
-    start = min(max(int(start), 1), upper)
-    ok = predicate(start) if start_ok is None else start_ok
-    if ok:
-        lo, hi = start, None
-        while hi is None:
-            if lo >= upper:
-                return upper
-            probe = min(lo * 2, upper)
-            if predicate(probe):
-                lo = probe
-            else:
-                hi = probe
-    else:
-        hi, lo = start, None
-        while lo is None:
-            if hi <= 1:
-                return 0
-            probe = max(hi // 2, 1)
-            if predicate(probe):
-                lo = probe
-            else:
-                hi = probe
-    while hi - lo > 1:  # predicate(lo) holds, predicate(hi) fails
-        mid = (lo + hi) // 2
-        if predicate(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo
-
-
-@dataclass(frozen=True)
-class Limit:
-    """The largest value of one job field that still fits, with what it was solved for."""
-
-    field: str
-    value: int  # 0: not even 1 fits
-    upper: int  # the search's cap (Job's own limit)
-    gpu_name: str
-    num_gpus: int
-    strategy: Strategy
-    reason: str | None = None  # why the GPU cannot run the job at all
-
-    @property
-    def at_cap(self) -> bool:
-        return self.value >= self.upper
-
-
-def _fits_predicate(model: Model, gpu, strategy: Strategy, num_gpus: int) -> Callable[[Job], bool]:
-    capacity = int(gpu.usable_by_default_bytes)
-    if num_gpus == 1:
-        # One GPU, no distributed wrapper (DDP's buckets would only add memory): `fit` with `single`.
-        return lambda j: fitting.fit(cached_estimate(model, j), gpu, Strategy.SINGLE).gpus_needed == 1
-    # n GPUs with the strategy: the fullest GPU's device total against the capacity.
-    return lambda j: fitting.per_gpu(cached_estimate(model, j), strategy, num_gpus).device_total_bytes <= capacity
-
-
 @functools.lru_cache(maxsize=512)
 def largest_fitting(model: Model, job: Job, field_name: str, gpu_name: str, strategy: Strategy, num_gpus: int) -> Limit:
-    """Solve for the largest `field_name` (batch_size, seq_len or prompt_len) that fits `num_gpus` × the GPU.
-
-    The estimate is monotone in batch and length, so exponential search then bisection finds the
-    exact integer. Starts from the job's own value; `num_gpus == 1` means one GPU, no strategy.
-    """
-    gpu = gpu_db.find_gpu(gpu_name)
-    upper = LIMITS[field_name]
-    # `fit` decides whether the platform can run the job at all (bf16, bitsandbytes) with this
-    # helper, so the solver asks it the same way.
-    reason = fitting.unsupported_reason(regime_of(job), gpu)
-    if reason:
-        return Limit(field_name, 0, upper, gpu.name, num_gpus, strategy, reason)
-    ok = _fits_predicate(model, gpu, strategy, num_gpus)
-    value = largest_true(lambda n: ok(job.with_(**{field_name: n})), upper, start=getattr(job, field_name))
-    return Limit(field_name, value, upper, gpu.name, num_gpus, strategy)
+    """`estimator.limits.largest_fitting` for this model, with the app's cached estimates."""
+    return limits.largest_fitting(lambda j: cached_estimate(model, j), job, field_name, gpu_db.find_gpu(gpu_name), strategy, num_gpus)
 
 
 # -------------------------------------------------------------------------------------------------

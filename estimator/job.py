@@ -71,6 +71,15 @@ MAX_BATCH_SIZE = 1 << 16
 MAX_TOKENS = 1 << 24
 MAX_LORA_RANK = 1 << 16
 
+# The bound of each size field (Job refuses more; the app's inputs and the solvers stop there).
+FIELD_LIMITS = {
+    "batch_size": MAX_BATCH_SIZE,
+    "seq_len": MAX_TOKENS,
+    "prompt_len": MAX_TOKENS,
+    "new_tokens": MAX_TOKENS,
+    "lora_r": MAX_LORA_RANK,
+}
+
 DEFAULT_SEQ_LEN = 2048
 DEFAULT_PROMPT_LEN = 512
 DEFAULT_NEW_TOKENS = 256
@@ -126,13 +135,7 @@ class Job:
                 except ValueError:
                     choices = ", ".join(member.value for member in kind)
                     raise ValueError(f"{name} must be one of {choices}; got {value!r}") from None
-        for name, upper in (
-            ("batch_size", MAX_BATCH_SIZE),
-            ("seq_len", MAX_TOKENS),
-            ("prompt_len", MAX_TOKENS),
-            ("new_tokens", MAX_TOKENS),
-            ("lora_r", MAX_LORA_RANK),
-        ):
+        for name, upper in FIELD_LIMITS.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{name} must be a whole number; got {value!r}")

@@ -15,6 +15,8 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 import app_support as S
+from page_state import url as U
+from page_state import values as P
 import gpu_db
 from estimator import Job, estimate
 from estimator import fit as fitting
@@ -382,8 +384,8 @@ def test_absurd_sizes_are_stopped_by_the_widgets():
     at.number_input(key="batch_size").set_value(10**9).run()  # beyond max_value: the widget keeps its value
     assert not at.exception
     assert at.number_input(key="batch_size").value == 1
-    assert at.number_input(key="batch_size").max == S.LIMITS["batch_size"]
-    assert at.number_input(key="prompt_len").max == S.LIMITS["prompt_len"]
+    assert at.number_input(key="batch_size").max == P.LIMITS["batch_size"]
+    assert at.number_input(key="prompt_len").max == P.LIMITS["prompt_len"]
 
 
 def test_bad_lora_targets_and_a_bad_count():
@@ -514,19 +516,6 @@ def test_fast_gpu_counts_equal_the_library(name, job, strategy):
             assert S.fit_job(m, job, gpu, strategy, n) == expected
 
 
-@pytest.mark.parametrize("limit", [0, 1, 2, 3, 7, 8, 9, 100, 1023, 1024, 5000])
-@pytest.mark.parametrize("start", [1, 5, 64, 4096])
-def test_largest_true_matches_brute_force(limit, start):
-    calls = []
-
-    def pred(n):
-        calls.append(n)
-        return n <= limit
-
-    assert S.largest_true(pred, upper=5000, start=start) == min(limit, 5000)
-    assert len(calls) <= 2 * 13 + 2  # logarithmic, not linear
-
-
 @pytest.mark.parametrize("name,job,field_name,gpu", [
     ("Llama-3.1-8B", Job(), "batch_size", "H100 SXM 80GB"),
     ("Llama-3.1-8B", Job(), "prompt_len", "GeForce RTX 4090"),
@@ -576,15 +565,15 @@ def test_grid_covers_every_job_and_dtype():
 def test_query_params_round_trip_in_app_support():
     names = [e.name for e in __import__("estimator.catalog", fromlist=["load_catalog"]).load_catalog()]
     job = Job(mode="lora", batch_size=3, lora_alpha=16.5, lora_targets=("q_proj", "v_proj"))
-    values = {"model": "Qwen3-8B", "gpu": "L4", "vendor": "any", "min_memory_gib": 8.0, "strategy": "zero3", "num_gpus": S.AUTO,
+    values = {"model": "Qwen3-8B", "gpu": "L4", "vendor": "any", "min_memory_gib": 8.0, "strategy": "zero3", "num_gpus": P.AUTO,
               "hf_token": "hf_secret", "hub_id": ""}
-    params = S.query_params_for(values, job)
+    params = U.query_params_for(values, job)
     assert "hf_secret" not in json.dumps(params) and "hf_token" not in params
     assert params["lora_targets"] == "q_proj,v_proj" and params["lora_alpha"] == "16.5"
-    back, errs = S.parse_query_params(params, names)
+    back, errs = U.parse_query_params(params, names)
     assert errs == []
-    assert S.job_from_values(back) == job
-    assert back["model"] == "Qwen3-8B" and back["gpu"] == "L4" and back["num_gpus"] == S.AUTO
+    assert P.job_from_values(back) == job
+    assert back["model"] == "Qwen3-8B" and back["gpu"] == "L4" and back["num_gpus"] == P.AUTO
 
 
 def test_exports():
