@@ -63,21 +63,24 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
         kind = hints[f.name]
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help", f.name)
+        # Options that are not given stay out of the namespace (SUPPRESS), so a --training-args file
+        # can fill them and a flag given beside it wins.
         if kind is bool:
             if f.default:
-                p.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", help=help_text)
+                p.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", default=argparse.SUPPRESS,
+                               help=help_text)
             else:
-                p.add_argument(flag, dest=f.name, action="store_true", help=help_text)
+                p.add_argument(flag, dest=f.name, action="store_true", default=argparse.SUPPRESS, help=help_text)
             continue
         shown = f"{help_text} ({_default_text(f.default)})"
         if isinstance(kind, type) and issubclass(kind, enum.Enum):
-            p.add_argument(flag, dest=f.name, choices=[m.value for m in kind], default=f.default.value, help=shown)
+            p.add_argument(flag, dest=f.name, choices=[m.value for m in kind], default=argparse.SUPPRESS, help=shown)
         elif kind is int:
-            p.add_argument(flag, dest=f.name, type=_positive, default=f.default, help=shown)
+            p.add_argument(flag, dest=f.name, type=_positive, default=argparse.SUPPRESS, help=shown)
         elif kind is float:
-            p.add_argument(flag, dest=f.name, type=_fraction, default=f.default, help=shown)
+            p.add_argument(flag, dest=f.name, type=_fraction, default=argparse.SUPPRESS, help=shown)
         else:  # a tuple of names, given comma-separated
-            p.add_argument(flag, dest=f.name, default=_default_text(f.default), help=shown)
+            p.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, help=shown)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", help="Hub repo id or URL, a path to a config.json (or its folder), or a catalog name")
     _add_job_options(p)
+    p.add_argument("--training-args", action="append", metavar="FILE",
+                   help="a TrainingArguments/SFTConfig JSON or YAML (to_json_string()), an adapter_config.json or a "
+                        "BitsAndBytesConfig dict; repeatable; flags given beside it win")
     p.add_argument("--gpu", help="a GPU from gpu_db: also say how many are needed")
     p.add_argument("--strategy", help="multi-GPU strategy (see --help-strategies)")
     p.add_argument("--num-gpus", type=_positive, help="figures per GPU for this many GPUs")
@@ -98,9 +104,40 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def job_from_args(args: argparse.Namespace) -> Job:
-    """The `Job` of the parsed options: every field by its own name (Job validates the values)."""
-    return Job(**{f.name: getattr(args, f.name) for f in fields(Job)})
+def given_job_fields(args: argparse.Namespace) -> dict:
+    """The job fields given on the command line (the rest were left out of the namespace)."""
+    return {f.name: getattr(args, f.name) for f in fields(Job) if hasattr(args, f.name)}
+
+
+def job_from_args(args: argparse.Namespace, config: dict | None = None) -> tuple[Job, list[str]]:
+    """The `Job` of the parsed options (Job validates the values), and notes from --training-args.
+
+    With --training-args, the files give the job and the flags beside them win; the load dtype is
+    the model config's `torch_dtype` (transformers 5 loads with dtype="auto")."""
+    given = given_job_fields(args)
+    if not getattr(args, "training_args", None):
+        return Job(**given), []
+    from estimator.training_args import from_training_args, kind_of, read_config_file
+
+    configs: dict[str, dict] = {}
+    for path in args.training_args:
+        data = read_config_file(path)
+        kind = kind_of(data)
+        if kind in configs:
+            raise UsageError(f"--training-args: two {kind} configs given ({path}); give one of each kind")
+        configs[kind] = data
+    load = _config_load_dtype(config or {})
+    return from_training_args(configs.get("training"), configs.get("lora"), configs.get("bnb"), load_dtype=load,
+                              overrides=given)
+
+
+def _config_load_dtype(config: dict) -> str:
+    """The dtype `from_pretrained(dtype="auto")` loads: the config's `torch_dtype` (or `dtype`), bf16 if unsaid."""
+    for source in (config, config.get("text_config") if isinstance(config.get("text_config"), dict) else {}):
+        value = str(source.get("torch_dtype") or source.get("dtype") or "").removeprefix("torch.")
+        if value:
+            return {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(value, "bf16")
+    return "bf16"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,10 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     fit = which = None
     try:
         args = parser.parse_args(argv)
-        job = job_from_args(args)
         token = args.token or os.environ.get("HF_TOKEN") or None
         reference = args.model if not args.revision else f"{args.model}@{args.revision}"
+        if not args.training_args:
+            job, job_notes = job_from_args(args)  # bad flags are reported before any Hub request
         source = resolve(reference, token=token)
+        if args.training_args:
+            job, job_notes = job_from_args(args, source.config)
         result = estimate(source.config, job)
         if args.gpu or args.which_gpus:
             import gpu_db
@@ -136,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     if args.json:
-        print(json.dumps(json_object(source.name, source.origin, source.source, result, fit, source.notes, which=which), indent=2))
+        notes = tuple(source.notes) + tuple(job_notes)
+        print(json.dumps(json_object(source.name, source.origin, source.source, result, fit, notes, which=which), indent=2))
     else:
-        print(render_text(source.name, source, result, fit, which=which, num_gpus=args.num_gpus))
+        print(render_text(source.name, source, result, fit, which=which, num_gpus=args.num_gpus, extra_notes=job_notes))
     return 0

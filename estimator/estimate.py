@@ -13,6 +13,9 @@ training step (SPEC: the maximum over three steps, so the optimizer state from s
   embedding's gradient before it is added to lm_head's);
 - optimizer step: weights, state, gradients and the step's temporaries.
 
+With gradient accumulation (G > 1), micro-batches 2..G repeat the forward and backward phases with
+every gradient alive ("accumulating_…"), and the Trainer's G micro-batches of inputs stay on the GPU.
+
 For inference (`generate`): the prefill, with the prompt's KV cache and one layer's working set,
 and the last decoding step, with the full cache and the append's transient copy.
 
@@ -29,7 +32,7 @@ from dataclasses import dataclass, field
 from estimator import calibration
 from estimator.dtypes import FP32, tensor_bytes
 from estimator.inventory import Inventory, inventory_from_config
-from estimator.job import Job
+from estimator.job import Job, Loss
 from estimator.regime import Regime, Sizes, regime_of, sizes_of
 from estimator.terms import activations as act
 from estimator.terms import kv_cache, logits, optimizer, weights
@@ -148,18 +151,23 @@ def device_overheads(inv: Inventory, regime: Regime, sizes: Sizes, at_peak: Part
     return reserve, context
 
 
+def fused_loss(inv: Inventory, regime: Regime) -> bool:
+    """Liger's fused linear cross-entropy replaces lm_head and the loss (no N×V logits)."""
+    return regime.training and regime.loss is Loss.LIGER and act.liger_patches(inv) and inv.lm_head is not None
+
+
 def _allocator_reserve(inv: Inventory, regime: Regime, sizes: Sizes, dynamic: int) -> int:
     """Reserved-but-free memory at the peak (the caching allocator keeps freed blocks cached).
 
     Training: the loss's backward needs two fp32 N×V blocks while only the fp32 upcast's block has
     been freed; the half-precision logits' block is too small to host the other, so it stays
-    cached and a new segment is reserved. Inference: the KV cache's growth by concatenation leaves
+    cached and a new segment is reserved (not with Liger's fused loss, which has no N×V buffers). Inference: the KV cache's growth by concatenation leaves
     blocks too small to reuse (calibration.KV_CAT_FRAGMENTATION). Beyond that, freed temporaries of
     other sizes leave holes in proportion to the memory that comes and goes
     (calibration.ALLOCATOR_FRAGMENTATION).
     """
     hole = 0
-    if regime.training and regime.compute != FP32:
+    if regime.training and regime.compute != FP32 and not fused_loss(inv, regime):
         hole = tensor_bytes(sizes.training_tokens * inv.vocab_size, regime.compute)
     if not regime.training and inv.use_cache:
         final = kv_cache.cache_bytes(inv, sizes.batch, sizes.final_len, regime.compute)
@@ -218,9 +226,19 @@ def _training_phases(inv: Inventory, regime: Regime, sizes: Sizes, base: int, ad
     copies_forward = max(saved.weight_copies_cached_bytes, copies_backward)
     activations_total = int(layers + outside)
 
-    lg = logits.training_logits(tokens, inv.vocab_size, regime.compute, inv.final_logit_softcapping is not None)
+    if fused_loss(inv, regime):
+        matmul = regime.compute if regime.autocast else regime.storage
+        lg = logits.fused_linear_cross_entropy(tokens, inv.vocab_size, inv.hidden_size, regime.residual, matmul,
+                                               regime.storage, regime.base_trainable)
+    else:
+        lg = logits.training_logits(tokens, inv.vocab_size, regime.compute, inv.final_logit_softcapping is not None)
+    # The batch on the GPU: SPEC's loop keeps one int64 [B, S] (labels are the same tensor); the
+    # Trainer fetches every micro-batch of a step up front (Trainer.get_batch_samples), each an int64
+    # input_ids and labels [B, S], alive until the optimizer step.
+    inputs = (sizes.accumulation * 2 if regime.trainer else 1) * tensor_bytes(tokens, "int64")
 
     static = dict(weights=base + calibration.CUBLAS_WORKSPACE_BYTES, lora_adapters=adapters, optimizer_state=opt.state_bytes)
+    activations_total += inputs
     forward_end = parts(**static, activations=activations_total, autocast_weight_copies=copies_forward,
                         logits=lg.forward_peak_bytes)
     backward_start = parts(**static, activations=activations_total, autocast_weight_copies=copies_backward,
@@ -241,8 +259,8 @@ def _training_phases(inv: Inventory, regime: Regime, sizes: Sizes, base: int, ad
     if inv.tied_embeddings:  # the embedding's gradient before it is added to lm_head's
         embeddings = {p.name for p in inv.params if p.kind == "embedding"}
         tied_transient = sum(tensor_bytes(p.numel, p.dtype) for p in train if p.kind == "base" and p.name in embeddings)
-    backward_end = parts(**static, gradients=grads, temporaries=tied_transient)
-    step = parts(**static, gradients=grads, temporaries=opt.step_temp_bytes)
+    backward_end = parts(**static, activations=inputs, gradients=grads, temporaries=tied_transient)
+    step = parts(**static, activations=inputs, gradients=grads, temporaries=opt.step_temp_bytes)
     phases = {
         "forward_end": forward_end,
         "backward_start": backward_start,
@@ -250,4 +268,13 @@ def _training_phases(inv: Inventory, regime: Regime, sizes: Sizes, base: int, ad
         "backward_end": backward_end,
         "optimizer_step": step,
     }
+    if sizes.accumulation > 1:
+        # Micro-batches after the first run with every gradient of the step so far alive
+        # (accumulated in place), and each new gradient arrives as a temporary that AccumulateGrad
+        # adds into the kept one: at the end of the backward, the largest trainable tensor's.
+        largest = max((tensor_bytes(p.numel, p.dtype) for p in train), default=0)
+        for name in ("forward_end", "backward_start", "backward_layers"):
+            phases["accumulating_" + name] = {c: v + (grads if c is Component.GRADIENTS else 0) for c, v in phases[name].items()}
+        phases["accumulating_backward_end"] = parts(**static, activations=inputs, gradients=grads,
+                                                    temporaries=max(largest, tied_transient))
     return phases, opt.paged_bytes

@@ -36,13 +36,16 @@ class Weights(str, enum.Enum):
 
 
 class Precision(str, enum.Enum):
-    """Full fine-tuning precision. `amp_*` is the HF Trainer's bf16=True/fp16=True: fp32 weights, autocast forward."""
+    """Full fine-tuning precision. `amp_*` is the HF Trainer's bf16=True/fp16=True on an fp32-loaded
+    model: fp32 weights, autocast forward. `bf16_autocast` is the Trainer's bf16=True on a bf16-loaded
+    model (transformers 5's default `dtype="auto"` for bf16 checkpoints): bf16 weights under autocast."""
 
     AMP_BF16 = "amp_bf16"
     AMP_FP16 = "amp_fp16"
     BF16 = "bf16"
     FP16 = "fp16"
     FP32 = "fp32"
+    BF16_AUTOCAST = "bf16_autocast"
 
     @property
     def is_amp(self) -> bool:
@@ -58,6 +61,14 @@ class BaseDtype(str, enum.Enum):
 class Quant(str, enum.Enum):
     NF4 = "nf4"
     FP4 = "fp4"
+
+
+class Loss(str, enum.Enum):
+    """How the loss is computed: transformers' cross-entropy over materialized logits, or Liger's
+    fused linear cross-entropy with its kernels (`use_liger_kernel=True`)."""
+
+    STANDARD = "standard"
+    LIGER = "liger"
 
 
 class Attention(str, enum.Enum):
@@ -78,6 +89,7 @@ FIELD_LIMITS = {
     "prompt_len": MAX_TOKENS,
     "new_tokens": MAX_TOKENS,
     "lora_r": MAX_LORA_RANK,
+    "gradient_accumulation_steps": MAX_BATCH_SIZE,
 }
 
 DEFAULT_SEQ_LEN = 2048
@@ -115,6 +127,9 @@ class Job:
     lora_targets: tuple[str, ...] = _option(("all-linear",), "all-linear or NAME[,NAME...]")
     optimizer: Optimizer = _option(Optimizer.ADAMW_FUSED, "optimizer")
     gradient_checkpointing: bool = _option(False, "recompute activations in backward")
+    gradient_accumulation_steps: int = _option(1, "micro-batches per optimizer step (the Trainer's)")
+    loss: Loss = _option(Loss.STANDARD, "loss: standard cross-entropy, or Liger's fused kernels")
+    trainer: bool = _option(False, "train as transformers.Trainer runs it (its micro-batches and optimizer set-up)")
     attn: Attention = _option(Attention.SDPA, "attention implementation")
 
     def __post_init__(self) -> None:
@@ -125,6 +140,7 @@ class Job:
             "base_dtype": BaseDtype,
             "quant": Quant,
             "optimizer": Optimizer,
+            "loss": Loss,
             "attn": Attention,
         }
         for name, kind in coerce.items():
@@ -194,7 +210,7 @@ class Job:
         common = ("mode", "batch_size", "attn")
         if self.mode is Mode.INFERENCE:
             return common + ("prompt_len", "new_tokens", "weights")
-        training = ("seq_len", "optimizer", "gradient_checkpointing")
+        training = ("seq_len", "optimizer", "gradient_checkpointing", "gradient_accumulation_steps", "loss", "trainer")
         if self.mode is Mode.FULL:
             return common + training + ("precision",)
         lora = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets")

@@ -92,12 +92,12 @@ def _adafactor(train: tuple[Trainable, ...], shapes: Shapes) -> OptimizerMemory:
     return OptimizerMemory(state, 0, temp)
 
 
-def _bnb(eight_bit: bool, paged: bool) -> Callable[[tuple[Trainable, ...], Shapes], OptimizerMemory]:
-    def memory(train: tuple[Trainable, ...], shapes: Shapes) -> OptimizerMemory:
+def _bnb(eight_bit: bool, paged: bool) -> Callable[..., OptimizerMemory]:
+    def memory(train: tuple[Trainable, ...], shapes: Shapes, fp32_state: frozenset[str] = frozenset()) -> OptimizerMemory:
         state = 0
         paged_bytes = 0
         for p in train:
-            if eight_bit and p.numel >= BNB_MIN_8BIT_SIZE:
+            if eight_bit and p.numel >= BNB_MIN_8BIT_SIZE and p.name not in fp32_state:
                 one = tensor_bytes(p.numel, "uint8")
                 absmax = tensor_bytes(math.ceil(p.numel / BNB_OPTIMIZER_BLOCKSIZE), "fp32")
                 state += 2 * absmax
@@ -116,7 +116,9 @@ def _bnb(eight_bit: bool, paged: bool) -> Callable[[tuple[Trainable, ...], Shape
 class OptimizerEntry:
     """One optimizer.
 
-    `memory(trainable, shapes)` gives its state and step temporaries; `feature` is the platform
+    `memory(trainable, shapes)` gives its state and step temporaries (8-bit entries also take
+    `fp32_state`, names kept in 32-bit by a `GlobalOptimManager` override); `state_bits` is 8 for
+    bitsandbytes' 8-bit states; `feature` is the platform
     feature of gpu_db/platforms.yaml it needs (None: any platform); `paged` whether its state lives
     in CUDA managed memory; `factory` the class and keyword arguments it stands for (the validation
     harness builds exactly that); `trainer_optim` the `TrainingArguments.optim` names that build it.
@@ -129,6 +131,7 @@ class OptimizerEntry:
     feature: str | None = None
     paged: bool = False
     trainer_optim: tuple[str, ...] = ()
+    state_bits: int = 32
 
     @property
     def uses_bitsandbytes(self) -> bool:
@@ -151,10 +154,10 @@ OPTIMIZERS: dict[str, OptimizerEntry] = {
                        ("torch.optim.AdamW", {"lr": _LR, "foreach": True}), trainer_optim=("adamw_torch",)),
         OptimizerEntry("adamw_8bit", "bitsandbytes.optim.AdamW8bit", _bnb(eight_bit=True, paged=False),
                        ("bitsandbytes.optim.AdamW8bit", {"lr": _LR}), feature="bnb_optim_8bit",
-                       trainer_optim=("adamw_bnb_8bit", "adamw_8bit")),
+                       trainer_optim=("adamw_bnb_8bit", "adamw_8bit"), state_bits=8),
         OptimizerEntry("paged_adamw_8bit", "bitsandbytes.optim.PagedAdamW8bit", _bnb(eight_bit=True, paged=True),
                        ("bitsandbytes.optim.PagedAdamW8bit", {"lr": _LR}), feature="bnb_paged_optim", paged=True,
-                       trainer_optim=("paged_adamw_8bit",)),
+                       trainer_optim=("paged_adamw_8bit",), state_bits=8),
         OptimizerEntry("paged_adamw_32bit", "bitsandbytes.optim.PagedAdamW32bit", _bnb(eight_bit=False, paged=True),
                        ("bitsandbytes.optim.PagedAdamW32bit", {"lr": _LR}), feature="bnb_paged_optim", paged=True,
                        trainer_optim=("paged_adamw_32bit",)),

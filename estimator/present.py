@@ -114,7 +114,7 @@ def _gib(n: int) -> str:
 
 
 def render_text(name: str, source, result: Estimate, fit: Fit | None = None, which: list[Fit] | None = None,
-                num_gpus: int | None = None) -> str:
+                num_gpus: int | None = None, extra_notes=()) -> str:
     """The CLI's answer for people: the job, the breakdown at the peak, the fit, the notes."""
     job = result.job
     lines = [f"{name}  ({source.origin}: {source.source})"]
@@ -134,7 +134,7 @@ def render_text(name: str, source, result: Estimate, fit: Fit | None = None, whi
     elif which is not None:
         lines.append("")
         lines.extend(which_gpus_lines(which))
-    for note in tuple(source.notes) + tuple(n for n in result.notes if n not in source.notes):
+    for note in tuple(source.notes) + tuple(extra_notes) + tuple(n for n in result.notes if n not in source.notes):
         lines.append(f"note: {note}")
     return "\n".join(lines)
 

@@ -8,7 +8,8 @@ downstream compares mode or dtype strings again. The rules, from SPEC and the li
   keep every unquantized parameter in bf16 and compute in bf16. No autocast.
 - full: `amp_*` is the Trainer's bf16=True/fp16=True on an fp32-loaded model: fp32 weights,
   gradients and optimizer state, the forward under autocast. `bf16`/`fp16`/`fp32` load in that
-  dtype and run without autocast.
+  dtype and run without autocast; `bf16_autocast` loads in bf16 and runs under bf16 autocast (the
+  Trainer's bf16=True on a bf16 checkpoint loaded with `dtype="auto"`).
 - lora: the base loads in `base_dtype`, the forward runs under bf16 autocast, and PEFT keeps the
   adapters in fp32 (`autocast_adapter_dtype=True`), so their gradients are fp32 too.
 - qlora: bitsandbytes 4-bit linears; `prepare_model_for_kbit_training` casts every other
@@ -24,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from estimator.dtypes import BF16, DTYPES, FP16, FP32, DType
-from estimator.job import Attention, Job, Mode
+from estimator.job import Attention, Job, Loss, Mode, Precision
 from estimator.optimizers import OPTIMIZERS, OptimizerEntry
 from estimator.quantizers import QUANTIZERS, Quantizer
 
@@ -56,6 +57,8 @@ class Regime:
     optimizer: OptimizerEntry | None  # training only
     gradient_checkpointing: bool
     attn: Attention
+    loss: Loss = Loss.STANDARD
+    trainer: bool = False  # transformers.Trainer's loop rather than SPEC's plain one
 
     @property
     def training(self) -> bool:
@@ -93,10 +96,11 @@ class Regime:
 class Sizes:
     """The job's sizes, in sequences and tokens."""
 
-    batch: int
+    batch: int  # sequences per micro-batch (training) or per generate call
     seq_len: int  # training tokens per sequence
     prompt_len: int  # inference prompt tokens
     new_tokens: int  # inference generated tokens
+    accumulation: int = 1  # micro-batches per optimizer step
 
     @property
     def training_tokens(self) -> int:
@@ -110,7 +114,7 @@ class Sizes:
 
 
 def sizes_of(job: Job) -> Sizes:
-    return Sizes(job.batch_size, job.seq_len, job.prompt_len, job.new_tokens)
+    return Sizes(job.batch_size, job.seq_len, job.prompt_len, job.new_tokens, job.gradient_accumulation_steps)
 
 
 def regime_of(job: Job) -> Regime:
@@ -120,7 +124,8 @@ def regime_of(job: Job) -> Regime:
         adapter = Adapter(job.lora_r, job.lora_alpha, job.lora_dropout, job.lora_targets)
     optimizer = OPTIMIZERS[job.optimizer.value] if job.is_training else None
     common = dict(optimizer=optimizer, gradient_checkpointing=job.gradient_checkpointing and job.is_training,
-                  attn=job.attn, adapter=adapter)
+                  attn=job.attn, adapter=adapter, loss=job.loss if job.is_training else Loss.STANDARD,
+                  trainer=job.trainer and job.is_training)
     if job.mode is Mode.INFERENCE:
         quantizer = QUANTIZERS.get(job.weights.value)
         storage = BF16 if quantizer is not None else DTYPES[job.weights.value]
@@ -129,6 +134,8 @@ def regime_of(job: Job) -> Regime:
         if job.precision.is_amp:
             compute = {"amp_bf16": BF16, "amp_fp16": FP16}[job.precision.value]
             return Regime(job.mode, FP32, FP32, compute, True, True, None, job.double_quant, **common)
+        if job.precision is Precision.BF16_AUTOCAST:  # bf16 weights, the forward under bf16 autocast anyway
+            return Regime(job.mode, BF16, BF16, BF16, True, True, None, job.double_quant, **common)
         dtype = DTYPES[job.precision.value]
         return Regime(job.mode, dtype, dtype, dtype, False, True, None, job.double_quant, **common)
     if job.mode is Mode.LORA:

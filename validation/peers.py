@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 
 from estimator.inventory import Inventory
+from estimator.regime import regime_of
 from estimator.job import Job, Mode
 
 MB = 1024**2  # gpu_poor's "MB" (it divides bytes by 1024²)
@@ -37,11 +38,9 @@ def _peer_dtype(job: Job) -> str:
     """The dtype tab a user would read for this job."""
     if job.mode is Mode.INFERENCE:
         return {"nf4": "int4", "fp4": "int4"}.get(job.weights.value, job.weights.value)
-    if job.mode is Mode.FULL:
-        return "fp32" if job.precision.is_amp else job.precision.value
-    if job.mode is Mode.LORA:
-        return job.base_dtype.value
-    return "int4"
+    if job.mode is Mode.QLORA:
+        return "int4"
+    return regime_of(job).storage.name  # full fine-tuning and LoRA: the weights as loaded
 
 
 def can_it_run_llm(inv: Inventory, job: Job, lora_percent: float = 2.0) -> int:

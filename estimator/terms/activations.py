@@ -37,6 +37,12 @@ peft 0.21, bitsandbytes 0.50) and checked against the saved-tensor census that
 - Dropout (p > 0, training) saves a bool mask when its input needs a gradient.
 - In LoRA and QLoRA the embedding is frozen, so nothing before layer 0's first adapter needs a
   gradient: layer 0 saves less than the others.
+- Liger's kernels (`use_liger_kernel=True`, liger-kernel 0.8.5, for the model types it patches):
+  `LigerRMSNorm` saves its input as given and an fp32 rstd per row (`ops/rms_norm.py`), not an
+  fp32 copy; `LigerSiLUMulFunction` saves the gate and up projections and recomputes the
+  activation (`ops/swiglu.py`); `LigerRopeFunction` saves only cos and sin and keeps q and k in
+  their dtype (`ops/rope.py`); the fused linear cross-entropy replaces `lm_head`, so its input is
+  not saved (the loss term counts what it keeps: `terms/logits.py`).
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ from dataclasses import dataclass, field
 
 from estimator.dtypes import BF16, BOOL, FP16, FP32, INT64, DType
 from estimator.inventory import Inventory, Linear
-from estimator.job import Attention
+from estimator.job import Attention, Loss
 from estimator.regime import Regime, Sizes
 from estimator.terms import weights
 
@@ -115,6 +121,13 @@ class Flow:
     @property
     def lora_r(self) -> int:
         return self.regime.adapter.r if self.regime.adapter is not None else 0
+
+    @property
+    def liger(self) -> bool:
+        """Liger's kernels replace the norms, the gated activation, RoPE and the loss."""
+        return self.regime.loss is Loss.LIGER and self.liger_supported
+
+    liger_supported: bool = False  # the model type is one liger-kernel patches
 
     @property
     def lora_dropout(self) -> float:
@@ -207,6 +220,11 @@ class Trace:
     def rms_norm(self, x: T, width: int | None = None, gemma: bool = False) -> T:
         w = width or x.width
         trainable = self.f.base_trainable
+        if self.f.liger:  # LigerRMSNorm: saves X as given and rstd; Y in X's dtype
+            if x.grad or trainable:
+                self.save(x)
+                self.save_bytes(FP32 * (x.width / w))
+            return self.new(x.width, x.dtype, x.grad or trainable)
         if x.grad:
             self.save(self.cast(x, FP32))  # x.to(float32), read by pow and by * rsqrt
             self.save_bytes(FP32 * (x.width / w))  # rsqrt, one per normalized row
@@ -333,15 +351,28 @@ def _split(lins: tuple[Linear, ...]) -> dict[str, list[Linear]]:
 def _gated_mlp(tr: Trace, x: T, ins: list[Linear], outs: list[Linear]) -> T:
     if not ins or not outs:
         return x
+    liger = tr.f.liger and tr.inv.mlp_gated
     if len(ins) == 1:  # fused gate_up (Phi-3) or a plain fc1 (GPT-2, OPT)
         h = tr.linear(x, ins[0])
-        if tr.inv.mlp_gated:
+        if liger:  # LigerSiLUMulFunction(gate, up): saves both halves (one storage), recomputes the activation
+            if h.grad:
+                tr.save(h)
+            p = tr.new(h.width / 2, h.dtype, h.grad)
+        elif tr.inv.mlp_gated:
             gate = T(h.width / 2, h.dtype, h.grad, h.sid)  # chunk(2): views of one storage
             up = T(h.width / 2, h.dtype, h.grad, h.sid)
             a = tr.activation(gate)
             p = tr.mul(up, a)
         else:
             p = tr.activation(h)
+    elif liger:  # LigerSiLUMulFunction(gate_proj(x), up_proj(x)): saves gate and up
+        gate = tr.linear(x, ins[0])
+        up = tr.linear(x, ins[1])
+        grad = gate.grad or up.grad
+        if grad:
+            tr.save(gate)
+            tr.save(up)
+        p = tr.new(gate.width, gate.dtype, grad)
     else:
         gate = tr.linear(x, ins[0])
         a = tr.activation(gate)
@@ -405,7 +436,10 @@ def trace_layer(tr: Trace, x: T, layer: int) -> T:
     if inv.qk_norm:
         q = tr.rms_norm(q, width=inv.head_dim)
         k = tr.rms_norm(k, width=inv.kv_head_dim)
-    if not inv.learned_positions:  # RoPE: q*cos + rotate_half(q)*sin, cos/sin in the embedding dtype
+    if f.liger and not inv.learned_positions:  # LigerRopeFunction: q and k keep their dtype, cos/sin saved
+        q = tr.new(q.width, q.dtype, q.grad)
+        k = tr.new(k.width, k.dtype, k.grad)
+    elif not inv.learned_positions:  # RoPE: q*cos + rotate_half(q)*sin, cos/sin in the embedding dtype
         q = tr.new(q.width, promote(q.dtype, f.residual), q.grad)
         k = tr.new(k.width, promote(k.dtype, f.residual), k.grad)
     o = tr.attention(q, k, v)
@@ -461,7 +495,24 @@ def flow_of(inv: Inventory, regime: Regime) -> Flow:
     adapted = frozenset(lin.name for lin in weights.lora_targets(inv, regime))
     placed = weights.placements(inv, regime)
     quantized = frozenset(p.name.removesuffix(".weight") for p in placed if p.kind == "quantized")
-    return Flow(regime, adapted, quantized)
+    return Flow(regime, adapted, quantized, liger_supported=liger_patches(inv))
+
+
+# The model types liger-kernel 0.8.5 patches (liger_kernel/transformers/monkey_patch.py,
+# MODEL_TYPE_TO_APPLY_LIGER_FN); for any other, `use_liger_kernel=True` changes nothing.
+LIGER_MODEL_TYPES = frozenset((
+    "deepseek_v2", "deepseek_v3", "deepseek_v4", "gemma", "gemma2", "gemma3_text", "gemma3", "gemma4_text", "gemma4",
+    "glm4", "glm4v", "glm4v_moe", "gpt_oss", "internvl", "llama", "llama4_text", "llama4", "llava", "granite",
+    "mllama", "mllama_text_model", "ministral", "mistral", "mixtral", "nemotron", "olmo2", "pixtral", "olmo3",
+    "qwen2", "qwen3", "qwen3_moe", "qwen2_vl", "qwen2_vl_text", "qwen2_5_vl", "qwen2_5_vl_text", "qwen3_next",
+    "qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_vl", "qwen3_vl_text", "qwen3_vl_moe",
+    "qwen3_vl_moe_text", "smollm3", "phi3", "paligemma", "falcon_h1", "smolvlm", "hunyuan_v1_dense",
+    "hunyuan_v1_moe", "exaone4",
+))
+
+
+def liger_patches(inv: Inventory) -> bool:
+    return inv.model_type in LIGER_MODEL_TYPES
 
 
 def _saved_activations(inv: Inventory, regime: Regime, seq_len: int) -> SavedActivations:
@@ -506,7 +557,7 @@ def _saved_activations(inv: Inventory, regime: Regime, seq_len: int) -> SavedAct
     copies_before = tr.weight_copies_saved
     h = tr.norm(x)
     lm_head = inv.lm_head
-    if lm_head is not None:
+    if lm_head is not None and not f.liger:  # Liger's fused loss replaces lm_head (terms/logits.py)
         tr.linear(h, lm_head)
     outside += sum(tr.saved.values()) - before
     return SavedActivations(

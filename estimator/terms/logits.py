@@ -14,6 +14,14 @@ Backward, at its start: `nll_loss`'s gradient (4·N·V, a zeroed tensor), `log_s
 Gemma-style final soft-capping (`logits / cap`, `tanh`, `* cap`) adds the saved `tanh` output
 (c·N·V) and one more c·N·V temporary in the forward.
 
+Liger's fused linear cross-entropy (`liger_kernel/ops/fused_linear_cross_entropy.py`, 0.8.5)
+never materializes the N×V logits: it walks the tokens in chunks of
+`next_power_of_2(ceil(N / ceil(V / H)))` (at most N) and, in the forward, computes each chunk's
+logits (in the matmul's dtype), the loss and its gradient in place, the chunk's input gradient and
+its share of lm_head's weight gradient. It keeps `grad_input` (N×H, the hidden state's dtype) and
+`grad_weight` (lm_head's shape and dtype, when it trains) for the backward, which hands them on
+as the gradients. Under autocast a weight of another dtype is cast for the chunk's matmuls.
+
 Inference: `generate` asks for the last position only (`logits_to_keep=1`) and copies it to fp32
 (`outputs.logits[:, -1, :].to(copy=True, dtype=torch.float32)`).
 """
@@ -41,6 +49,26 @@ def training_logits(tokens: int, vocab: int, logits_dtype: DType, softcap: bool)
     forward_peak = model_logits + upcast + log_softmax + softcap_saved
     backward_peak = 3 * tensor_bytes(nv, "fp32") + softcap_saved
     return LogitsMemory(forward_peak, backward_peak)
+
+
+def liger_chunk(tokens: int, vocab: int, hidden: int) -> int:
+    """Tokens per chunk of Liger's fused linear cross-entropy (its `chunk_size`)."""
+    inc_factor = -(-vocab // hidden)
+    chunk = 1 << max(0, (-(-tokens // inc_factor) - 1).bit_length())  # triton.next_power_of_2
+    return min(chunk, tokens)
+
+
+def fused_linear_cross_entropy(tokens: int, vocab: int, hidden: int, hidden_dtype: DType, matmul_dtype: DType,
+                               weight_dtype: DType, weight_trains: bool) -> LogitsMemory:
+    """Liger's fused loss, in bytes: what it keeps for the backward, and its forward's peak."""
+    grad_input = tensor_bytes(tokens * hidden, hidden_dtype)
+    grad_weight = tensor_bytes(vocab * hidden, weight_dtype) if weight_trains else 0
+    kept = grad_input + grad_weight
+    chunk = liger_chunk(tokens, vocab, hidden)
+    per_token = tensor_bytes(tokens, "fp32") + tensor_bytes(tokens, "bool") + 2 * tensor_bytes(tokens, "int64")
+    chunk_work = tensor_bytes(chunk * vocab, matmul_dtype) + 2 * tensor_bytes(chunk * hidden, matmul_dtype)
+    cast = tensor_bytes(vocab * hidden, matmul_dtype) if weight_dtype != matmul_dtype else 0
+    return LogitsMemory(kept + per_token + chunk_work + cast, kept)
 
 
 def generate_logits_bytes(batch: int, vocab: int, dtype: DType) -> int:

@@ -3,6 +3,9 @@
 - Gradients: one per trainable tensor, in its dtype (autograd's `AccumulateGrad`).
 - Optimizer state and step temporaries: the regime's optimizer entry (`estimator/optimizers.py`,
   where each optimizer's sources are cited) over the trainable tensors and their shapes.
+- The Trainer with a bitsandbytes 8-bit optimizer (`Trainer.create_optimizer`, transformers 5.17)
+  registers every `nn.Embedding`'s weight with bitsandbytes' `GlobalOptimManager` for 32-bit
+  states, so the embeddings (and a tied lm_head) keep fp32 states.
 """
 
 from __future__ import annotations
@@ -35,4 +38,8 @@ def _optimizer_and_gradients(inv: Inventory, regime: Regime) -> tuple[OptimizerM
         for lin in weights.lora_targets(inv, regime):
             shapes[lin.name + ".lora_A"] = (r, lin.in_features)
             shapes[lin.name + ".lora_B"] = (lin.out_features, r)
-    return regime.optimizer.memory(train, shapes), gradient_bytes(train)
+    entry = regime.optimizer
+    if regime.trainer and entry.state_bits == 8:
+        fp32_state = frozenset(p.name for p in inv.params if p.kind == "embedding")
+        return entry.memory(train, shapes, fp32_state), gradient_bytes(train)
+    return entry.memory(train, shapes), gradient_bytes(train)
