@@ -146,8 +146,9 @@ def test_committed_report_regenerates_byte_for_byte(tmp_path):
     """`python -m validation.report --plot ''` rewrites validation/REPORT.md exactly (issue 10)."""
     from validation import report
 
-    out, data = tmp_path / "REPORT.md", tmp_path / "accuracy.json"
-    assert report.main(["--out", str(out), "--plot", "", "--data", str(data)]) == 0
+    out, data, h200 = tmp_path / "REPORT.md", tmp_path / "accuracy.json", tmp_path / "REPORT_H200.md"
+    assert report.main(["--out", str(out), "--plot", "", "--data", str(data), "--h200", str(h200)]) == 0
+    assert h200.read_text() == Path(report.H200_PATH).read_text()
     assert out.read_text() == Path(report.REPORT_PATH).read_text()
     # the app's accuracy page reads this file: it must be the report's own figures
     assert data.read_text() == Path(report.DATA_PATH).read_text()
