@@ -1,0 +1,58 @@
+"""The measured constants (estimator/calibration.yaml) against the committed rows they come from."""
+
+from __future__ import annotations
+
+import glob
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from estimator import calibration
+
+ROOT = Path(__file__).resolve().parent.parent
+MIB = 1024**2
+
+
+def _rows(pattern: str) -> list[dict]:
+    paths = sorted(glob.glob(str(ROOT / pattern)))
+    assert paths, f"no results at {pattern}"
+    return [json.loads(line) for p in paths for line in Path(p).read_text().splitlines() if line.strip()]
+
+
+def _over_reserved_mib(rows: list[dict], mode: str, weights: str | None = None) -> list[float]:
+    out = []
+    for r in rows:
+        job = r["job"]
+        if r.get("status") != "ok" or job["mode"] != mode or (weights and job.get("weights") != weights):
+            continue
+        if mode != "inference" and "paged" in job["optimizer"]:
+            continue  # paged state lives outside the allocator: its own term
+        out.append((r["device_total_bytes"] - r["peak_reserved_bytes"]) / MIB)
+    assert out, (mode, weights)
+    return out
+
+
+@pytest.mark.parametrize("gpu", sorted(calibration.PER_GPU))
+def test_each_gpu_constant_is_what_its_rows_show(gpu):
+    c = calibration.PER_GPU[gpu]
+    rows = _rows(c.results)
+    assert abs(statistics.median(r["context_bytes"] for r in rows) / MIB - c.cuda_context_bytes / MIB) <= 0.5
+    assert {r["blas_workspace_allocated_bytes"] for r in rows} == {c.cublas_workspace_bytes}
+    present = {r["job"].get("weights") for r in rows if r["job"]["mode"] == "inference"} - {"int8"}
+    inference = [x for w in sorted(present) for x in _over_reserved_mib(rows, "inference", w)]
+    fixed = (c.cuda_context_bytes + c.cublas_handles_bytes) / MIB
+    assert min(inference) <= fixed <= max(inference)
+    fp32 = statistics.median(_over_reserved_mib(rows, "inference", "fp32"))
+    training = statistics.median(_over_reserved_mib(rows, "full") + _over_reserved_mib(rows, "lora"))
+    assert abs(training - fp32 - c.autograd_thread_bytes / MIB) <= 2
+    int8 = statistics.median(_over_reserved_mib(rows, "inference", "int8"))
+    assert abs(int8 - fixed - c.bnb_int8_kernels_bytes / MIB) <= 4
+
+
+def test_the_estimate_uses_the_reference_gpu():
+    ref = calibration.PER_GPU[calibration.REFERENCE]
+    assert calibration.CUDA_CONTEXT_BYTES == ref.cuda_context_bytes
+    assert calibration.CUBLAS_HANDLES_BYTES == ref.cublas_handles_bytes
+    assert {"H100 SXM 80GB", "H200 SXM 141GB"} <= set(calibration.PER_GPU)
