@@ -15,7 +15,7 @@ import app_support as S
 from page_state import url as U
 from page_state import values as P
 import gpu_db
-from estimator import Attention, Component, BaseDtype, Mode, Optimizer, Precision, Quant, Weights
+from estimator import Attention, BaseDtype, Component, Loss, Mode, Optimizer, Precision, Quant, Weights
 from estimator import present
 from estimator.fit import MULTI_GPU_NOTE, Strategy
 from estimator.sources import ModelConfig
@@ -154,6 +154,14 @@ def job_inputs() -> None:
     if "optimizer" in relevant:
         st.sidebar.selectbox("Optimizer", _values(Optimizer), key="optimizer")
         st.sidebar.checkbox("Gradient checkpointing", key="gradient_checkpointing")
+    if "gradient_accumulation_steps" in relevant:
+        col = st.sidebar.columns(2)
+        col[0].number_input("Gradient accumulation", min_value=1, max_value=P.LIMITS["gradient_accumulation_steps"], step=1,
+                            key="gradient_accumulation_steps", help="micro-batches per optimizer step (the Trainer's gradient_accumulation_steps)")
+        col[1].selectbox("Loss", _values(Loss), key="loss",
+                         help="standard: transformers' cross-entropy over the logits; liger: use_liger_kernel=True (fused loss and kernels)")
+        st.sidebar.checkbox("Through the HF Trainer", key="trainer",
+                            help="transformers.Trainer's loop: micro-batches fetched up front, 8-bit optimizers keep embeddings in 32-bit")
     st.sidebar.selectbox("Attention", _values(Attention), key="attn")
 
 

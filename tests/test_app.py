@@ -144,6 +144,23 @@ def test_every_job_and_dtype_renders(mode, field, value):
         assert shown == (name in relevant), name
 
 
+def test_accumulation_loss_and_trainer_knobs_reach_the_estimate_and_the_link():
+    at = app()
+    at.radio(key="mode").set_value("full").run()
+    before = headline(at)
+    at.number_input(key="gradient_accumulation_steps").set_value(4).run()
+    at.selectbox(key="loss").set_value("liger").run()
+    at.checkbox(key="trainer").check().run()
+    assert_clean(at)
+    assert headline(at) != before
+    assert (at.query_params["gradient_accumulation_steps"], at.query_params["loss"], at.query_params["trainer"]) == ("4", "liger", "true")
+    again = app(**{k: v for k, v in at.query_params.items()})
+    assert again.number_input(key="gradient_accumulation_steps").value == 4 and again.checkbox(key="trainer").value is True
+    assert headline(again) == headline(at)
+    at.radio(key="mode").set_value("inference").run()
+    assert not any(w.key == "gradient_accumulation_steps" for w in at.number_input)
+
+
 def test_mode_switch_shows_only_relevant_knobs_and_keeps_hidden_values():
     at = app()
     at.number_input(key="prompt_len").set_value(1000).run()
