@@ -181,3 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(render_text(source.name, source, result, fit, which=which, num_gpus=args.num_gpus, extra_notes=job_notes))
     return 0
+
+
+def run() -> None:
+    """The `canirun` console script: `python -m estimator` under a shorter name."""
+    sys.exit(main())
