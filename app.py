@@ -233,6 +233,17 @@ def show_headline(fit, num_gpus) -> None:
     st.markdown(f"### {icon} {text}")
 
 
+def show_suggestions(model, job, gpu) -> None:
+    """What would make it fit one GPU, cheapest first (estimator.suggest), under the headline."""
+    suggestions = S.suggestions(model, job, gpu.name)
+    if not suggestions:
+        return
+    capacity = gpu.usable_by_default_bytes
+    lines = [f"- {present.suggestion_line(s, capacity)}" for s in suggestions]
+    with st.container(key="suggestions"):
+        st.markdown("**What would make it fit**, cheapest first:\n" + "\n".join(lines))
+
+
 def breakdown_chart(result, fit) -> dict:
     """A horizontal stacked bar per row (one GPU; per GPU under the strategy), in GiB, with the capacity.
 
@@ -364,6 +375,7 @@ def estimate_page(pool: list, stage) -> None:
     result = S.cached_estimate(model, job)
     fit = S.fit_job(model, job, gpu, strategy, num_gpus)
     show_headline(fit, num_gpus)
+    show_suggestions(model, job, gpu)
     origin = {"catalog": "offline catalog", "hub": "Hugging Face Hub", "hub-cache": "local Hub cache", "upload": "uploaded config", "file": "file"}
     st.caption(
         f"**{model.name}** ({origin.get(model.origin, model.origin)}: {model.source}) · "
@@ -375,6 +387,8 @@ def estimate_page(pool: list, stage) -> None:
     cols[1].metric("Device total, one GPU", f"{result.device_total_bytes / GIB:.2f} GiB", help="What nvidia-smi shows: the allocator's reserve, the CUDA context, paged memory. This decides whether it fits.")
     cols[2].metric(f"{gpu.name} capacity", f"{fit.capacity_bytes / GIB:.1f} GiB", help=f"Memory the driver reports ({gpu.memory_source.value})")
     st.plotly_chart(breakdown_chart(result, fit), key="breakdown_chart", config={"displayModeBar": False})
+    st.plotly_chart(present.memory_plot(lambda j: S.cached_estimate(model, j), job, fit.capacity_bytes, gpu.name),
+                    key="memory_plot", config={"displayModeBar": False})
 
     notes = list(model.notes) + list(result.notes) + [n for n in fit.notes if n != MULTI_GPU_NOTE]
     if fit.per_gpu.num_gpus > 1 or (fit.gpus_needed or 1) > 1:

@@ -147,6 +147,14 @@ def fits_for_gpus(model: Model, job: Job, gpus: Iterable, strategy: Strategy | N
 # The largest batch and the longest sequence that fit (the library's solver, over cached estimates)
 # -------------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=512)
+def suggestions(model: Model, job: Job, gpu_name: str) -> tuple:
+    """`estimator.suggest.suggest` for this model on one GPU, with the app's cached estimates."""
+    from estimator.suggest import suggest
+
+    return tuple(suggest(cached_estimate(model, job), gpu_db.find_gpu(gpu_name), lambda j: cached_estimate(model, j)))
+
+
+@functools.lru_cache(maxsize=512)
 def largest_fitting(model: Model, job: Job, field_name: str, gpu_name: str, strategy: Strategy, num_gpus: int) -> Limit:
     """`estimator.limits.largest_fitting` for this model, with the app's cached estimates."""
     return limits.largest_fitting(lambda j: cached_estimate(model, j), job, field_name, gpu_db.find_gpu(gpu_name), strategy, num_gpus)

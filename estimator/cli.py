@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-gpus", type=_positive, help="figures per GPU for this many GPUs")
     p.add_argument("--which-gpus", action="store_true", help="list every GPU in the database with the count it needs")
     p.add_argument("--sort", default="count", choices=["count", "memory", "bandwidth", "name"], help="--which-gpus order")
+    p.add_argument("--suggest", action="store_true", help="with --gpu: the cheapest changes that make the job fit it")
+    p.add_argument("--plot", metavar="FILE.html", help="with --gpu: memory against batch and sequence length, as HTML")
     p.add_argument("--token", help="Hub token for gated models (HF_TOKEN also works)")
     p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
@@ -148,9 +150,13 @@ def main(argv: list[str] | None = None) -> int:
     from estimator.sources import ModelSourceError, resolve
 
     parser = build_parser()
-    fit = which = None
+    fit = which = suggestions = None
     try:
         args = parser.parse_args(argv)
+        if args.suggest and not args.gpu:
+            raise UsageError("--suggest needs --gpu: the changes are searched for one GPU")
+        if args.plot and not args.gpu:
+            raise UsageError("--plot needs --gpu: the plot draws the card's capacity")
         token = args.token or os.environ.get("HF_TOKEN") or None
         reference = args.model if not args.revision else f"{args.model}@{args.revision}"
         if not args.training_args:
@@ -166,7 +172,20 @@ def main(argv: list[str] | None = None) -> int:
             if args.which_gpus:
                 which = which_gpus(result, gpu_db.load_gpus(), strategy, sort=args.sort)
             else:
-                fit = fit_on(result, gpu_db.find_gpu(args.gpu), strategy, args.num_gpus)
+                gpu = gpu_db.find_gpu(args.gpu)
+                fit = fit_on(result, gpu, strategy, args.num_gpus)
+                if args.suggest:
+                    from estimator.suggest import suggest
+
+                    suggestions = suggest(result, gpu, lambda j: estimate(source.config, j))
+                if args.plot:
+                    from estimator.present import memory_plot, write_plot_html
+
+                    figure = memory_plot(lambda j: estimate(source.config, j), job, fit.capacity_bytes, gpu.name)
+                    try:
+                        write_plot_html(figure, args.plot)
+                    except OSError as err:
+                        raise UsageError(f"--plot: cannot write {args.plot}: {err.strerror or err}") from None
     except UsageError as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
@@ -177,9 +196,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if args.json:
         notes = tuple(source.notes) + tuple(job_notes)
-        print(json.dumps(json_object(source.name, source.origin, source.source, result, fit, notes, which=which), indent=2))
+        out = json_object(source.name, source.origin, source.source, result, fit, notes, which=which)
+        if suggestions is not None:
+            out["suggestions"] = [s.to_dict() for s in suggestions]
+        print(json.dumps(out, indent=2))
     else:
-        print(render_text(source.name, source, result, fit, which=which, num_gpus=args.num_gpus, extra_notes=job_notes))
+        print(render_text(source.name, source, result, fit, which=which, num_gpus=args.num_gpus, extra_notes=job_notes,
+                          suggestions=suggestions))
     return 0
 
 

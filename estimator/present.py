@@ -61,6 +61,12 @@ def describe_fit(fit: Fit, num_gpus: int | None = None) -> list[str]:
     return lines
 
 
+def suggestion_line(s, capacity_bytes: int) -> str:
+    """"turn on gradient checkpointing: 15.9 of 24.0 GiB (--gradient-checkpointing)"."""
+    each = " per GPU" if s.gpus > 1 else ""
+    return f"{s.change}: {s.device_total_bytes / GIB:.1f} of {capacity_bytes / GIB:.1f} GiB{each} ({' '.join(s.options)})"
+
+
 def fit_dict(fit: Fit) -> dict:
     """A `Fit` as JSON-able values (the `"fit"` object of SPEC's JSON)."""
     return {
@@ -114,7 +120,7 @@ def _gib(n: int) -> str:
 
 
 def render_text(name: str, source, result: Estimate, fit: Fit | None = None, which: list[Fit] | None = None,
-                num_gpus: int | None = None, extra_notes=()) -> str:
+                num_gpus: int | None = None, extra_notes=(), suggestions=None) -> str:
     """The CLI's answer for people: the job, the breakdown at the peak, the fit, the notes."""
     job = result.job
     lines = [f"{name}  ({source.origin}: {source.source})"]
@@ -131,6 +137,11 @@ def render_text(name: str, source, result: Estimate, fit: Fit | None = None, whi
     if fit is not None:
         lines.append("")
         lines.extend(describe_fit(fit, num_gpus))
+        if suggestions:
+            lines.append("what would make it fit, cheapest first:")
+            lines.extend("  " + suggestion_line(s, fit.capacity_bytes) for s in suggestions)
+        elif suggestions is not None and fit.verdict is not Verdict.CANNOT_RUN and fit.gpus_needed != 1:
+            lines.append("what would make it fit: no change of batch, loss, optimizer, mode, weights or GPU count found")
     elif which is not None:
         lines.append("")
         lines.extend(which_gpus_lines(which))
@@ -178,3 +189,67 @@ def _json_default(value):
     if isinstance(value, enum.Enum):
         return value.value
     raise TypeError(f"cannot write {type(value).__name__} as JSON")
+
+
+# -------------------------------------------------------------------------------------------------
+# Memory against batch size and sequence length (the app's plot and the CLI's --plot)
+# -------------------------------------------------------------------------------------------------
+def sweep_values(current: int, upper: int, start: int = 1) -> list[int]:
+    """Powers of two from `start` to at least 4 × `current` (capped at `upper`), with `current` itself."""
+    values, v = [], start
+    while v <= min(upper, max(4 * current, 8 * start)):
+        values.append(v)
+        v *= 2
+    return sorted(set(values) | {current})
+
+
+def sweep(estimate_of, job, field: str, values: list[int]) -> list[tuple[int, int, int]]:
+    """(value, peak allocated bytes, device total bytes) of `job` with `field` set to each value."""
+    out = []
+    for v in values:
+        try:
+            r = estimate_of(job.with_(**{field: v}))
+        except ValueError:
+            continue
+        out.append((v, r.peak_allocated_bytes, r.device_total_bytes))
+    return out
+
+
+def memory_plot(estimate_of, job, capacity_bytes: int, gpu_name: str) -> dict:
+    """A plotly figure (a plain dict): device total and peak allocated against the batch size and
+    against the sequence (or prompt) length, each with the card's capacity as a dashed line."""
+    from estimator.job import FIELD_LIMITS
+
+    length = "seq_len" if job.is_training else "prompt_len"
+    panels = [("batch_size", "batch size (sequences)", sweep_values(job.batch_size, FIELD_LIMITS["batch_size"])),
+              (length, "sequence length (tokens)" if job.is_training else "prompt length (tokens)",
+               sweep_values(getattr(job, length), FIELD_LIMITS[length], start=128))]
+    traces, layout = [], {"height": 360, "margin": {"l": 10, "r": 10, "t": 40, "b": 10}, "template": "plotly_white",
+                          "legend": {"orientation": "h", "y": -0.25}, "shapes": [], "annotations": []}
+    for i, (field, title, values) in enumerate(panels, start=1):
+        points = sweep(estimate_of, job, field, values)
+        axis = "" if i == 1 else str(i)
+        for name, index, dash in (("device total", 2, "solid"), ("peak allocated", 1, "dot")):
+            traces.append({"type": "scatter", "mode": "lines+markers", "name": name, "legendgroup": name, "showlegend": i == 1,
+                           "x": [p[0] for p in points], "y": [p[index] / GIB for p in points], "xaxis": f"x{axis}", "yaxis": f"y{axis}",
+                           "line": {"dash": dash, "color": "#4c78a8" if index == 2 else "#f58518"},
+                           "hovertemplate": f"{field}=%{{x}}: %{{y:.2f}} GiB<extra>{name}</extra>"})
+        layout[f"xaxis{axis}"] = {"title": {"text": title}, "type": "log", "tickvals": values, "ticktext": [f"{v:,}" for v in values],
+                                  "domain": [0.0, 0.47] if i == 1 else [0.53, 1.0], "anchor": f"y{axis}"}
+        layout[f"yaxis{axis}"] = {"title": {"text": "GiB (1024³ bytes)"} if i == 1 else {}, "anchor": f"x{axis}", "rangemode": "tozero"}
+        layout["shapes"].append({"type": "line", "xref": f"x{axis} domain", "x0": 0, "x1": 1, "yref": f"y{axis}",
+                                 "y0": capacity_bytes / GIB, "y1": capacity_bytes / GIB, "line": {"dash": "dash", "color": "#555"}})
+        layout["annotations"].append({"xref": f"x{axis} domain", "x": 0, "yref": f"y{axis}", "y": capacity_bytes / GIB,
+                                      "text": f"{gpu_name}: {capacity_bytes / GIB:.1f} GiB", "showarrow": False,
+                                      "xanchor": "left", "yanchor": "bottom"})
+    layout["title"] = {"text": "Memory of this job against its batch and length (one GPU; the rest as set)"}
+    return {"data": traces, "layout": layout}
+
+
+def write_plot_html(figure: dict, path: str) -> None:
+    """The figure as a self-contained HTML file (plotly writes it without a browser)."""
+    try:
+        import plotly.io as pio
+    except ImportError:
+        raise ValueError("--plot needs plotly: pip install .[app]") from None
+    pio.write_html(figure, path, include_plotlyjs=True, full_html=True)

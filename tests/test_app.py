@@ -618,3 +618,14 @@ def test_an_unexpected_failure_is_an_error_not_a_traceback(monkeypatch):
     assert not at.exception
     assert errors(at) == ["Unexpected RuntimeError while estimating Llama-3.1-8B: boom. The other inputs are unchanged; try another model or setting."]
     assert at.selectbox(key="gpu").value == "H100 SXM 80GB"
+
+
+def test_suggestions_show_under_the_headline_when_it_does_not_fit():
+    """Issue 15: a Qwen3-8B QLoRA on a 4090 gets 'turn on gradient checkpointing' with its figure."""
+    at = app(model="Qwen3-8B", mode="qlora", gpu="GeForce RTX 4090")
+    assert_clean(at)
+    shown = [m.value for m in at.markdown if m.value.startswith("**What would make it fit**")]
+    assert shown and "turn on gradient checkpointing:" in shown[0] and "of 24.0 GiB" in shown[0]
+    at.checkbox(key="gradient_checkpointing").check().run()
+    assert headline(at).startswith("fits: Fits on 1 × GeForce RTX 4090")
+    assert not [m for m in at.markdown if m.value.startswith("**What would make it fit**")]

@@ -159,3 +159,22 @@ def test_bad_link_shows_an_error_not_a_traceback(browser, server):
     _headline(page).first.wait_for(timeout=TIMEOUT_MS)  # the rest of the page still answers
     assert not page.locator('[data-testid="stException"]').count()
     page.close()
+
+
+def test_suggestions_and_the_memory_plot_render(browser, server):
+    """Issue 15: a job that does not fit shows what would make it fit, and the memory plot draws."""
+    page = browser.new_page(viewport={"width": 1300, "height": 1400})
+    errors: list[str] = []
+    page.on("pageerror", lambda err: errors.append(str(err)))
+    page.goto(f"{server}/?model=Qwen3-8B&mode=qlora&gpu=GeForce+RTX+4090", timeout=TIMEOUT_MS)
+    box = page.locator(".st-key-suggestions").first
+    box.wait_for(timeout=TIMEOUT_MS)
+    text = box.inner_text()
+    assert "What would make it fit" in text and "turn on gradient checkpointing" in text and "of 24.0 GiB" in text
+    plot = page.locator(".st-key-memory_plot .js-plotly-plot").first
+    plot.wait_for(state="visible", timeout=TIMEOUT_MS)
+    assert "batch size" in plot.inner_text() and "GeForce RTX 4090: 24.0 GiB" in plot.inner_text()
+    assert plot.locator(".scatterlayer path").count() > 0  # the lines were drawn
+    assert not page.locator('[data-testid="stException"]').count()
+    assert not errors, errors
+    page.close()

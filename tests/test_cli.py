@@ -112,3 +112,72 @@ def test_architecture_we_cannot_handle(tmp_path, capsys):
 )
 def test_bad_options(args, needle, capsys):
     assert needle in _bad(["Llama-3.2-1B", *args], capsys)
+
+
+def _json(*argv: str) -> dict:
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main([*argv, "--json"]) == 0
+    return json.loads(out.getvalue())
+
+
+def test_suggest_needs_a_gpu():
+    out = run_cli("Qwen3-8B", "--mode", "qlora", "--suggest")
+    assert out.returncode == 2 and "--suggest needs --gpu" in out.stderr and out.stderr.count("\n") == 1
+
+
+def test_suggestions_are_cheapest_first_and_reproduce_with_their_options():
+    """Issue 15: a Qwen3-8B QLoRA on a 4090 does not fit by default; checkpointing makes it fit."""
+    base = ("Qwen3-8B", "--mode", "qlora", "--gpu", "RTX 4090")
+    data = _json(*base, "--suggest")
+    assert data["fit"]["gpus_needed"] != 1
+    suggestions = data["suggestions"]
+    assert suggestions and suggestions[0]["options"] == ["--gradient-checkpointing"]
+    assert set(suggestions[0]) == {"change", "options", "peak_allocated_bytes", "device_total_bytes", "verdict"}
+    for s in suggestions:
+        assert s["verdict"] == "fits"
+        again = _json(*base, *s["options"])
+        per = again["fit"]["per_gpu"]
+        assert per["device_total_bytes"] == s["device_total_bytes"] <= again["fit"]["capacity_bytes"]
+
+
+def test_a_job_that_fits_gets_no_suggestions():
+    data = _json("Qwen3-0.6B", "--mode", "lora", "--gpu", "H100", "--suggest")
+    assert data["fit"]["gpus_needed"] == 1 and data["suggestions"] == []
+
+
+def test_when_nothing_alone_fits_the_changes_combine():
+    data = _json("Llama-3.1-8B", "--mode", "full", "--batch-size", "8", "--gpu", "RTX 4090", "--suggest")
+    combined = [s for s in data["suggestions"] if " and " in s["change"]]
+    assert combined and "--mode" in combined[0]["options"]
+    assert _json("Llama-3.1-8B", "--mode", "full", "--batch-size", "8", "--gpu", "RTX 4090",
+                 *combined[0]["options"])["fit"]["gpus_needed"] == 1
+
+
+def test_plot_writes_html_with_both_sweeps_and_the_capacity(tmp_path):
+    path = tmp_path / "memory.html"
+    out = run_cli("Qwen3-8B", "--mode", "qlora", "--gpu", "RTX 4090", "--plot", str(path))
+    assert out.returncode == 0, out.stderr
+    html = path.read_text()
+    assert "plotly" in html and "batch size (sequences)" in html and "sequence length (tokens)" in html
+    assert "GeForce RTX 4090: 24.0 GiB" in html
+    bad = run_cli("Qwen3-8B", "--plot", str(path))
+    assert bad.returncode == 2 and "--plot needs --gpu" in bad.stderr
+
+
+def test_memory_plot_grows_with_batch_and_length():
+    from estimator import estimate
+    from estimator.catalog import find_entry
+    from estimator.inventory import inventory_from_config
+    from estimator.present import memory_plot
+
+    inv = inventory_from_config(find_entry("Qwen/Qwen3-8B").config())
+    fig = memory_plot(lambda j: estimate(inv, j), __import__("estimator").Job(mode="qlora"), 24 * 1024**3, "X")
+    device = [t for t in fig["data"] if t["name"] == "device total"]
+    assert len(device) == 2
+    for trace in device:
+        assert trace["y"] == sorted(trace["y"]) and len(trace["x"]) >= 3
+    assert len(fig["layout"]["shapes"]) == 2  # the capacity line on each panel
