@@ -144,6 +144,7 @@ def job_inputs() -> None:
         st.sidebar.selectbox("Base weights", _values(BaseDtype), key="base_dtype")
     if "quant" in relevant:
         st.sidebar.selectbox("4-bit storage", _values(Quant), key="quant")
+    if "double_quant" in relevant:
         st.sidebar.checkbox("Double quantization", key="double_quant")
     if "lora_r" in relevant:
         col = st.sidebar.columns(3)
@@ -185,11 +186,11 @@ def gpu_inputs() -> list:
     options = [s.value for s in P.strategies_for(state["mode"])]
     if state["strategy"] not in options:
         state["strategy"] = P.default_strategy_for(state["mode"]).value
-    col = st.sidebar.columns(2)
-    col[0].selectbox("Multi-GPU strategy", options, key="strategy",
-                     help="Used when one GPU is not enough. Training: DDP / ZeRO (FSDP); inference: device_map pipeline or tensor parallel.")
-    col[1].selectbox("GPU count", [P.AUTO] + list(range(1, 65)), key="num_gpus",
-                     format_func=lambda v: "fewest that fit" if v == P.AUTO else str(v))
+    # Each on its own row: a half-width box clipped "fewest that fit" (issue 15).
+    st.sidebar.selectbox("Multi-GPU strategy", options, key="strategy",
+                         help="Used when one GPU is not enough. Training: DDP / ZeRO (FSDP); inference: device_map pipeline or tensor parallel.")
+    st.sidebar.selectbox("GPU count", [P.AUTO] + list(range(1, 65)), key="num_gpus",
+                         format_func=lambda v: "fewest that fit" if v == P.AUTO else str(v))
     return pool
 
 

@@ -88,13 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m estimator",
         description="How much GPU memory a Hugging Face model needs for a job, term by term, and how many GPUs.",
     )
-    p.add_argument("model", help="Hub repo id or URL, a path to a config.json (or its folder), or a catalog name")
+    p.add_argument("model", nargs="?", help="Hub repo id or URL, a path to a config.json (or its folder), or a catalog name")
     _add_job_options(p)
     p.add_argument("--training-args", action="append", metavar="FILE",
                    help="a TrainingArguments/SFTConfig JSON or YAML (to_json_string()), an adapter_config.json or a "
                         "BitsAndBytesConfig dict; repeatable; flags given beside it win")
     p.add_argument("--gpu", help="a GPU from gpu_db: also say how many are needed")
-    p.add_argument("--strategy", help="multi-GPU strategy (see --help-strategies)")
+    p.add_argument("--strategy", help="multi-GPU strategy with --gpu: for training ddp, zero1, zero2, zero3 (FSDP), "
+                                      "zero3_offload; for inference single, pipeline (device_map) or tensor_parallel")
     p.add_argument("--num-gpus", type=_positive, help="figures per GPU for this many GPUs")
     p.add_argument("--which-gpus", action="store_true", help="list every GPU in the database with the count it needs")
     p.add_argument("--sort", default="count", choices=["count", "memory", "bandwidth", "name"], help="--which-gpus order")
@@ -102,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="FILE.html", help="with --gpu: memory against batch and sequence length, as HTML")
     p.add_argument("--token", help="Hub token for gated models (HF_TOKEN also works)")
     p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
+    p.add_argument("--list-models", nargs="?", const="", metavar="QUERY",
+                   help="list the offline catalog (names containing QUERY, if given); MODEL is not needed")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     return p
 
@@ -142,6 +145,41 @@ def _config_load_dtype(config: dict) -> str:
     return "bf16"
 
 
+def not_applied(args: argparse.Namespace, job: Job) -> list[str]:
+    """A note for each option given that does not apply to the job (it is ignored, not an error)."""
+    defaults = {f.name: f.default for f in fields(Job)}
+    flag = lambda name: ("--no-" if defaults.get(name) is True else "--") + name.replace("_", "-")  # noqa: E731
+    notes = [f"{flag(name)} does not apply to --mode {job.mode.value}; ignored"
+             for name in given_job_fields(args) if name not in job.relevant_fields() and name != "mode"]
+    if not (args.gpu or args.which_gpus):
+        notes += [f"{flag(name)} applies only with --gpu or --which-gpus; ignored"
+                  for name in ("strategy", "num_gpus") if getattr(args, name) is not None]
+    if args.which_gpus and args.num_gpus is not None:
+        notes.append("--num-gpus does not apply to --which-gpus (each GPU gets the count it needs); ignored")
+    if args.sort != "count" and not args.which_gpus:
+        notes.append("--sort applies only to --which-gpus; ignored")
+    return notes
+
+
+def _list_models(query: str, as_json: bool) -> int:
+    from estimator.catalog import load_catalog
+
+    q = query.casefold()
+    entries = [e for e in load_catalog() if q in e.name.casefold() or q in e.repo.casefold()]
+    if as_json:
+        print(json.dumps([{"name": e.name, "repo": e.repo, "source": e.source, "gated": e.gated,
+                           "published_params": e.published_params} for e in entries], indent=2))
+        return 0
+    if not entries:
+        print(f"no catalog model matches {query!r}; any Hub id works too (org/name)")
+        return 0
+    width = max(len(e.name) for e in entries)
+    for e in entries:
+        params = f"{e.published_params / 1e9:.1f}B" if e.published_params else ""
+        print(f"{e.name:{width}s}  {e.repo:45s} {params:>7s}{'  gated' if e.gated else ''}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from estimator.estimate import estimate
     from estimator.fit import fit as fit_on, parse_strategy, which_gpus
@@ -153,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     fit = which = suggestions = None
     try:
         args = parser.parse_args(argv)
+        if args.list_models is not None:
+            return _list_models(args.list_models, args.json)
+        if not args.model:
+            raise UsageError("a MODEL is needed: a catalog name, a Hub id, or a config.json (--list-models shows the catalog)")
         if args.suggest and not args.gpu:
             raise UsageError("--suggest needs --gpu: the changes are searched for one GPU")
         if args.plot and not args.gpu:
@@ -165,6 +207,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.training_args:
             job, job_notes = job_from_args(args, source.config)
         result = estimate(source.config, job)
+        ignored = not_applied(args, job)
+        for note in ignored:
+            print(f"note: {note}", file=sys.stderr)
+        job_notes = list(job_notes) + ignored
         if args.gpu or args.which_gpus:
             import gpu_db
 

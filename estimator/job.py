@@ -209,7 +209,7 @@ class Job:
         """The fields that matter for this mode (the rest keep their defaults and are ignored)."""
         common = ("mode", "batch_size", "attn")
         if self.mode is Mode.INFERENCE:
-            return common + ("prompt_len", "new_tokens", "weights")
+            return common + ("prompt_len", "new_tokens", "weights") + (("double_quant",) if self.weights.is_4bit else ())
         training = ("seq_len", "optimizer", "gradient_checkpointing", "gradient_accumulation_steps", "loss", "trainer")
         if self.mode is Mode.FULL:
             return common + training + ("precision",)

@@ -88,11 +88,25 @@ def fit_dict(fit: Fit) -> dict:
 # -------------------------------------------------------------------------------------------------
 # Every GPU
 # -------------------------------------------------------------------------------------------------
+def _short_reason(f: Fit) -> str:
+    """The reason in a table cell: its first sentence, without the GPU's name, at most 100 characters."""
+    text = (f.reason or f"more than {MAX_GPUS} GPUs").removeprefix(f.gpu_name).strip()
+    text = text.split(". ")[0]
+    if f.verdict is Verdict.CANNOT_RUN and ":" in text:
+        text = text.split(":")[0]  # "has no bf16", "cannot run this job"
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
 def which_gpus_lines(fits: list[Fit]) -> list[str]:
-    lines = [f"{'GPU':34s} {'memory GiB':>10s} {'GPUs needed':>12s}  strategy"]
+    """One row per GPU; a GPU with no count says why (its platform cannot run the job, or no count fits)."""
+    width = max([len("GPU")] + [len(f.gpu_name) for f in fits])
+    lines = [f"{'GPU':{width}s} {'memory GiB':>10s} {'GPUs needed':>12s}  strategy"]
     for f in fits:
         count = str(f.gpus_needed) if f.gpus_needed is not None else "—"
-        lines.append(f"{f.gpu_name:34s} {f.capacity_bytes / GIB:10.1f} {count:>12s}  {f.strategy.value}")
+        why = ""
+        if f.gpus_needed is None:
+            why = f"  {_short_reason(f)}"
+        lines.append(f"{f.gpu_name:{width}s} {f.capacity_bytes / GIB:10.1f} {count:>12s}  {f.strategy.value}{why}")
     return lines
 
 

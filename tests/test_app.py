@@ -102,7 +102,7 @@ def test_default_page_answers_first():
     assert headline(at) == "fits: " + present.describe_fit(expected)[0]  # "Fits on 1 × H100 SXM 80GB: x of 79.6 GiB"
     assert at.selectbox(key="model").value == "Llama-3.1-8B"
     assert at.selectbox(key="gpu").value == "H100 SXM 80GB"
-    assert len(at.get("plotly_chart")) == 1
+    assert [c.key for c in at.get("plotly_chart")] == ["breakdown_chart", "memory_plot"]
     grid = frame(at, "mixed (AMP)")
     assert list(grid.columns) == list(S.GRID_COLUMNS)
     assert grid.loc["inference", "16-bit"] == f"▶ 1 · {expected.per_gpu.device_total_bytes / 1024**3:.1f} GiB"
@@ -137,7 +137,7 @@ def test_every_job_and_dtype_renders(mode, field, value):
     text = headline(at)
     assert "GiB" in text or "Does not" in text
     assert at.query_params["mode"] == mode and at.query_params[field] == value
-    assert len(at.get("plotly_chart")) == 1
+    assert [c.key for c in at.get("plotly_chart")] == ["breakdown_chart", "memory_plot"]
     relevant = set(Job(mode=mode).relevant_fields())
     for name in ("seq_len", "prompt_len", "lora_r", "optimizer", "weights", "precision", "quant"):
         shown = any(w.key == name for w in list(at.number_input) + list(at.selectbox))

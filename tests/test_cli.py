@@ -181,3 +181,55 @@ def test_memory_plot_grows_with_batch_and_length():
     for trace in device:
         assert trace["y"] == sorted(trace["y"]) and len(trace["x"]) >= 3
     assert len(fig["layout"]["shapes"]) == 2  # the capacity line on each panel
+
+
+def test_help_names_only_options_that_exist_and_lists_the_strategies():
+    out = run_cli("--help")
+    assert out.returncode == 0
+    assert "--help-strategies" not in out.stdout
+    for name in ("ddp", "zero3", "pipeline", "tensor_parallel", "--list-models", "--suggest", "--training-args"):
+        assert name in out.stdout
+
+
+def test_list_models_needs_no_model_and_filters():
+    out = run_cli("--list-models", "qwen3")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines and all("qwen3" in line.lower() for line in lines)
+    assert any(line.startswith("Qwen3-8B ") for line in lines)
+    everything = json.loads(run_cli("--list-models", "--json").stdout)
+    from estimator.catalog import load_catalog
+
+    assert [e["name"] for e in everything] == [e.name for e in load_catalog()]
+    none = run_cli()
+    assert none.returncode == 2 and "a MODEL is needed" in none.stderr
+
+
+def test_options_that_do_not_apply_get_a_note_and_still_answer():
+    out = run_cli("Llama-3.1-8B", "--mode", "full", "--weights", "nf4", "--strategy", "zero3", "--json")
+    assert out.returncode == 0, out.stderr
+    notes = json.loads(out.stdout)["notes"]
+    for text in ("--weights does not apply to --mode full", "--strategy applies only with --gpu"):
+        assert any(text in n for n in notes) and text in out.stderr
+    clean = run_cli("Llama-3.1-8B", "--mode", "full", "--json")
+    assert "does not apply" not in clean.stderr
+
+
+def test_a_count_below_the_need_is_said_as_such():
+    """Issue 15: "Needs 17 × H100 with zero3: 146.8 of 79.6 GiB on the fullest GPU" contradicted itself."""
+    data = _json("Llama-3.1-70B-Instruct", "--mode", "full", "--gradient-checkpointing", "--gpu", "H100", "--num-gpus", "4")
+    assert data["fit"]["gpus_needed"] > 4 and data["fit"]["per_gpu"]["num_gpus"] == 4
+    text = run_cli("Llama-3.1-70B-Instruct", "--mode", "full", "--gradient-checkpointing", "--gpu", "H100", "--num-gpus", "4").stdout
+    head = next(line for line in text.splitlines() if line.startswith(("On ", "Needs ", "Fits ")))
+    assert head.startswith("On 4 × H100 SXM 80GB with zero3") and f"does not fit (needs {data['fit']['gpus_needed']})" in head
+
+
+def test_which_gpus_aligns_long_names_and_says_why_there_is_no_count():
+    out = run_cli("Llama-3.1-8B", "--mode", "qlora", "--which-gpus")
+    assert out.returncode == 0, out.stderr
+    table = out.stdout[out.stdout.index("GPU "):].splitlines()
+    rows = [r for r in table[1:] if r.strip() and not r.startswith("note:")]
+    column = table[0].index("memory GiB")
+    assert all(r[column - 1] == " " for r in rows)  # no name runs into the next column
+    missing = [r for r in rows if " — " in r]
+    assert missing and all(r.split("zero3", 1)[1].strip() for r in missing)  # each says why
