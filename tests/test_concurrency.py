@@ -57,7 +57,6 @@ def _concurrent(configs: list[dict]) -> list:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 14: init_empty_weights patches torch for the whole process; the meta build has no lock")
 def test_concurrent_builds_equal_serial_builds_and_leave_torch_as_found():
     import torch
 
