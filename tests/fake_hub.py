@@ -11,7 +11,8 @@ It answers what huggingface_hub 1.x asks of the Hub, with the headers it reads
 
 Repos (see `REPOS`): a good config; one with a `model.safetensors`; one whose model_type needs
 remote code (with weights); a missing repo; a gated one; a revision that does not exist; a repo
-without config.json; three malformed configs; a slow answer; a 500. Any request carrying the token
+without config.json; three malformed configs; a slow answer; a 500; one that answers for any
+revision. Any request carrying the token
 `INVALID_TOKEN` gets the 401 the Hub gives for bad credentials. Every request is recorded in
 `FakeHub.requests` (method, path, the Authorization header) so tests can see what was sent.
 """
@@ -110,6 +111,7 @@ class Repo:
     error: int | None = None  # every request to the repo answers this status
     slow: float = 0.0  # seconds to wait before answering the HEAD of config.json
     revisions: tuple[str, ...] = ("main",)
+    any_revision: bool = False  # answers for every revision asked (a Hub that trusts the client's revision)
 
     @property
     def commit(self) -> str:
@@ -141,6 +143,7 @@ def default_repos() -> dict[str, Repo]:
         "acme/no-model-type": Repo({"config.json": _config({"hidden_size": 64})}),
         "acme/slow": Repo({"config.json": _config(TINY_LLAMA)}, slow=SLOW_SECONDS),
         "acme/broken": Repo({"config.json": _config(TINY_LLAMA)}, error=500),
+        "acme/any-revision": Repo({"config.json": _config(TINY_LLAMA)}, any_revision=True),
     }
 
 
@@ -183,13 +186,15 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, json.dumps({"error": message}).encode(), headers, head)
 
     def _answer(self, head: bool) -> None:
-        path = unquote(self.path.split("?", 1)[0])
+        raw = self.path.split("?", 1)[0]
+        path = unquote(raw)
         auth = self.headers.get("Authorization")
         self.hub.requests.append((self.command, path, auth))
         if auth == f"Bearer {INVALID_TOKEN}":
             return self._error(401, None, "Invalid credentials in Authorization header", head)
 
-        match = _API.match(path)
+        # Matched before unquoting: huggingface_hub sends a revision's slashes as %2F (refs/pr/1).
+        match = _API.match(raw)
         if match:
             repo = self.hub.repos.get(match["repo"])
             if repo is None:
@@ -200,9 +205,10 @@ class _Handler(BaseHTTPRequestHandler):
             ).encode()
             return self._send(200, body, {"Content-Type": "application/json"}, head)
 
-        match = _RESOLVE.match(path)
+        match = _RESOLVE.match(raw)
         if not match:
             return self._error(404, None, "Not found", head)
+        match = {key: unquote(value) for key, value in match.groupdict().items()}
         repo = self.hub.repos.get(match["repo"])
         if repo is None:
             return self._error(404, "RepoNotFound", "Repository not found", head)
@@ -217,7 +223,7 @@ class _Handler(BaseHTTPRequestHandler):
                 head,
             )
         rev = match["rev"]
-        if rev not in repo.revisions and rev != repo.commit:
+        if rev not in repo.revisions and rev != repo.commit and not repo.any_revision:
             return self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}", head)
         data = repo.files.get(match["file"])
         if data is None:
