@@ -21,6 +21,11 @@ calls it for a repo id or URL). It goes through `huggingface_hub` 1.x, whose HTT
   `trust_remote_code`) is refused here with the size its weights take, when the header says so.
 
 Every failure is a `ModelSourceError` with one line that says what went wrong and what to do.
+
+Before any request, the repo id must pass the Hub's own rules (`huggingface_hub.utils.
+validate_repo_id`: a name of 1 to 96 characters, an optional organisation) and the revision those
+of a git ref (`check_revision`): huggingface_hub joins the revision into cache paths
+(`refs/<revision>`), so `name@../../../x` would otherwise write and read files outside the cache.
 """
 
 from __future__ import annotations
@@ -29,10 +34,11 @@ import copy
 import functools
 import hashlib
 import os
+import re
 from dataclasses import replace
 from pathlib import Path
 
-from estimator.sources import ModelConfig, ModelSourceError, parse_config_text
+from estimator.sources import ModelConfig, ModelSourceError, parse_config_text, shorten
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 DEFAULT_TIMEOUT_S = 10.0  # huggingface_hub's DEFAULT_ETAG_TIMEOUT
@@ -63,6 +69,65 @@ def default_timeout_s() -> float:
     return value if value > 0 else DEFAULT_TIMEOUT_S
 
 
+MAX_REVISION_CHARS = 255  # a ref is a file name in the cache (refs/<revision>); most filesystems stop at 255
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+_REF_FORBIDDEN = set("\\ ~^:?*[")
+
+
+def _revision_problem(revision: str) -> str | None:
+    """Why `revision` is not a branch, tag, `refs/pr/N` or commit name, or None when it is.
+
+    git's rules for ref names (`git check-ref-format`), which the Hub's branches and tags follow:
+    components separated by single slashes, none empty, none `.`/`..` or starting with a dot or
+    ending in `.lock`; no control characters, spaces, backslashes or `~^:?*[`, no `@{`.
+    """
+    if not isinstance(revision, str) or not revision:
+        return "it is empty"
+    if len(revision) > MAX_REVISION_CHARS:
+        return f"it is {len(revision):,} characters long (at most {MAX_REVISION_CHARS})"
+    if _COMMIT.fullmatch(revision):
+        return None
+    if any(not c.isprintable() or c.isspace() for c in revision):
+        return "it holds a control character or a space"
+    bad = sorted(_REF_FORBIDDEN.intersection(revision))
+    if bad:
+        return f"it holds {' '.join(repr(c) for c in bad)}"
+    if revision.startswith("/") or revision.endswith("/"):
+        return "it starts or ends with '/'"
+    if revision.startswith("-") or revision.endswith(".") or "@{" in revision or revision == "@":
+        return "it starts with '-', ends with '.' or holds '@{'"
+    for part in revision.split("/"):
+        if not part:
+            return "it has an empty path component ('//')"
+        if part.startswith(".") or part.endswith(".lock"):
+            return f"a component starts with '.' or ends with '.lock' ({shorten(part, 40)!r})"
+    return None
+
+
+def check_revision(repo: str, revision: str) -> None:
+    """Refuse a revision that is not a branch, tag, `refs/pr/N` or 40-hex commit, before any request."""
+    problem = _revision_problem(revision)
+    if problem:
+        raise ModelSourceError(
+            f"revision {shorten(revision)!r} is not a branch, tag, pull request (refs/pr/N) or commit name: {problem}; "
+            f"use one listed at {model_page(shorten(repo, 200))}/tree/main"
+        )
+
+
+def check_repo_id(repo: str) -> None:
+    """Refuse what the Hub would refuse as a repo id (huggingface_hub's own validator), before any request."""
+    from huggingface_hub import errors as hf_errors
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo)
+    except hf_errors.HFValidationError:
+        raise ModelSourceError(
+            f"{shorten(repo)!r} is not a valid Hub repo id: org/name, each part 1 to 96 letters, digits, '-', '_' or '.' "
+            "(no '--' or '..'), e.g. meta-llama/Llama-3.1-8B"
+        ) from None
+
+
 def model_page(repo: str) -> str:
     """The model's page on huggingface.co (where gated models' terms are accepted)."""
     return f"https://huggingface.co/{repo}"
@@ -88,6 +153,9 @@ def fetch_config(
     """
     if not isinstance(repo, str) or not repo.strip():
         raise ModelSourceError("give a Hub repo id like meta-llama/Llama-3.1-8B")
+    check_repo_id(repo.strip())
+    if revision:
+        check_revision(repo.strip(), revision)
     timeout = float(timeout_s) if timeout_s is not None and timeout_s > 0 else default_timeout_s()
     if token is not False:
         token = token or None
@@ -156,13 +224,6 @@ def _fetch(ep: str, cache: str, repo: str, revision: str | None, token: str | No
     rev = revision or "main"
     shown = repo if revision is None else f"{repo}@{revision}"
     source = f"{ep}/{repo}" + (f"/tree/{revision}" if revision else "")
-    from huggingface_hub.utils import validate_repo_id
-
-    try:
-        validate_repo_id(repo)
-    except hf_errors.HFValidationError:
-        raise ModelSourceError(f"{repo!r} is not a valid Hub repo id; use the form org/name, e.g. meta-llama/Llama-3.1-8B") from None
-
     if offline:
         path = _cached_path(repo, rev, cache, shown)
         if path is None:

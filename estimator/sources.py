@@ -11,6 +11,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import unquote
 
 
 class ModelSourceError(ValueError):
@@ -27,6 +28,13 @@ class ModelSourceError(ValueError):
 def one_line(text: str) -> str:
     """`text` with every non-printable character (newlines, carriage returns…) written as an escape."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def shorten(text: str, limit: int = 80) -> str:
+    """What the user typed, cut to `limit` characters for quoting in a message (a 100 KB argument
+    must not come back as a 100 KB error line)."""
+    text = str(text)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text):,} characters)"
 
 
 @dataclass(frozen=True)
@@ -78,11 +86,21 @@ def split_reference(reference: str) -> tuple[str, str | None]:
     reference = reference.strip()
     match = _HUB_URL.match(reference)
     if match:
-        return match.group("repo"), match.group("rev")
+        rev = match.group("rev")
+        return match.group("repo"), unquote(rev) if rev else None
     if "@" in reference:
         repo, _, rev = reference.partition("@")
         return repo.rstrip("/"), rev or None
     return reference.rstrip("/"), None
+
+
+def _is_file_path(reference: str) -> bool:
+    """Whether `reference` names something on disk; a name the OS cannot even look up (too long,
+    a NUL byte) is not one, so it goes on to the Hub's rules and their one-line message."""
+    try:
+        return Path(reference).expanduser().exists()
+    except (OSError, ValueError):
+        return False
 
 
 def resolve(reference: str, *, token: str | bool | None = None, offline: bool | None = None) -> ModelConfig:
@@ -90,9 +108,8 @@ def resolve(reference: str, *, token: str | bool | None = None, offline: bool | 
     if not isinstance(reference, str) or not reference.strip():
         raise ModelSourceError("give a model: a Hub repo id (org/name), a catalog name, or a path to a config.json")
     reference = reference.strip()
-    path = Path(reference).expanduser()
-    if reference.endswith(".json") or path.exists():
-        return read_config_file(path)
+    if reference.endswith(".json") or _is_file_path(reference):
+        return read_config_file(Path(reference).expanduser())
 
     from estimator.catalog import find_entry
 
@@ -102,9 +119,14 @@ def resolve(reference: str, *, token: str | bool | None = None, offline: bool | 
         return ModelConfig(entry.config(), name=entry.name, origin="catalog", source=entry.source)
     if not _REPO_ID.match(repo):
         raise ModelSourceError(
-            f"{reference!r} is not a catalog name, a config.json path, or a Hub repo id like meta-llama/Llama-3.1-8B"
+            f"{shorten(reference)!r} is not a catalog name, a config.json path, or a Hub repo id "
+            "(org/name, each part 1 to 96 letters, digits, '-', '_' or '.'), e.g. meta-llama/Llama-3.1-8B"
         )
     from estimator import hub
+
+    hub.check_repo_id(repo)
+    if revision is not None:
+        hub.check_revision(repo, revision)
 
     if offline is None:
         offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")

@@ -289,7 +289,6 @@ BAD_REVISIONS = [
 ]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14: the revision goes to huggingface_hub unchecked, which writes refs/<revision> outside the cache")
 @pytest.mark.parametrize("revision", BAD_REVISIONS, ids=lambda r: repr(r)[:20])
 def test_a_bad_revision_is_refused_before_any_request(fake_hub, tmp_path, revision):
     with pytest.raises(ModelSourceError) as info:
@@ -297,10 +296,10 @@ def test_a_bad_revision_is_refused_before_any_request(fake_hub, tmp_path, revisi
     message = str(info.value)
     assert "\n" not in message and "revision" in message and len(message) < 400, message
     assert fake_hub.requests == []
-    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) in ([], ["hub"]), "nothing is written outside the cache"
+    home = tmp_path / "hf"
+    assert not home.exists() or sorted(p.name for p in home.iterdir()) in ([], ["hub"]), "nothing is written outside the cache"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14: huggingface_hub writes refs/../../../escape outside the cache")
 def test_a_traversing_revision_writes_nothing_outside_the_cache(fake_hub, tmp_path):
     with pytest.raises(ModelSourceError):
         resolve("acme/any-revision@../../../escape")
@@ -314,7 +313,6 @@ def test_branches_tags_pull_requests_and_commits_are_allowed(fake_hub, revision)
     assert any(path.endswith(f"/resolve/{revision}/config.json") for _, path, _ in fake_hub.requests)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14: a 256-character name reaches Path.exists(), which raises OSError (File name too long)")
 @pytest.mark.parametrize(
     "reference",
     ["a" * 256, "org/" + "a" * 256, "a" * 97, "org/" + "b" * 97, ("x" * 255 + "/") * 3, "acme/good@" + "v" * 5000],
@@ -329,7 +327,6 @@ def test_an_overlong_name_is_one_clear_line_before_any_request(fake_hub, referen
     assert fake_hub.requests == []
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14: the CLI shows an OSError traceback for a 256-character name")
 def test_cli_overlong_name_is_one_line():
     run = subprocess.run([sys.executable, "-m", "estimator", "a" * 256], cwd=ROOT, capture_output=True, text=True, timeout=120,
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
