@@ -69,15 +69,38 @@ def parse_config_text(text: str, where: str, hint: str = "check the file") -> di
     return data
 
 
+MAX_CONFIG_BYTES = 4 << 20  # the largest real config.json is tens of KB (DeepSeek-V3's: 1.7 KB)
+
+
 def read_config_file(path: Path) -> ModelConfig:
-    if path.is_dir():
-        path = path / "config.json"
-    if not path.exists():
-        raise ModelSourceError(f"no config.json at {path}; give a path to a config.json or to a folder holding one")
+    """A local config.json (the CLI's and the library's; the app never reads local paths).
+
+    Only a regular file of at most MAX_CONFIG_BYTES is read: a FIFO would block the open and
+    `/dev/zero` would never end.
+    """
+    shown = shorten(str(path), 200)
     try:
-        text = path.read_text(encoding="utf-8")
+        if path.is_dir():
+            path = path / "config.json"
+        info = path.stat()
+    except (OSError, ValueError) as err:
+        if isinstance(err, FileNotFoundError) or isinstance(err, NotADirectoryError):
+            raise ModelSourceError(f"no config.json at {shown}; give a path to a config.json or to a folder holding one") from None
+        raise ModelSourceError(f"cannot read {shown} ({type(err).__name__}); give a path to a config.json or to a folder holding one") from None
+    import stat
+
+    if not stat.S_ISREG(info.st_mode):
+        raise ModelSourceError(f"{shown} is not a regular file; give a path to a config.json or to a folder holding one")
+    if info.st_size > MAX_CONFIG_BYTES:
+        raise ModelSourceError(f"{shown} is {info.st_size:,} bytes, more than any config.json (at most {MAX_CONFIG_BYTES:,}); check the path")
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_CONFIG_BYTES + 1)
+        text = data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as err:
-        raise ModelSourceError(f"cannot read {path}: {err}") from None
+        raise ModelSourceError(f"cannot read {shown}: {type(err).__name__}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ModelSourceError(f"{shown} is more than {MAX_CONFIG_BYTES:,} bytes, more than any config.json; check the path")
     return ModelConfig(parse_config_text(text, str(path)), name=path.parent.name or str(path), origin="file", source=str(path))
 
 
