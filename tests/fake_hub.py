@@ -394,6 +394,10 @@ class _Handler(BaseHTTPRequestHandler):
         return self._send(200, data, headers, head)
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 128  # the shard workers connect at once
+
+
 class FakeHub:
     """`with FakeHub() as hub:` serves on `hub.url` until the block ends."""
 
@@ -401,7 +405,7 @@ class FakeHub:
         self.repos = repos if repos is not None else default_repos()
         self.requests: list[tuple[str, str, str | None]] = []
         handler = type("Handler", (_Handler,), {"hub": self})
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._server = _Server(("127.0.0.1", 0), handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-hub", daemon=True)
 

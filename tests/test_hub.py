@@ -171,7 +171,7 @@ def test_invalid_repo_id_is_refused_before_any_request(fake_hub):
 def test_token_is_sent_to_the_hub_and_never_shown(fake_hub, caplog):
     caplog.set_level(logging.DEBUG)
     got = hub_module.fetch_config("acme/with-weights", token=VALID_TOKEN)
-    assert ("HEAD", "/acme/with-weights/resolve/main/config.json", f"Bearer {VALID_TOKEN}") in fake_hub.requests
+    assert ("GET", "/acme/with-weights/resolve/main/config.json", f"Bearer {VALID_TOKEN}") in fake_hub.requests
     shown = repr(got) + " ".join(got.notes) + caplog.text + repr(hub_module._fetch_cached.cache_info())
     assert VALID_TOKEN not in shown
 
