@@ -126,12 +126,29 @@ def _is_file_path(reference: str) -> bool:
         return False
 
 
-def resolve(reference: str, *, token: str | bool | None = None, offline: bool | None = None) -> ModelConfig:
-    """Turn what the user typed into a config: a path, a catalog name, or a Hub repo id/URL."""
+# The app's one answer to anything that looks like a path: the same words whether or not such a
+# file exists, so a public page says nothing about the server's files.
+PATHS_REFUSED = (
+    "the app reads a catalog name, a Hub repo id (org/name) or its URL, or an uploaded config.json, "
+    "never a file on the server; upload the config.json instead"
+)
+_PATH_LIKE = re.compile(r"^(?:[/~.\\]|[A-Za-z]:|file:)|\\|\.json$|\x00", re.IGNORECASE)
+
+
+def resolve(
+    reference: str, *, token: str | bool | None = None, offline: bool | None = None, allow_paths: bool = True
+) -> ModelConfig:
+    """Turn what the user typed into a config: a path, a catalog name, or a Hub repo id/URL.
+
+    `allow_paths=False` (the app) never looks at the filesystem: a catalog name or a Hub reference,
+    and anything path-like (absolute, `~`, `.`, backslashes, a drive, `file:`, `.json`) is refused
+    with PATHS_REFUSED before any check of whether it exists. A relative name like `org/name` is a
+    Hub id then, even where a folder of that name exists.
+    """
     if not isinstance(reference, str) or not reference.strip():
         raise ModelSourceError("give a model: a Hub repo id (org/name), a catalog name, or a path to a config.json")
     reference = reference.strip()
-    if reference.endswith(".json") or _is_file_path(reference):
+    if allow_paths and (reference.endswith(".json") or _is_file_path(reference)):
         return read_config_file(Path(reference).expanduser())
 
     from estimator.catalog import find_entry
@@ -140,6 +157,8 @@ def resolve(reference: str, *, token: str | bool | None = None, offline: bool | 
     repo, revision = split_reference(reference)
     if entry is not None and revision is None:
         return ModelConfig(entry.config(), name=entry.name, origin="catalog", source=entry.source)
+    if not allow_paths and not _HUB_URL.match(reference) and _PATH_LIKE.search(reference):
+        raise ModelSourceError(PATHS_REFUSED)
     if not _REPO_ID.match(repo):
         raise ModelSourceError(
             f"{shorten(reference)!r} is not a catalog name, a config.json path, or a Hub repo id "

@@ -38,7 +38,7 @@ def server_files(tmp_path):
     fifo = tmp_path / "fifo.json"
     os.mkfifo(fifo)
     return {
-        "existing": [str(real), str(real.parent), "/etc/passwd", "/dev/zero", str(fifo), APP, "app.py", "./app.py", str(ROOT / "estimator")],
+        "existing": [str(real), str(real.parent), "/etc/passwd", "/dev/zero", str(fifo), APP, "./app.py", str(ROOT / "estimator")],
         "missing": [str(tmp_path / "nothing" / "config.json"), str(tmp_path / "nothing"), "/etc/no-such-file", "./no-such.json", "~/no-such"],
         "odd": ["~/.bashrc", "../x", "file:///etc/passwd", "C:\\Windows\\win.ini", "\\\\server\\share\\config.json"],
     }
@@ -56,7 +56,6 @@ def _no_estimate(at: AppTest) -> None:
     assert not [m for m in at.markdown if m.value.startswith("### ")], "the page estimated a local file"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14: the Hub box goes through sources.resolve, which reads local paths")
 def test_a_path_in_the_link_gets_one_message_whether_or_not_it_exists(server_files):
     seen = set()
     for kind in ("existing", "missing", "odd"):
@@ -71,7 +70,6 @@ def test_a_path_in_the_link_gets_one_message_whether_or_not_it_exists(server_fil
     assert "upload" in message and "root:" not in message
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14: a config.json path typed in the Hub box is read and estimated")
 def test_a_path_typed_in_the_hub_box_is_refused(server_files):
     at = AppTest.from_file(APP, default_timeout=60).run()
     messages = set()
@@ -82,3 +80,17 @@ def test_a_path_typed_in_the_hub_box_is_refused(server_files):
     assert len(messages) == 1, messages
     at.text_input(key="hub_id").input("").run()  # the catalog model comes back
     assert not at.error and [m for m in at.markdown if m.value.startswith("### ")]
+
+
+def test_a_bare_name_is_a_hub_id_whether_or_not_a_file_has_that_name():
+    """`app.py` is shaped like a legacy Hub id (gpt2): it goes to the Hub, never to the disk, so a
+    file of that name in the server's folder changes nothing."""
+    shown = set()
+    for name in ("app.py", "no-such-file.py", "estimator", "no-such-folder"):
+        at = AppTest.from_file(APP, default_timeout=60)
+        at.query_params["hub"] = name
+        at.run()
+        _no_estimate(at)
+        shown.add(_shown(at, name))
+    assert len(shown) == 1, shown
+    assert "offline" in shown.pop()
