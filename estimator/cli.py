@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 from estimator.job import Attention, BaseDtype, Job, Mode, Optimizer, Precision, Quant, Weights
@@ -114,9 +115,19 @@ def json_object(name: str, origin: str, url: str, result, fit, notes=()) -> dict
     return out
 
 
+_LONG_QUOTED = re.compile(r"'[^']{81,}'|\"[^\"]{81,}\"")
+_LONG_WORD = re.compile(r"\S{201,}")
+MAX_MESSAGE_CHARS = 1_000
+
+
 def one_line(err: BaseException) -> str:
-    """Messages from libraries can span lines; SPEC's bad-input contract is one line."""
-    return " ".join(str(err).split())
+    """Messages from libraries can span lines; SPEC's bad-input contract is one line, and a short
+    one: argparse echoes what it refuses, so a quoted value over 80 characters, or a word over 200,
+    is cut (a 100 KB argument is not written back)."""
+    text = " ".join(str(err).split())
+    text = _LONG_QUOTED.sub(lambda m: f"{m[0][:61]}… ({len(m[0]) - 2:,} characters){m[0][0]}", text)
+    text = _LONG_WORD.sub(lambda m: f"{m[0][:60]}… ({len(m[0]):,} characters)", text)
+    return text if len(text) <= MAX_MESSAGE_CHARS else text[:MAX_MESSAGE_CHARS] + "…"
 
 
 def _gib(n: int) -> str:
@@ -171,7 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     if args.json:
-        print(json.dumps(json_object(source.name, source.origin, source.source, result, fit, source.notes), indent=2))
+        try:  # SPEC's JSON has no NaN or Infinity; a non-finite figure is a bug to report, not output
+            text = json.dumps(json_object(source.name, source.origin, source.source, result, fit, source.notes), indent=2, allow_nan=False)
+        except ValueError as err:
+            print(f"error: the estimate holds a number that is not finite ({err}); please report it with the command line", file=sys.stderr)
+            return 2
+        print(text)
     else:
         print(render_text(source.name, source, result, fit))
     return 0

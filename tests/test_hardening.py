@@ -33,14 +33,12 @@ def _strict_json(text: str):
 # -------------------------------------------------------------------------------------------------
 # LoRA alpha: finite and positive; --json never writes NaN
 # -------------------------------------------------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="issue 14: Job accepts lora_alpha=nan and inf (nan <= 0 is False)")
 @pytest.mark.parametrize("alpha", [math.nan, math.inf], ids=["nan", "inf"])
 def test_lora_alpha_must_be_finite(alpha):
     with pytest.raises(ValueError, match="lora_alpha"):
         Job(mode="lora", lora_alpha=alpha)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14: --lora-alpha nan is accepted and --json writes NaN")
 @pytest.mark.parametrize("alpha", ["nan", "inf", "NaN"])
 def test_cli_lora_alpha_nan_is_one_line(alpha):
     run = run_cli("GPT-2", "--mode", "lora", "--lora-alpha", alpha, "--json")
@@ -75,7 +73,6 @@ def test_transformers_warnings_do_not_add_lines(tmp_path):
     assert len(run.stderr.strip().splitlines()) == 1, run.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14: argparse and the library echo a 100 KB argument whole")
 @pytest.mark.parametrize(
     "args",
     [["GPT-2", "--batch-size", BIG], ["GPT-2", "--mode", BIG], ["GPT-2", "--gpu", BIG], ["GPT-2", "--gpu", "H100", "--strategy", BIG],
@@ -103,7 +100,6 @@ def _short_one_line(args: list[str]) -> None:
 # -------------------------------------------------------------------------------------------------
 # A closed pipe (`--json | head -1`)
 # -------------------------------------------------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="issue 14: writing to a closed pipe ends in a BrokenPipeError traceback")
 @pytest.mark.parametrize("args", [["GPT-2", "--json"], ["GPT-2", "--which-gpus", "--json"], ["GPT-2"]], ids=["json", "which-gpus", "text"])
 def test_a_closed_pipe_is_not_a_traceback(args):
     read_end, write_end = os.pipe()
@@ -120,7 +116,6 @@ def test_a_closed_pipe_is_not_a_traceback(args):
 # -------------------------------------------------------------------------------------------------
 # The report on a box without Chrome
 # -------------------------------------------------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="issue 14: kaleido's missing Chrome is a RuntimeError out of validation.report")
 def test_report_without_chrome_writes_tables_and_skips_the_plot(tmp_path, monkeypatch, capsys):
     import kaleido
     from kaleido.errors import ChromeNotFoundError
