@@ -160,3 +160,31 @@ def test_a_header_with_absurd_sizes_is_one_clear_line(hub, case):
     _, error, _ = _within(DEADLINE_S + SLACK_S, hub_module.fetch_config, f"acme/header-{case}")
     message = _one_line_error(error)
     assert "safetensors header" in message, message
+
+
+# -------------------------------------------------------------------------------------------------
+# Every repo of the stand-in at once: each a config or one line, all within one deadline
+# -------------------------------------------------------------------------------------------------
+def test_every_fake_repo_at_once_resolves_or_fails_in_one_line_within_the_deadline(hub):
+    """All the stand-in's repos (every fault above, the gated, missing and broken ones) resolved
+    concurrently, as a busy Space would: none outlives the deadline, each answers a config or one
+    ModelSourceError line, and the shard headers read stay within 64 per repo."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    repos = sorted(hub.repos)
+    start = time.monotonic()
+    with ThreadPoolExecutor(max_workers=len(repos)) as pool:
+        futures = {repo: pool.submit(_within, DEADLINE_S + 2 * SLACK_S, hub_module.fetch_config, repo, timeout_s=30) for repo in repos}
+        outcomes = {repo: f.result() for repo, f in futures.items()}
+    assert time.monotonic() - start < DEADLINE_S + 3 * SLACK_S
+    for repo, (result, error, _) in outcomes.items():
+        if error is not None:
+            _one_line_error(error)
+        else:
+            assert result.config and result.origin == "hub", repo
+    per_repo: dict[str, int] = {}
+    for method, path, _ in hub.requests:
+        if method == "GET" and "-of-" in path:
+            repo = "/".join(path.strip("/").split("/")[:2])
+            per_repo[repo] = per_repo.get(repo, 0) + 1
+    assert max(per_repo.values()) <= 64, per_repo
