@@ -208,7 +208,8 @@ def resolve_model(stage) -> S.Model:
         with st.spinner(f"Fetching {hub}'s config.json…"):
             # An empty field must not fall back to the server's own HF_TOKEN: a Space owner's secret
             # would otherwise read gated configs for every visitor.
-            source = resolve(hub, token=state["hf_token"] or False)
+            # allow_paths=False: a visitor's text never opens a file on the server (issue 14).
+            source = resolve(hub, token=state["hf_token"] or False, allow_paths=False)
         with st.spinner("Building the model on the meta device (the first time imports transformers: ~10 s)…"):
             return S.model_from_source(source)
     if upload is not None:

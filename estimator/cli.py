@@ -245,7 +245,12 @@ def main(argv: list[str] | None = None) -> int:
         out = json_object(source.name, source.origin, source.source, result, fit, notes, which=which)
         if suggestions is not None:
             out["suggestions"] = [s.to_dict() for s in suggestions]
-        print(json.dumps(out, indent=2))
+        try:  # SPEC's JSON has no NaN or Infinity; a non-finite figure is a bug to report, not output
+            text = json.dumps(out, indent=2, allow_nan=False)
+        except ValueError as err:
+            print(f"error: the estimate holds a number that is not finite ({err}); please report it with the command line", file=sys.stderr)
+            return 2
+        print(text)
     else:
         print(render_text(source.name, source, result, fit, which=which, num_gpus=args.num_gpus, extra_notes=job_notes,
                           suggestions=suggestions))

@@ -1,6 +1,6 @@
 """The model's inventory: every parameter and every module that matters for memory, built exactly.
 
-The model is built on the meta device (`accelerate.init_empty_weights()` plus
+The model is built on the meta device (`with torch.device("meta"):` around
 `AutoModelForCausalLM.from_config`), so nothing is downloaded or allocated and the counts are the
 installed transformers' own: fused qkv, GQA, MoE experts, biases and tied weights come out as the
 real model has them. Which linears bitsandbytes quantizes and which PEFT's `all-linear` targets
@@ -8,6 +8,13 @@ are decided by those libraries' own rules, run on the meta model.
 
 Building costs a transformers import and a meta build (about a second), so inventories are cached
 per config: they are pure functions of it.
+
+Builds are safe from several threads (Streamlit runs each session as one). The meta device is a
+torch function mode, which is per thread; accelerate's `init_empty_weights` instead patches
+`nn.Module.register_parameter` for the whole process, so overlapping builds counted tied
+embeddings twice and could leave the patch on. What stays process-wide, transformers'
+`local_torch_dtype` (`torch.set_default_dtype`), its logging verbosity and Python's warning
+filters, is set and restored under one lock, so builds run one at a time and torch is left as found.
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ import functools
 import gzip
 import hashlib
 import json
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, TypeVar
@@ -309,10 +318,35 @@ def _check_sizes(raw: dict) -> None:
                 )
 
 
-def _build_unchecked(raw: dict) -> Inventory:
+# One meta build at a time: transformers sets the process's default dtype while it builds, and the
+# logging and warning settings below are process-wide too.
+_BUILD_LOCK = threading.RLock()
+
+
+@contextmanager
+def _quiet_transformers():
+    """transformers' logging and Python warnings silenced (a config's deprecation notices would
+    otherwise add lines around the CLI's one error line), and both restored afterwards."""
     import warnings
 
-    import accelerate
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        transformers.logging.set_verbosity_error()
+        try:
+            yield
+        finally:
+            transformers.logging.set_verbosity(verbosity)
+
+
+def _build_unchecked(raw: dict) -> Inventory:
+    with _BUILD_LOCK, _quiet_transformers():
+        return _build_locked(raw)
+
+
+def _build_locked(raw: dict) -> Inventory:
     import torch
     import transformers
     from transformers.pytorch_utils import Conv1D
@@ -331,17 +365,14 @@ def _build_unchecked(raw: dict) -> Inventory:
             f"{config.model_type} is not a causal language model in transformers "
             "(encoder-only, encoder-decoder and non-text models are not supported; give a decoder-only LLM)"
         )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        transformers.logging.set_verbosity_error()
-        try:
-            with accelerate.init_empty_weights(include_buffers=False):
-                model = transformers.AutoModelForCausalLM.from_config(config)
-            # from_config leaves tied weights untied on the meta device (and tying inside
-            # init_empty_weights does not take); from_pretrained ties them, so tie here.
-            model.tie_weights()
-        except Exception as err:  # noqa: BLE001
-            raise UnsupportedModelError(f"transformers could not build {config.model_type} from this config: {err}") from None
+    try:
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(config)
+        # from_pretrained ties the embeddings after loading; from_config on the meta device leaves
+        # them as built, so tie here (named_parameters() then yields the shared tensor once).
+        model.tie_weights()
+    except Exception as err:  # noqa: BLE001
+        raise UnsupportedModelError(f"transformers could not build {config.model_type} from this config: {err}") from None
 
     cfg = model.config
     text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg

@@ -159,8 +159,8 @@ class Job:
                 raise ValueError(f"{name} must be at least 1; got {value}")
             if value > upper:
                 raise ValueError(f"{name} of {value:,} is beyond any real job (at most {upper:,}); check the number")
-        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
-            raise ValueError(f"lora_alpha must be a positive number; got {self.lora_alpha!r}")
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or not 0 < self.lora_alpha < float("inf"):
+            raise ValueError(f"lora_alpha must be a finite positive number; got {self.lora_alpha!r}")  # NaN fails 0 < x too
         if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1); got {self.lora_dropout!r}")
         targets = self.lora_targets

@@ -39,6 +39,7 @@ configs give `None` (and `describe_quantization` says why) rather than an except
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -73,14 +74,95 @@ class StoredTensor:
         return math.ceil(self.numel * SAFETENSORS_DTYPE_BYTES[self.dtype])
 
 
+# Bounds on what a safetensors header may claim. The largest real tensors hold a few billion
+# elements (a 256k × 16k embedding is 4.2e9) and the largest checkpoints about 1e12 (Kimi K2), so
+# these are far beyond any real model but keep every figure an exact, finite int.
+MAX_TENSOR_ELEMENTS = 1 << 42  # 4.4e12
+MAX_CHECKPOINT_ELEMENTS = 1 << 46  # 7.0e13
+MAX_TENSOR_DIMS = 16
+MAX_HEADER_BYTES = 25_000_000  # huggingface_hub's SAFETENSORS_MAX_HEADER_LENGTH
+
+
+class SafetensorsHeaderError(ValueError):
+    """A safetensors header that is not one: the message says what is wrong, on one line."""
+
+
+def _refuse_constant(name: str):
+    raise SafetensorsHeaderError(f"it holds {name}, which no size can be")
+
+
+def _size(value: Any, what: str, limit: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SafetensorsHeaderError(f"{what} is {str(value)[:40]!r}, not a whole number")
+    if value < 0:
+        raise SafetensorsHeaderError(f"{what} is negative ({value:,})")
+    if value > limit:
+        raise SafetensorsHeaderError(f"{what} is beyond any real checkpoint ({str(value)[:24]}…, at most {limit:,})")
+    return value
+
+
+def safetensors_header_counts(raw: bytes) -> dict[str, int]:
+    """Stored element counts per dtype from one safetensors header, checked; else SafetensorsHeaderError.
+
+    `raw` is the JSON that follows the file's 8-byte length (safetensors' README, "Format"):
+    `{name: {"dtype": str, "shape": [int, ...], "data_offsets": [begin, end]}, "__metadata__": {...}}`.
+    Every shape and offset must be a non-negative whole number within the bounds above (JSON's
+    1e200, Infinity, NaN and negative sizes are refused), `begin <= end`, and `end - begin` must be
+    the tensor's bytes (numel × the dtype's size), as the safetensors library itself requires.
+    """
+    if len(raw) > MAX_HEADER_BYTES:
+        raise SafetensorsHeaderError(f"it is {len(raw):,} bytes long (at most {MAX_HEADER_BYTES:,})")
+    try:
+        header = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+    except SafetensorsHeaderError:
+        raise
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise SafetensorsHeaderError(f"it is not JSON ({type(err).__name__})") from None
+    if not isinstance(header, dict):
+        raise SafetensorsHeaderError(f"it is a JSON {type(header).__name__}, not an object")
+    counts: dict[str, int] = {}
+    total = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        shown = f"tensor {name[:60]!r}"
+        if not isinstance(entry, dict):
+            raise SafetensorsHeaderError(f"{shown} is not an object")
+        dtype = entry.get("dtype")
+        if not isinstance(dtype, str) or not dtype or len(dtype) > 16:
+            raise SafetensorsHeaderError(f"{shown} has no dtype")
+        shape = entry.get("shape")
+        if not isinstance(shape, list) or len(shape) > MAX_TENSOR_DIMS:
+            raise SafetensorsHeaderError(f"{shown} has no shape list of at most {MAX_TENSOR_DIMS} sizes")
+        numel = 1
+        for dim in shape:
+            numel *= _size(dim, f"a size of {shown}", MAX_TENSOR_ELEMENTS)
+            _size(numel, f"the element count of {shown}", MAX_TENSOR_ELEMENTS)
+        offsets = entry.get("data_offsets")
+        if not isinstance(offsets, list) or len(offsets) != 2:
+            raise SafetensorsHeaderError(f"{shown} has no data_offsets [begin, end]")
+        limit = MAX_TENSOR_ELEMENTS * 8
+        begin, end = (_size(v, f"an offset of {shown}", MAX_CHECKPOINT_ELEMENTS * 8) for v in offsets)
+        if end < begin or end - begin > limit:
+            raise SafetensorsHeaderError(f"{shown} has data_offsets [{begin:,}, {end:,}], which end before they begin or span too much")
+        size = SAFETENSORS_DTYPE_BYTES.get(dtype.upper())
+        if size is not None and end - begin != math.ceil(numel * size):
+            raise SafetensorsHeaderError(f"{shown} has {numel:,} {dtype} elements but data_offsets spanning {end - begin:,} bytes")
+        total = _size(total + numel, "the header's element count", MAX_CHECKPOINT_ELEMENTS)
+        counts[dtype] = counts.get(dtype, 0) + numel
+    return counts
+
+
 def safetensors_bytes(params_by_dtype: dict[str, int]) -> int:
     """Bytes of weights given stored element counts per safetensors dtype (as the Hub's header reports).
 
-    Unknown dtypes count 2 bytes an element, the usual half precision.
+    Unknown dtypes count 2 bytes an element, the usual half precision. Counts must be whole numbers
+    within MAX_CHECKPOINT_ELEMENTS (SafetensorsHeaderError otherwise), so the result is a finite int.
     """
     total = 0.0
     for dtype, count in params_by_dtype.items():
-        total += int(count) * SAFETENSORS_DTYPE_BYTES.get(str(dtype).upper(), 2)
+        count = _size(count, f"the {str(dtype)[:16]} element count", MAX_CHECKPOINT_ELEMENTS)
+        total += count * SAFETENSORS_DTYPE_BYTES.get(str(dtype).upper(), 2)
     return math.ceil(total)
 
 

@@ -12,6 +12,7 @@ import csv
 import enum
 import io
 import json
+import re
 
 from estimator.estimate import Estimate
 from estimator.fit import MAX_GPUS, Fit, Verdict
@@ -19,9 +20,19 @@ from estimator.fit import MAX_GPUS, Fit, Verdict
 GIB = 1024**3
 
 
+_LONG_QUOTED = re.compile(r"'[^']{81,}'|\"[^\"]{81,}\"")
+_LONG_WORD = re.compile(r"\S{201,}")
+MAX_MESSAGE_CHARS = 1_000
+
+
 def one_line(err: BaseException) -> str:
-    """Messages from libraries can span lines; SPEC's bad-input contract is one line."""
-    return " ".join(str(err).split())
+    """Messages from libraries can span lines; SPEC's bad-input contract is one line, and a short
+    one: argparse echoes what it refuses, so a quoted value over 80 characters, or a word over 200,
+    is cut (a 100 KB argument is not written back)."""
+    text = " ".join(str(err).split())
+    text = _LONG_QUOTED.sub(lambda m: f"{m[0][:61]}… ({len(m[0]) - 2:,} characters){m[0][0]}", text)
+    text = _LONG_WORD.sub(lambda m: f"{m[0][:60]}… ({len(m[0]):,} characters)", text)
+    return text if len(text) <= MAX_MESSAGE_CHARS else text[:MAX_MESSAGE_CHARS] + "…"
 
 
 # -------------------------------------------------------------------------------------------------

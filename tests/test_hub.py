@@ -171,7 +171,7 @@ def test_invalid_repo_id_is_refused_before_any_request(fake_hub):
 def test_token_is_sent_to_the_hub_and_never_shown(fake_hub, caplog):
     caplog.set_level(logging.DEBUG)
     got = hub_module.fetch_config("acme/with-weights", token=VALID_TOKEN)
-    assert ("HEAD", "/acme/with-weights/resolve/main/config.json", f"Bearer {VALID_TOKEN}") in fake_hub.requests
+    assert ("GET", "/acme/with-weights/resolve/main/config.json", f"Bearer {VALID_TOKEN}") in fake_hub.requests
     shown = repr(got) + " ".join(got.notes) + caplog.text + repr(hub_module._fetch_cached.cache_info())
     assert VALID_TOKEN not in shown
 
@@ -277,3 +277,57 @@ def test_gated_message_counts_the_machine_token(fake_hub, monkeypatch):
     assert VALID_TOKEN not in str(info.value)
     with pytest.raises(ModelSourceError, match="then pass a token"):
         hub_module.fetch_config("acme/gated", token=False)
+
+
+# -------------------------------------------------------------------------------------------------
+# Revisions and repo ids are checked before any request (issue 14)
+# -------------------------------------------------------------------------------------------------
+GOOD_REVISIONS = ["main", "v1.0", "feature/long-context", "refs/pr/1", "refs/pr/12345", "a" * 40, "0123456789abcdef0123456789abcdef01234567"]
+BAD_REVISIONS = [
+    "../../../escape", "..", "a/../b", "a/..", "/etc/passwd", "refs/../../x", "a\\b", "..\\..\\x", "main\n", "main\r\n", "ma\x00in", "\x1b[31m",
+    "a//b", "-x", "a b", "v1.0.lock", "a" * 300,
+]
+
+
+@pytest.mark.parametrize("revision", BAD_REVISIONS, ids=lambda r: repr(r)[:20])
+def test_a_bad_revision_is_refused_before_any_request(fake_hub, tmp_path, revision):
+    with pytest.raises(ModelSourceError) as info:
+        hub_module.fetch_config("acme/any-revision", revision=revision)
+    message = str(info.value)
+    assert "\n" not in message and "revision" in message and len(message) < 400, message
+    assert fake_hub.requests == []
+    home = tmp_path / "hf"
+    assert not home.exists() or sorted(p.name for p in home.iterdir()) in ([], ["hub"]), "nothing is written outside the cache"
+
+
+def test_a_traversing_revision_writes_nothing_outside_the_cache(fake_hub, tmp_path):
+    with pytest.raises(ModelSourceError):
+        resolve("acme/any-revision@../../../escape")
+    assert not (tmp_path / "escape").exists() and not (tmp_path / "hf" / "escape").exists()
+
+
+@pytest.mark.parametrize("revision", GOOD_REVISIONS, ids=lambda r: r[:20])
+def test_branches_tags_pull_requests_and_commits_are_allowed(fake_hub, revision):
+    got = hub_module.fetch_config("acme/any-revision", revision=revision)
+    assert got.config == TINY_LLAMA and got.name == f"acme/any-revision@{revision}"
+    assert any(path.endswith(f"/resolve/{revision}/config.json") for _, path, _ in fake_hub.requests)
+
+
+@pytest.mark.parametrize(
+    "reference",
+    ["a" * 256, "org/" + "a" * 256, "a" * 97, "org/" + "b" * 97, ("x" * 255 + "/") * 3, "acme/good@" + "v" * 5000],
+    ids=["256", "org-256", "97", "org-97", "deep", "long-revision"],
+)
+def test_an_overlong_name_is_one_clear_line_before_any_request(fake_hub, reference):
+    with pytest.raises(ModelSourceError) as info:
+        resolve(reference)
+    message = str(info.value)
+    assert "\n" not in message and len(message) < 400, message
+    assert "96" in message or "revision" in message, message
+    assert fake_hub.requests == []
+
+
+def test_cli_overlong_name_is_one_line():
+    run = subprocess.run([sys.executable, "-m", "estimator", "a" * 256], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1 and "Traceback" not in run.stderr, run.stderr[-800:]

@@ -242,3 +242,118 @@ def test_cli_examples(offline_hub):
 def test_line_breaks_in_arguments_still_give_one_line(offline_hub, argv):
     code, _, err = run_cli(argv)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
+
+
+# -------------------------------------------------------------------------------------------------
+# (c) issue 14: what a visitor or a Hub can send, fuzzed; each property is pure and fast
+# -------------------------------------------------------------------------------------------------
+PURE = settings(max_examples=300, deadline=500, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+LONG_TEXT = st.one_of(st.text(max_size=40), st.text(min_size=300, max_size=2_000), st.just("x" * 100_000))
+
+
+@FAST
+@given(argv=argument_lists(), long_value=LONG_TEXT, where=st.integers(0, 8))
+def test_cli_json_is_strict_and_errors_stay_short(offline_hub, argv, long_value, where):
+    """With --json the output is strict JSON (no NaN/Infinity); any error line is under 1,000 characters."""
+    argv = list(argv)
+    argv.insert(min(where, len(argv)), long_value)
+    argv.append("--json")
+    code, out, err = run_cli(argv)
+    assert code in (0, 2), (code, err[-300:])
+    if code == 0 and out.lstrip().startswith("{"):
+        json.loads(out, parse_constant=lambda name: pytest.fail(f"--json wrote {name}"))
+    if code == 2:
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and len(lines[0]) < 1_000, (len(err), err[:200])
+
+
+REVISION_CHARS = st.sampled_from(list("ab09-_./\\~^:?*[ @{}") + ["..", "\n", "\x00", "\x1b", "é", "refs/pr/", "/"])
+
+
+@PURE
+@given(revision=st.one_of(st.text(max_size=30), st.lists(REVISION_CHARS, max_size=12).map("".join)))
+def test_an_accepted_revision_stays_inside_the_cache(revision):
+    """Whatever is accepted is a path under refs/ once huggingface_hub joins it (refs/<revision>)."""
+    import os.path
+
+    from estimator import hub
+
+    problem = hub._revision_problem(revision)
+    if problem is not None:
+        assert isinstance(problem, str) and "\n" not in problem
+        return
+    joined = os.path.normpath(os.path.join("/cache/refs", revision))
+    assert joined.startswith("/cache/refs/"), revision
+    assert "\\" not in revision and all(c.isprintable() and not c.isspace() for c in revision)
+    assert ".." not in revision.split("/")
+
+
+@PURE
+@given(reference=st.one_of(LONG_TEXT, st.sampled_from(["/etc/passwd", "~/.ssh/id_rsa", "../x", "C:\\x", "file:///etc", "a/b/c", "acme/x@../../y"])))
+def test_the_apps_resolution_never_opens_a_path(offline_hub, reference, monkeypatch):
+    """resolve(allow_paths=False) answers a config or one short ModelSourceError, and never stats or
+    opens a file outside the package (the catalog's own files are the package's)."""
+    import builtins
+    import pathlib
+
+    from estimator.sources import ModelSourceError, resolve
+
+    package = str(ROOT / "estimator")
+    real_open, real_stat = builtins.open, pathlib.Path.stat
+
+    def guarded_open(file, *args, **kwargs):
+        assert str(file).startswith(package), f"opened {file!r}"
+        return real_open(file, *args, **kwargs)
+
+    def guarded_stat(self, *args, **kwargs):
+        assert str(self).startswith(package), f"looked at {self!r}"
+        return real_stat(self, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(builtins, "open", guarded_open)
+        patch.setattr(pathlib.Path, "stat", guarded_stat)
+        try:
+            resolve(reference, token=False, allow_paths=False)
+        except ModelSourceError as err:
+            assert "\n" not in str(err) and len(str(err)) < 800
+
+
+JSON_SIZES = st.one_of(
+    st.integers(min_value=-(10**30), max_value=10**30), st.floats(allow_nan=True, allow_infinity=True), st.booleans(), st.none(),
+    st.text(max_size=4), st.sampled_from([10**200, 2**62, 2**42, -1, 0]),
+)
+HEADER_ENTRY = st.fixed_dictionaries(
+    {},
+    optional={
+        "dtype": st.one_of(st.sampled_from(["BF16", "F32", "F16", "I8", "U8", "F4", "F8_E4M3", "XYZ"]), st.integers(), st.none()),
+        "shape": st.one_of(st.lists(JSON_SIZES, max_size=4), st.lists(st.integers(0, 4096), max_size=3), JSON_SIZES),
+        "data_offsets": st.one_of(st.lists(JSON_SIZES, min_size=0, max_size=3), st.tuples(st.integers(0, 10**6), st.integers(0, 10**6)).map(list)),
+    },
+)
+
+
+@PURE
+@given(header=st.one_of(st.dictionaries(st.text(max_size=8), st.one_of(HEADER_ENTRY, JSON_SIZES), max_size=5), JSON_SIZES, st.lists(JSON_SIZES)))
+def test_any_safetensors_header_gives_bounded_counts_or_one_clear_error(header):
+    from estimator import prequantized as pq
+
+    raw = json.dumps(header, allow_nan=True).encode()
+    try:
+        counts = pq.safetensors_header_counts(raw)
+    except pq.SafetensorsHeaderError as err:
+        assert "\n" not in str(err) and len(str(err)) < 300
+        return
+    assert all(isinstance(v, int) and 0 <= v <= pq.MAX_CHECKPOINT_ELEMENTS for v in counts.values())
+    size = pq.safetensors_bytes(counts)
+    assert isinstance(size, int) and 0 <= size and math.isfinite(size / 2**30)
+
+
+@PURE
+@given(data=st.binary(max_size=64))
+def test_header_bytes_that_are_not_json(data):
+    from estimator import prequantized as pq
+
+    try:
+        pq.safetensors_header_counts(data)
+    except pq.SafetensorsHeaderError:
+        pass

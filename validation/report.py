@@ -357,8 +357,13 @@ def main(argv: list[str] | None = None) -> int:
         peers = "  ".join(f"{p}={_pct(row[p][1])}" for p in PEERS)
         print(f"{row['group']:12s} n={n:3d}  peak median {_pct(med):>6s} worst {_pct(worst):>6s}   device median {_pct(dmed):>6s} worst {_pct(dworst):>6s}   peers(median): {peers}")
     if args.plot:
-        write_plot(comparisons, Path(args.plot))
-        print(f"wrote {args.out} and {args.plot}")
+        try:
+            write_plot(comparisons, Path(args.plot))
+        except Exception as err:  # noqa: BLE001 - kaleido needs Chrome; the tables matter more than the picture
+            reason = " ".join(str(err).split())[:160] or type(err).__name__
+            print(f"wrote {args.out}; skipped the plot, which needs kaleido and Chrome ({type(err).__name__}: {reason})")
+        else:
+            print(f"wrote {args.out} and {args.plot}")
     else:
         print(f"wrote {args.out}")
     return 0
