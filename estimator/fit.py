@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 from estimator.dtypes import tensor_bytes
 from estimator.estimate import ALLOCATED, Component, Estimate, Parts, device_overheads
-from estimator.inventory import Inventory
+from estimator.inventory_types import Inventory
 from estimator.job import Job
 from estimator.regime import Regime, Sizes, sizes_of
 from estimator.terms import activations as act

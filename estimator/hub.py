@@ -60,7 +60,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
-from estimator.sources import MAX_CONFIG_BYTES, ModelConfig, ModelSourceError, parse_config_text, shorten
+from estimator.config_text import MAX_CONFIG_BYTES, ModelConfig, ModelSourceError, parse_config_text, shorten
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 DEFAULT_TIMEOUT_S = 10.0  # huggingface_hub's DEFAULT_ETAG_TIMEOUT: one read

@@ -26,143 +26,18 @@ import hashlib
 import json
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal, TypeVar
 
-_T = TypeVar("_T")
+# The inventory's data types live in inventory_types (prequantized.py reads them too); they are
+# re-exported here, where callers have always found them.
+from estimator.inventory_types import Inventory, Linear, LinearRole, MoE, Param, ParamKind, UnsupportedModelError
 
 # Inventories of every catalog config, built with the pinned transformers by
 # `python -m estimator.catalog.prebuild`; tests check each against a fresh build.
 PREBUILT_PATH = Path(__file__).resolve().parent / "catalog" / "inventories.json.gz"
 
-ParamKind = Literal["linear", "bias", "embedding", "norm", "expert", "router", "other"]
-LinearRole = Literal["attn_in", "attn_out", "mlp_in", "mlp_out", "router", "lm_head", "other"]
-
-
-class UnsupportedModelError(ValueError):
-    """The config names a model the estimator cannot size (not a causal LM, unknown to transformers…)."""
-
-
-@dataclass(frozen=True)
-class Param:
-    """One parameter tensor, counted once even when tied."""
-
-    name: str
-    shape: tuple[int, ...]
-    kind: ParamKind
-    layer: int | None  # decoder layer index; None outside the layer stack
-    in_quantized_linear: bool = False  # the weight of a linear that bitsandbytes converts
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
-
-
-@dataclass(frozen=True)
-class Linear:
-    """A linear layer (nn.Linear or GPT-2's Conv1D) with what memory depends on."""
-
-    name: str
-    in_features: int
-    out_features: int
-    bias: bool
-    layer: int | None
-    role: LinearRole
-    bnb_quantized: bool  # bitsandbytes converts it (transformers' replace_with_bnb_linear rules)
-    peft_all_linear: bool  # PEFT's "all-linear" adapts it
-    exact_linear: bool  # `type(m) is nn.Linear` or Conv1D, as bitsandbytes requires
-
-    @property
-    def weight_params(self) -> int:
-        return self.in_features * self.out_features
-
-
-@dataclass(frozen=True)
-class MoE:
-    num_experts: int
-    top_k: int
-    expert_intermediate_size: int
-    shared_intermediate_size: int  # 0 when there is no shared expert
-    layers: tuple[int, ...]  # which decoder layers are MoE
-
-
-@dataclass(frozen=True)
-class Inventory:
-    model_type: str
-    architecture: str
-    params: tuple[Param, ...]
-    linears: tuple[Linear, ...]
-    buffer_bytes: int  # buffers as built (rotary inv_freq, masks…), at their own dtypes
-    tied_embeddings: bool
-    num_layers: int
-    hidden_size: int
-    vocab_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    kv_head_dim: int  # per-head width of cached keys (MLA caches differ from q's head_dim)
-    v_head_dim: int
-    intermediate_size: int  # dense MLP width (0 if every layer is MoE)
-    mlp_gated: bool  # SwiGLU/GeGLU style: act(gate) * up
-    hidden_act: str
-    norm_kind: Literal["rms", "layer"]
-    norm_style: Literal["llama", "gemma", "layer"]  # how the norm casts: see terms/activations.py
-    norms_per_layer: int  # hidden-size norms in one decoder layer (q/k norms are per head, not counted)
-    sandwich_norms: bool  # Gemma 2/3: norms after attention and after the MLP as well as before
-    layer_types: tuple[str, ...]  # "full_attention" / "sliding_attention" per layer
-    sliding_window: int | None
-    moe: MoE | None
-    attention_dropout: float
-    hidden_dropout: float
-    embedding_dropout: float
-    final_logit_softcapping: float | None
-    attn_logit_softcapping: float | None
-    qk_norm: bool
-    learned_positions: bool
-    use_cache: bool = True  # config.use_cache: generate keeps a KV cache (false: it recomputes every step)
-    # A pre-quantized checkpoint (GPTQ, AWQ, FP8, bitsandbytes-saved…): stored bytes per replaced
-    # parameter name (estimator/prequantized.py), and a one-line description.
-    prequantized: tuple[tuple[str, int], ...] = ()
-    quantization: str | None = None
-    text_only_of: str | None = None  # set when a multimodal config was sized by its text model
-    notes: tuple[str, ...] = field(default=())
-    # Values derived from this inventory and hashable inputs (a regime, sizes): see `derived`.
-    _derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)
-
-    # ---- totals -----------------------------------------------------------------------------
-    @functools.cached_property
-    def params_total(self) -> int:
-        return sum(p.numel for p in self.params)
-
-    @functools.cached_property
-    def layer_linears(self) -> tuple[tuple[Linear, ...], ...]:
-        """Linears per decoder layer, in module order."""
-        rows: list[list[Linear]] = [[] for _ in range(self.num_layers)]
-        for lin in self.linears:
-            if lin.layer is not None and lin.layer < self.num_layers:
-                rows[lin.layer].append(lin)
-        return tuple(tuple(r) for r in rows)
-
-    @functools.cached_property
-    def lm_head(self) -> Linear | None:
-        for lin in self.linears:
-            if lin.role == "lm_head":
-                return lin
-        return None
-
-    def derived(self, key: tuple, compute: Callable[[], _T]) -> _T:
-        """`compute()`, once per `key`. The key names the function and every input it reads besides
-        this inventory (a `Regime`, `Sizes`): hashable values, never a hand-picked set of job fields."""
-        if key not in self._derived:
-            self._derived[key] = compute()
-        return self._derived[key]
-
-    def layer_param_numel(self, layer: int) -> int:
-        return sum(p.numel for p in self.params if p.layer == layer)
+__all__ = ["Inventory", "Linear", "LinearRole", "MoE", "Param", "ParamKind", "UnsupportedModelError",
+           "build_inventory", "config_key", "inventory_from_config"]
 
 
 # -------------------------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from estimator.dtypes import BF16, BY_SAFETENSORS, FP16, FP32, TORCH_NAMES
-from estimator.inventory import Inventory, Linear, Param
+from estimator.inventory_types import Inventory, Linear, Param
 from estimator.quantizers import BNB_4BIT_BLOCKSIZE, BNB_4BIT_CODE_ENTRIES, BNB_NESTED_BLOCKSIZE, BNB_NESTED_MAP_ENTRIES
 
 # Bytes per element of each safetensors dtype come from the one table (estimator/dtypes.py), and

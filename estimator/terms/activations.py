@@ -51,7 +51,7 @@ import itertools
 from dataclasses import dataclass, field
 
 from estimator.dtypes import BF16, BOOL, FP16, FP32, INT64, DType
-from estimator.inventory import Inventory, Linear
+from estimator.inventory_types import Inventory, Linear
 from estimator.job import Attention, Loss
 from estimator.regime import Regime, Sizes
 from estimator.terms import weights

@@ -15,7 +15,7 @@ the new one, one token longer, are both alive.
 from __future__ import annotations
 
 from estimator.dtypes import DType, tensor_bytes
-from estimator.inventory import Inventory
+from estimator.inventory_types import Inventory
 
 
 def _per_token_elements(inv: Inventory, batch: int) -> tuple[int, int]:

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 from estimator.dtypes import tensor_bytes
-from estimator.inventory import Inventory
+from estimator.inventory_types import Inventory
 from estimator.optimizers import OptimizerMemory
 from estimator.regime import Regime
 from estimator.terms import weights

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from estimator.dtypes import DType, block, tensor_bytes
-from estimator.inventory import Inventory, Linear
+from estimator.inventory_types import Inventory, Linear
 from estimator.regime import Regime
 
 PREQUANTIZED = DType(1.0, "prequantized")  # a checkpoint's own format: bytes come from its header
