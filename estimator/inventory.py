@@ -27,6 +27,7 @@ import json
 import threading
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 # The inventory's data types live in inventory_types (prequantized.py reads them too); they are
 # re-exported here, where callers have always found them.
@@ -222,14 +223,71 @@ def _build_unchecked(raw: dict) -> Inventory:
 
 
 def _build_locked(raw: dict) -> Inventory:
-    import torch
-    import transformers
-    from transformers.pytorch_utils import Conv1D
-    from transformers.quantizers.base import get_keys_to_not_convert
-    from transformers.quantizers.quantizers_utils import should_convert_module
-
+    """The inventory of `raw`: the model built on the meta device, read module by module."""
     text_raw, multimodal_type = _text_config(raw)
     _check_sizes(text_raw)
+    model = _meta_model(text_raw, multimodal_type)
+    cfg = model.config
+    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    num_layers = int(getattr(text_cfg, "num_hidden_layers", None) or getattr(text_cfg, "n_layer", 0))
+    layer_of = _layer_index(model, num_layers)
+    linears, module_kind, quantized_weights = _linears(model, layer_of)
+    params = _params(model, module_kind, quantized_weights, layer_of)
+    shapes = _attention_shapes(text_cfg)
+    hidden, vocab = shapes["hidden_size"], shapes["vocab_size"]
+    intermediate, gated = _mlp_shape(linears)
+    norms = _norms(model, params, hidden)
+    notes: list[str] = []
+    if multimodal_type is not None:
+        notes.append(f"{multimodal_type}: only the language model is sized; the vision tower is not counted")
+
+    def _float(*names: str) -> float:
+        for n in names:
+            v = getattr(text_cfg, n, None)
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                return float(v)
+        return 0.0
+
+    layer_types, sliding = _layer_types(text_cfg, num_layers)
+    act = str(getattr(text_cfg, "hidden_act", None) or getattr(text_cfg, "activation_function", None)
+              or getattr(text_cfg, "hidden_activation", "") or "")
+    inventory = Inventory(
+        model_type=str(cfg.model_type),
+        architecture=type(model).__name__,
+        params=tuple(params),
+        linears=tuple(linears),
+        buffer_bytes=int(sum(b.numel() * b.element_size() for _, b in model.named_buffers())),
+        tied_embeddings=bool(getattr(model, "all_tied_weights_keys", None)),
+        num_layers=num_layers,
+        **shapes,
+        intermediate_size=int(intermediate),
+        mlp_gated=bool(gated),
+        hidden_act=act,
+        **norms,
+        layer_types=layer_types,
+        sliding_window=int(sliding) if sliding else None,
+        moe=_moe(text_cfg, params, num_layers),
+        attention_dropout=_float("attention_dropout", "attn_pdrop"),
+        hidden_dropout=_float("hidden_dropout", "resid_pdrop", "dropout"),
+        embedding_dropout=_float("embd_pdrop"),
+        final_logit_softcapping=getattr(text_cfg, "final_logit_softcapping", None),
+        attn_logit_softcapping=getattr(text_cfg, "attn_logit_softcapping", None),
+        qk_norm=any(p.layer == 0 and p.kind == "norm" and any(k in p.name for k in ("q_norm", "k_norm", "q_layernorm", "k_layernorm"))
+                    for p in params),
+        learned_positions=any(p.kind == "embedding" and p.shape[0] != vocab for p in params),
+        use_cache=bool(getattr(text_cfg, "use_cache", True)),
+        text_only_of=multimodal_type,
+        notes=tuple(notes),
+    )
+    return _with_prequantized(inventory, text_raw if multimodal_type is None else raw)
+
+
+def _meta_model(text_raw: dict, multimodal_type: str | None):
+    """`AutoModelForCausalLM.from_config` on the meta device, tied as from_pretrained ties it; a
+    config that is no causal LM, or that transformers cannot build, is one clear error."""
+    import torch
+    import transformers
+
     config = _make_config(text_raw)
     if multimodal_type is not None and getattr(config, "model_type", "") == multimodal_type:
         raise UnsupportedModelError(f"cannot find the language model inside the {multimodal_type} config")
@@ -248,12 +306,14 @@ def _build_locked(raw: dict) -> Inventory:
         model.tie_weights()
     except Exception as err:  # noqa: BLE001
         raise UnsupportedModelError(f"transformers could not build {config.model_type} from this config: {err}") from None
+    return model
 
-    cfg = model.config
-    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    num_layers = int(getattr(text_cfg, "num_hidden_layers", None) or getattr(text_cfg, "n_layer", 0))
 
-    # The decoder layer stack: the ModuleList with one entry per hidden layer.
+def _layer_index(model, num_layers: int) -> Callable[[str], int | None]:
+    """A function from a parameter or module name to its decoder layer (None outside the stack):
+    the stack is the ModuleList with one entry per hidden layer."""
+    import torch
+
     stack_prefix = None
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) == num_layers and name.split(".")[-1] in _LAYER_LIST_NAMES:
@@ -267,36 +327,29 @@ def _build_locked(raw: dict) -> Inventory:
                 return int(head)
         return None
 
-    # Which linears bitsandbytes converts: transformers' own skip list and matching rule.
-    skip = set(get_keys_to_not_convert(model)) | set(getattr(model, "_keep_in_fp32_modules", None) or [])
-    skip = sorted(skip)
+    return layer_of
+
+
+def _linears(model, layer_of) -> tuple[list[Linear], dict[str, str], set[str]]:
+    """Every linear with its role and what bitsandbytes and PEFT do with it; each module's kind;
+    the weights bitsandbytes converts (transformers' own skip list and matching rule)."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+    from transformers.quantizers.base import get_keys_to_not_convert
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    skip = sorted(set(get_keys_to_not_convert(model)) | set(getattr(model, "_keep_in_fp32_modules", None) or []))
     output_embeddings = model.get_output_embeddings()
     output_name = next((n for n, m in model.named_modules() if m is output_embeddings), None)
-
     linears: list[Linear] = []
     module_kind: dict[str, str] = {}
     quantized_weight_names: set[str] = set()
     for name, module in model.named_modules():
         is_conv1d = isinstance(module, Conv1D)
         if isinstance(module, torch.nn.Linear) or is_conv1d:
-            if is_conv1d:
-                in_f, out_f = module.weight.shape
-            else:
-                in_f, out_f = module.in_features, module.out_features
+            in_f, out_f = module.weight.shape if is_conv1d else (module.in_features, module.out_features)
             exact = is_conv1d or type(module) is torch.nn.Linear
             quantized = exact and should_convert_module(name, skip)
-            leaf = name.split(".")[-1]
-            lower = name.lower()
-            if name == output_name:
-                role: LinearRole = "lm_head"
-            elif leaf in ("gate", "router", "shared_expert_gate") or "router" in lower:
-                role = "router"
-            elif any(h in lower for h in _ATTN_HINTS):
-                role = "attn_out" if leaf in _OUT_NAMES else "attn_in"
-            elif any(h in lower for h in _MLP_HINTS) or layer_of(name) is not None:
-                role = "mlp_out" if leaf in _OUT_NAMES else "mlp_in"
-            else:
-                role = "other"
             linears.append(
                 Linear(
                     name=name,
@@ -304,7 +357,7 @@ def _build_locked(raw: dict) -> Inventory:
                     out_features=int(out_f),
                     bias=getattr(module, "bias", None) is not None,
                     layer=layer_of(name),
-                    role=role,
+                    role=_role(name, output_name, layer_of),
                     bnb_quantized=quantized,
                     peft_all_linear=name != output_name,
                     exact_linear=exact,
@@ -321,7 +374,24 @@ def _build_locked(raw: dict) -> Inventory:
             module_kind[name] = "expert"
         elif "router" in type(module).__name__.lower():
             module_kind[name] = "router"
+    return linears, module_kind, quantized_weight_names
 
+
+def _role(name: str, output_name: str | None, layer_of) -> LinearRole:
+    leaf = name.split(".")[-1]
+    lower = name.lower()
+    if name == output_name:
+        return "lm_head"
+    if leaf in ("gate", "router", "shared_expert_gate") or "router" in lower:
+        return "router"
+    if any(h in lower for h in _ATTN_HINTS):
+        return "attn_out" if leaf in _OUT_NAMES else "attn_in"
+    if any(h in lower for h in _MLP_HINTS) or layer_of(name) is not None:
+        return "mlp_out" if leaf in _OUT_NAMES else "mlp_in"
+    return "other"
+
+
+def _params(model, module_kind: dict[str, str], quantized_weights: set[str], layer_of) -> list[Param]:
     params: list[Param] = []
     for pname, p in model.named_parameters():  # named_parameters() yields a tied tensor once
         owner, _, leaf = pname.rpartition(".")
@@ -336,13 +406,14 @@ def _build_locked(raw: dict) -> Inventory:
                 shape=tuple(int(d) for d in p.shape),
                 kind=kind,  # type: ignore[arg-type]
                 layer=layer_of(pname),
-                in_quantized_linear=pname in quantized_weight_names,
+                in_quantized_linear=pname in quantized_weights,
             )
         )
-    buffer_bytes = sum(b.numel() * b.element_size() for _, b in model.named_buffers())
-    tied = bool(getattr(model, "all_tied_weights_keys", None))
+    return params
 
-    # Shapes the activation and cache terms need, read from the built config.
+
+def _attention_shapes(text_cfg) -> dict[str, int]:
+    """The widths the activation and cache terms need, read from the built config."""
     hidden = int(getattr(text_cfg, "hidden_size", None) or getattr(text_cfg, "n_embd"))
     heads = int(getattr(text_cfg, "num_attention_heads", None) or getattr(text_cfg, "n_head"))
     kv_heads = getattr(text_cfg, "num_key_value_heads", None)
@@ -359,8 +430,12 @@ def _build_locked(raw: dict) -> Inventory:
         head_dim = kv_head_dim
     else:
         kv_head_dim = int(head_dim)
-    vocab = int(text_cfg.vocab_size)
+    return {"hidden_size": hidden, "vocab_size": int(text_cfg.vocab_size), "num_heads": heads, "num_kv_heads": int(kv_heads),
+            "head_dim": int(head_dim), "kv_head_dim": int(kv_head_dim), "v_head_dim": int(v_head_dim)}
 
+
+def _layer_types(text_cfg, num_layers: int) -> tuple[tuple[str, ...], int | None]:
+    """Each layer's attention type and the sliding window, as transformers' cache reads them."""
     try:
         from transformers.cache_utils import get_layer_types_and_kwargs
 
@@ -369,17 +444,23 @@ def _build_locked(raw: dict) -> Inventory:
     except Exception:  # noqa: BLE001
         layer_types, sliding = ["full_attention"] * num_layers, None
     layer_types = tuple(layer_types) + ("full_attention",) * (num_layers - len(layer_types))
+    return layer_types[:num_layers], sliding
 
+
+def _mlp_shape(linears: list[Linear]) -> tuple[int, bool]:
+    """(the dense MLP's intermediate width, whether it is gated), from the first dense layer's linears."""
     dense_mlp = [lin for lin in linears if lin.role == "mlp_out" and lin.layer is not None and "expert" not in lin.name]
     intermediate = dense_mlp[0].in_features if dense_mlp else 0
     mlp_in = [lin for lin in linears if lin.role == "mlp_in" and lin.layer == (dense_mlp[0].layer if dense_mlp else -1)]
     gated = len(mlp_in) >= 2 or any(lin.out_features == 2 * intermediate and intermediate for lin in mlp_in)
-    act = str(getattr(text_cfg, "hidden_act", None) or getattr(text_cfg, "activation_function", None) or getattr(text_cfg, "hidden_activation", "") or "")
+    return intermediate, gated
 
-    norm_params = [
-        p for p in params if p.kind == "norm" and p.layer == 0 and p.name.endswith("weight") and p.shape == (hidden,)
-    ]
-    sandwich = any("post_feedforward_layernorm" in p.name for p in norm_params)
+
+def _norms(model, params: list[Param], hidden: int) -> dict:
+    """How the norms are built: LayerNorm or RMSNorm, its cast style, how many per layer, sandwich or not."""
+    import torch
+
+    norm_params = [p for p in params if p.kind == "norm" and p.layer == 0 and p.name.endswith("weight") and p.shape == (hidden,)]
     norm_layer = any(type(m).__name__ == "LayerNorm" or isinstance(m, torch.nn.LayerNorm) for m in model.modules())
     norm_classes = {type(m).__name__ for m in model.modules() if "norm" in type(m).__name__.lower()}
     if norm_layer:
@@ -388,57 +469,8 @@ def _build_locked(raw: dict) -> Inventory:
         norm_style = "gemma"  # (x.float() normalized) * (1 + weight.float()), then .type_as(x)
     else:
         norm_style = "llama"  # weight * normalized.to(input_dtype)
-
-    moe = _moe(text_cfg, params, num_layers)
-    qk_norm = any(p.layer == 0 and p.kind == "norm" and any(k in p.name for k in ("q_norm", "k_norm", "q_layernorm", "k_layernorm")) for p in params)
-    notes: list[str] = []
-    if multimodal_type is not None:
-        notes.append(f"{multimodal_type}: only the language model is sized; the vision tower is not counted")
-
-    def _float(*names: str) -> float:
-        for n in names:
-            v = getattr(text_cfg, n, None)
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                return float(v)
-        return 0.0
-
-    inventory = Inventory(
-        model_type=str(cfg.model_type),
-        architecture=type(model).__name__,
-        params=tuple(params),
-        linears=tuple(linears),
-        buffer_bytes=int(buffer_bytes),
-        tied_embeddings=tied,
-        num_layers=num_layers,
-        hidden_size=hidden,
-        vocab_size=vocab,
-        num_heads=heads,
-        num_kv_heads=int(kv_heads),
-        head_dim=int(head_dim),
-        kv_head_dim=int(kv_head_dim),
-        v_head_dim=int(v_head_dim),
-        intermediate_size=int(intermediate),
-        mlp_gated=bool(gated),
-        hidden_act=act,
-        norm_kind="layer" if norm_layer else "rms",
-        norm_style=norm_style,
-        norms_per_layer=len(norm_params),
-        sandwich_norms=sandwich,
-        layer_types=layer_types[:num_layers],
-        sliding_window=int(sliding) if sliding else None,
-        moe=moe,
-        attention_dropout=_float("attention_dropout", "attn_pdrop"),
-        hidden_dropout=_float("hidden_dropout", "resid_pdrop", "dropout"),
-        embedding_dropout=_float("embd_pdrop"),
-        final_logit_softcapping=getattr(text_cfg, "final_logit_softcapping", None),
-        attn_logit_softcapping=getattr(text_cfg, "attn_logit_softcapping", None),
-        qk_norm=qk_norm,
-        learned_positions=any(p.kind == "embedding" and p.shape[0] != vocab for p in params),
-        use_cache=bool(getattr(text_cfg, "use_cache", True)),
-        text_only_of=multimodal_type,
-        notes=tuple(notes),
-    )
-    return _with_prequantized(inventory, text_raw if multimodal_type is None else raw)
+    return {"norm_kind": "layer" if norm_layer else "rms", "norm_style": norm_style, "norms_per_layer": len(norm_params),
+            "sandwich_norms": any("post_feedforward_layernorm" in p.name for p in norm_params)}
 
 
 def _with_prequantized(inv: Inventory, raw: dict) -> Inventory:
