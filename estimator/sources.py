@@ -123,4 +123,12 @@ def resolve(
 
     if offline is None:
         offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-    return hub.fetch_config(repo, revision=revision, token=token, offline=offline)
+    try:
+        return hub.fetch_config(repo, revision=revision, token=token, offline=offline)
+    except ModelSourceError as err:
+        from estimator.catalog import close_names
+
+        near = close_names(repo)
+        if not near:
+            raise
+        raise ModelSourceError(f"{err} (did you mean {', '.join(near)}? python -m estimator --list-models lists the catalog)") from None

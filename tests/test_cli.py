@@ -233,3 +233,20 @@ def test_which_gpus_aligns_long_names_and_says_why_there_is_no_count():
     assert all(r[column - 1] == " " for r in rows)  # no name runs into the next column
     missing = [r for r in rows if " — " in r]
     assert missing and all(r.split("zero3", 1)[1].strip() for r in missing)  # each says why
+
+
+def test_a_near_miss_name_gets_catalog_suggestions():
+    """Issue 15: `llama3-8b` said only "cannot reach the Hub"."""
+    out = run_cli("llama3-8b")  # HF_HUB_OFFLINE=1: the Hub is not tried
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert "did you mean Llama-3-8B" in out.stderr and "--list-models" in out.stderr
+    far = run_cli("xyzzy-unknown-model")
+    assert far.returncode == 2 and "did you mean" not in far.stderr
+
+
+def test_close_names_ignore_case_separators_and_the_organisation():
+    from estimator.catalog import close_names
+
+    assert close_names("QWEN3_8b")[0] == "Qwen3-8B"
+    assert close_names("meta-llama/llama3.1-8b")[0] == "Llama-3.1-8B"
+    assert close_names("zzzz") == []

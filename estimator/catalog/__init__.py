@@ -187,4 +187,23 @@ def find_entry(name_or_repo: str, path: str | Path | None = None) -> CatalogEntr
     return None
 
 
-__all__ = ["CATALOG_PATH", "CONFIGS_DIR", "CatalogEntry", "find_entry", "load_catalog"]
+def _squash(text: str) -> str:
+    """A name without case, separators or the organisation: "meta-llama/Llama-3.1-8B" -> "llama318b"."""
+    return re.sub(r"[^a-z0-9]", "", text.casefold().rsplit("/", 1)[-1])
+
+
+def close_names(query: str, limit: int = 3, path: str | Path | None = None) -> list[str]:
+    """Catalog names that look like `query` (a typo, a missing dot or dash): for "did you mean"."""
+    import difflib
+
+    key = _squash(_normalize(query) or query)
+    if not key:
+        return []
+    names = {_squash(e.name): e.name for e in load_catalog(path)}
+    contained = [name for squashed, name in names.items() if key in squashed or squashed in key]
+    close = [names[m] for m in difflib.get_close_matches(key, list(names), n=limit, cutoff=0.75)]
+    ordered = list(dict.fromkeys(close + sorted(contained, key=len)))
+    return ordered[:limit]
+
+
+__all__ = ["CATALOG_PATH", "CONFIGS_DIR", "CatalogEntry", "close_names", "find_entry", "load_catalog"]
