@@ -9,6 +9,7 @@ import gpu_db
 from estimator import Job
 from estimator import fit as fitting
 from estimator.fit import Strategy
+from estimator.sources import shorten
 from page_state.values import (AUTO, DEFAULT_MODEL, JOB_DEFAULTS, JOB_FIELDS, MAX_MIN_MEMORY_GIB, PAGES, VENDORS,
                                job_from_values, strategies_for)
 
@@ -64,7 +65,7 @@ def parse_query_params(params: Mapping[str, str], catalog_names: Iterable[str]) 
     catalog_names = list(catalog_names)
 
     def refuse(name: str, why: str) -> None:
-        shown = "…" if "token" in name.lower() else repr(params[name])  # a token is never echoed
+        shown = "…" if "token" in name.lower() else repr(shorten(params[name]))  # a token is never echoed; a long value is cut
         errors.append(f"The link's {name}={shown} was ignored: {why}.")
 
     for name, text in params.items():

@@ -629,3 +629,9 @@ def test_suggestions_show_under_the_headline_when_it_does_not_fit():
     at.checkbox(key="gradient_checkpointing").check().run()
     assert headline(at).startswith("fits: Fits on 1 × GeForce RTX 4090")
     assert not [m for m in at.markdown if m.value.startswith("**What would make it fit**")]
+
+
+def test_a_long_refused_link_value_is_not_echoed_whole():
+    names = [e.name for e in __import__("estimator.catalog", fromlist=["load_catalog"]).load_catalog()]
+    _, errors = U.parse_query_params({"vendor": "x" * 100_000}, names)
+    assert len(errors) == 1 and len(errors[0]) < 300 and "100,000 characters" in errors[0]
