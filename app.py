@@ -231,7 +231,8 @@ def _count(n: int) -> str:
 def show_headline(fit, num_gpus) -> None:
     status, text = present.headline(fit, num_gpus)
     # Material icons ship with Streamlit's frontend, so they render where no emoji font is installed.
-    icon = {"fits": ":green[:material/check_circle:]", "needs": ":orange[:material/group_work:]", "no": ":red[:material/block:]"}[status]
+    icon = {"fits": ":green[:material/check_circle:]", "tight": ":orange[:material/warning:]", "needs": ":orange[:material/group_work:]",
+            "no": ":red[:material/block:]"}[status]
     st.markdown(f"### {icon} {text}")
 
 

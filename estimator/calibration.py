@@ -45,6 +45,9 @@ def load(path: Path = DATA_PATH) -> tuple[str, dict[str, GpuConstants]]:
 REFERENCE, PER_GPU = load()
 _ref = PER_GPU[REFERENCE]
 
+# The tight band, as a fraction of the card's capacity (calibration.yaml says how it was fixed).
+TIGHT_BAND_FRACTION = float(yaml.safe_load(DATA_PATH.read_text())["tight_band"])
+
 # The CUDA context of a PyTorch process: device memory in use after `torch.cuda.init()` and a
 # first allocation, less what the caching allocator reserved. It holds the driver's per-process
 # state and the lazily loaded kernels of torch's libraries. Measured per case ("context_bytes").

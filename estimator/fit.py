@@ -35,6 +35,7 @@ import enum
 import math
 from dataclasses import dataclass, field
 
+from estimator import calibration
 from estimator.dtypes import tensor_bytes
 from estimator.estimate import ALLOCATED, Component, Estimate, Parts, device_overheads
 from estimator.inventory_types import Inventory
@@ -100,11 +101,23 @@ class PerGPU:
 
 
 class Verdict(str, enum.Enum):
-    """The answer for the GPU count shown (`Fit.per_gpu.num_gpus`)."""
+    """The answer for the GPU count shown (`Fit.per_gpu.num_gpus`), against what one process can
+    allocate (`GPU.usable_by_default_bytes`): "tight" fits, but with less headroom than the band
+    (calibration.TIGHT_BAND_FRACTION of the card), inside which the estimate's own error lies."""
 
     FITS = "fits"
+    TIGHT = "tight"
     DOES_NOT_FIT = "does_not_fit"
     CANNOT_RUN = "cannot_run"  # the platform lacks something the job needs (bf16, bitsandbytes…)
+
+
+def verdict_for(device_total_bytes: int, capacity_bytes: int) -> Verdict:
+    headroom = capacity_bytes - device_total_bytes
+    if headroom < 0:
+        return Verdict.DOES_NOT_FIT
+    if headroom < calibration.TIGHT_BAND_FRACTION * capacity_bytes:
+        return Verdict.TIGHT
+    return Verdict.FITS
 
 
 @dataclass(frozen=True)
@@ -117,6 +130,16 @@ class Fit:
     reason: str | None = None  # why nothing fits, or why the platform cannot run the job
     notes: tuple[str, ...] = field(default=())
     verdict: Verdict = Verdict.FITS  # at per_gpu's count
+
+    @property
+    def headroom_bytes(self) -> int:
+        """Capacity less the fullest GPU's device total at per_gpu's count; negative exactly when it does not fit."""
+        return self.capacity_bytes - self.per_gpu.device_total_bytes
+
+    @property
+    def fits(self) -> bool:
+        """It runs at per_gpu's count: fits or tight."""
+        return self.verdict in (Verdict.FITS, Verdict.TIGHT)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -320,7 +343,7 @@ def fit(result: Estimate, gpu, strategy: Strategy | None = None, num_gpus: int |
         chosen = per_gpu(result, strategy, num_gpus)
     if (needed or 1) > 1 or (num_gpus or 1) > 1:
         notes.append(MULTI_GPU_NOTE)
-    verdict = Verdict.FITS if chosen.device_total_bytes <= capacity else Verdict.DOES_NOT_FIT
+    verdict = verdict_for(chosen.device_total_bytes, capacity)
     return Fit(gpu.name, capacity, strategy, needed, chosen, reason, tuple(notes), verdict=verdict)
 
 

@@ -39,25 +39,35 @@ def one_line(err: BaseException) -> str:
 # The answer for one GPU
 # -------------------------------------------------------------------------------------------------
 def headline(fit: Fit, num_gpus: int | None = None) -> tuple[str, str]:
-    """(status, sentence): status is "fits", "needs" or "no"; the sentence is the answer in GiB.
+    """(status, sentence): status is "fits", "tight", "needs" or "no"; the sentence is the answer in GiB.
 
-    `num_gpus` is the count the user asked for, if any (else the fewest that fit are shown).
+    `num_gpus` is the count the user asked for, if any (else the fewest that fit are shown). A tight
+    answer fits, with less headroom than the band, and says what makes it safe.
     """
     used = fit.per_gpu.device_total_bytes / GIB
     cap = fit.capacity_bytes / GIB
-    if fit.gpus_needed is None:
+    if fit.gpus_needed is None and num_gpus is None or fit.verdict is Verdict.CANNOT_RUN:
         if fit.verdict is Verdict.CANNOT_RUN:
             return "no", f"Does not run on {fit.gpu_name}: {fit.reason}"
         return "no", f"Does not fit on {fit.gpu_name} with {fit.strategy.value}, even on {MAX_GPUS} GPUs: {fit.reason}"
     if num_gpus is not None and num_gpus != fit.gpus_needed:
-        ok = fit.verdict is Verdict.FITS
-        verdict = "fits" if ok else f"does not fit (needs {fit.gpus_needed})"
-        return ("fits" if ok else "needs"), (
-            f"On {num_gpus} × {fit.gpu_name} with {fit.strategy.value}: {used:.1f} of {cap:.1f} GiB per GPU; {verdict}"
-        )
+        needs = f"needs {fit.gpus_needed}" if fit.gpus_needed else f"no count up to {MAX_GPUS} fits"
+        verdict = {"fits": "fits", "tight": "tight"}.get(fit.verdict.value, f"does not fit ({needs})")
+        status = "needs" if not fit.fits else "tight" if fit.verdict is Verdict.TIGHT else "fits"
+        return status, f"On {num_gpus} × {fit.gpu_name} with {fit.strategy.value}: {used:.1f} of {cap:.1f} GiB per GPU; {verdict}" + _tight(fit)
     if fit.gpus_needed == 1:
-        return "fits", f"Fits on 1 × {fit.gpu_name}: {used:.1f} of {cap:.1f} GiB"
-    return "needs", f"Needs {fit.gpus_needed} × {fit.gpu_name} with {fit.strategy.value}: {used:.1f} of {cap:.1f} GiB on the fullest GPU"
+        return ("tight" if fit.verdict is Verdict.TIGHT else "fits"), f"Fits on 1 × {fit.gpu_name}: {used:.1f} of {cap:.1f} GiB" + _tight(fit)
+    return "needs", (f"Needs {fit.gpus_needed} × {fit.gpu_name} with {fit.strategy.value}: {used:.1f} of {cap:.1f} GiB on the fullest GPU"
+                     + _tight(fit))
+
+
+def _tight(fit: Fit) -> str:
+    if fit.verdict is not Verdict.TIGHT:
+        return ""
+    from estimator.calibration import TIGHT_BAND_FRACTION
+
+    return (f" (tight: {fit.headroom_bytes / GIB:.1f} GiB of headroom, inside the {TIGHT_BAND_FRACTION:.0%} band the estimate's "
+            "error can take; the suggestions say what makes it safe)")
 
 
 def describe_fit(fit: Fit, num_gpus: int | None = None) -> list[str]:
@@ -92,6 +102,8 @@ def fit_dict(fit: Fit) -> dict:
             "breakdown": {c.value: v for c, v in fit.per_gpu.breakdown.items()},
         },
         "reason": fit.reason,
+        "verdict": fit.verdict.value,
+        "headroom_bytes": fit.headroom_bytes,
         "notes": list(fit.notes),
     }
 
@@ -111,13 +123,13 @@ def _short_reason(f: Fit) -> str:
 def which_gpus_lines(fits: list[Fit]) -> list[str]:
     """One row per GPU; a GPU with no count says why (its platform cannot run the job, or no count fits)."""
     width = max([len("GPU")] + [len(f.gpu_name) for f in fits])
-    lines = [f"{'GPU':{width}s} {'memory GiB':>10s} {'GPUs needed':>12s}  strategy"]
+    lines = [f"{'GPU':{width}s} {'usable GiB':>10s} {'GPUs needed':>12s}  {'verdict':12s}  strategy"]
     for f in fits:
         count = str(f.gpus_needed) if f.gpus_needed is not None else "—"
         why = ""
         if f.gpus_needed is None:
             why = f"  {_short_reason(f)}"
-        lines.append(f"{f.gpu_name:{width}s} {f.capacity_bytes / GIB:10.1f} {count:>12s}  {f.strategy.value}{why}")
+        lines.append(f"{f.gpu_name:{width}s} {f.capacity_bytes / GIB:10.1f} {count:>12s}  {f.verdict.value:12s}  {f.strategy.value}{why}")
     return lines
 
 
@@ -134,6 +146,8 @@ def json_object(name: str, origin: str, url: str, result: Estimate, fit: Fit | N
     out["notes"] = list(notes) + [n for n in out["notes"] if n not in notes]
     out["gpus_needed"] = fit.gpus_needed if fit is not None else None
     if fit is not None:
+        out["verdict"] = fit.verdict.value  # SPEC: whenever --gpu is given
+        out["headroom_bytes"] = fit.headroom_bytes
         out["fit"] = fit_dict(fit)
     elif which is not None:
         out["fit"] = {"gpus": [fit_dict(f) for f in which]}

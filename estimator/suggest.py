@@ -1,6 +1,6 @@
 """What would make it fit: the user's own knobs, searched cheapest first.
 
-When a job does not fit one GPU, each change below is tried on its own, in this fixed order (the
+When a job does not fit one GPU, or fits only tightly, each change below is tried on its own, in this fixed order (the
 cost of each in speed is not estimated yet, so the order is what usually costs least):
 
 1. gradient checkpointing (recomputes each layer once in the backward);
@@ -101,7 +101,7 @@ def suggest(result: Estimate, gpu, estimate_of: Callable[[Job], Estimate], limit
     job = result.job
     here = fit(result, gpu)
     if here.verdict is Verdict.CANNOT_RUN or (here.gpus_needed == 1 and here.verdict is Verdict.FITS):
-        return []
+        return []  # a tight job goes on: the changes found make it fit with headroom
     found: list[Suggestion] = []
     changes = _changes(job)
     for change in changes:

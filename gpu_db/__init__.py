@@ -158,6 +158,12 @@ class GPU:
     # Derived by the loader from platforms.yaml, never written per entry.
     unsupported_jobs: tuple[FeatureLimit, ...] = ()
     caveats: tuple[FeatureLimit, ...] = ()
+    # What one process may use: the driver's total less what it keeps for itself, as PyTorch's
+    # `mem_get_info()` total reports it. Measured (`process_total_bytes`) where this project's GPU
+    # machines ran `python -m validation.capacity`; for other NVIDIA entries derived by the loader
+    # (see `nvidia_driver_reserve_mib`); None elsewhere (the reported total is used).
+    process_total_bytes: int | None = None
+    process_total_measured: bool = False
 
     @property
     def memory_gib(self) -> float:
@@ -166,13 +172,14 @@ class GPU:
 
     @property
     def usable_by_default_bytes(self) -> int:
-        """Bytes the GPU may use without tuning.
+        """Bytes one process may use without tuning: the capacity every verdict compares with.
 
-        Apple: unified memory times macOS's default GPU share
-        (``recommendedMaxWorkingSetSize``; see apple.yaml). Others: all of it.
+        Apple: unified memory times macOS's default GPU share (``recommendedMaxWorkingSetSize``;
+        see apple.yaml). NVIDIA: the driver's total less its own reservation
+        (``process_total_bytes``). Others: the reported total.
         """
         if self.gpu_memory_share_default is None:
-            return self.memory_bytes
+            return self.process_total_bytes if self.process_total_bytes is not None else self.memory_bytes
         share = Fraction(self.gpu_memory_share_default).limit_denominator(10_000)
         return int(self.memory_bytes * share)
 
@@ -232,6 +239,7 @@ _OPTIONAL_KEYS = (
     "gfx_arch",
     "unified_memory",
     "gpu_memory_share_default",
+    "process_total_bytes",
 )
 _ALLOWED_KEYS = frozenset(_REQUIRED_KEYS + _OPTIONAL_KEYS)
 _URL_RE = re.compile(r"^https?://[^\s/]+\.[^\s/]+(/\S*)?$")
@@ -435,6 +443,8 @@ def _parse_gpu(entry: _Entry) -> GPU:
         gpu_memory_share_default=share,
         source=entry.url("source"),
         source_file=entry.file,
+        process_total_bytes=entry.integer("process_total_bytes") if entry.present("process_total_bytes") else None,
+        process_total_measured=entry.present("process_total_bytes"),
     )
 
 
@@ -637,7 +647,34 @@ def _load_cached(paths: tuple[str, ...], platforms_path: str) -> tuple[GPU, ...]
                         f"(already the {other_field} of {other.name!r} in {other.source_file})"
                     )
                 owner[norm] = (gpu, field)
-    return tuple(_apply_rules(gpu, table) for gpu in gpus)
+    reserve = nvidia_driver_reserve_mib(gpus)
+    return tuple(_with_process_total(_apply_rules(gpu, table), reserve) for gpu in gpus)
+
+
+def nvidia_driver_reserve_mib(gpus: Iterable[GPU]) -> tuple[float, float]:
+    """(fixed MiB, MiB per MiB of memory) the NVIDIA driver keeps from a process, fitted through the
+    entries whose process total was measured: the driver's total (nvidia-smi) less PyTorch's
+    (`mem_get_info`). Two points so far: H100 80GB, 81,559 − 81,079 = 480 MiB; H200, 143,771 −
+    143,156 = 615 MiB (validation/results_h200/h200-capacity.json, validation/results/*). A line
+    through two points fits them exactly; no other card is measured, so it is an interpolation."""
+    points = sorted({(g.memory_bytes / _MIB, (g.memory_bytes - g.process_total_bytes) / _MIB) for g in gpus
+                     if g.vendor is Vendor.NVIDIA and g.process_total_measured and g.process_total_bytes is not None})
+    if not points:
+        return 0.0, 0.0
+    if len(points) == 1:
+        return 0.0, points[0][1] / points[0][0]
+    n = len(points)
+    mx, my = sum(p[0] for p in points) / n, sum(p[1] for p in points) / n
+    slope = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+    return my - slope * mx, slope
+
+
+def _with_process_total(gpu: GPU, reserve: tuple[float, float]) -> GPU:
+    if gpu.vendor is not Vendor.NVIDIA or gpu.process_total_bytes is not None or gpu.unified_memory:
+        return gpu
+    fixed, per = reserve
+    memory_mib = gpu.memory_bytes / _MIB
+    return dataclasses.replace(gpu, process_total_bytes=int(round(memory_mib - fixed - per * memory_mib)) * _MIB)
 
 
 def load_gpus(paths: Iterable[str | Path] | None = None, *, platforms_path: str | Path | None = None) -> tuple[GPU, ...]:

@@ -56,7 +56,8 @@ def app(**params) -> AppTest:
     return at.run()
 
 
-ICONS = {"fits": ":green[:material/check_circle:]", "needs": ":orange[:material/group_work:]", "no": ":red[:material/block:]"}
+ICONS = {"fits": ":green[:material/check_circle:]", "tight": ":orange[:material/warning:]", "needs": ":orange[:material/group_work:]",
+         "no": ":red[:material/block:]"}
 
 
 def headline(at: AppTest) -> str:
@@ -217,7 +218,7 @@ def test_training_on_a_small_gpu_needs_several_and_a_count_can_be_chosen():
     assert any(m.label == "Largest batch" for m in at.metric)
     at.selectbox(key="strategy").set_value("ddp").run()
     assert_clean(at)
-    assert "Does not fit" in headline(at)  # DDP replicates everything: 8B full fine-tuning never fits 80 GB
+    assert "does not fit (no count up to 64 fits)" in headline(at)  # DDP replicates everything: 8B full fine-tuning never fits 80 GB
 
 
 def test_unsupported_platform_says_why():
@@ -625,7 +626,7 @@ def test_suggestions_show_under_the_headline_when_it_does_not_fit():
     at = app(model="Qwen3-8B", mode="qlora", gpu="GeForce RTX 4090")
     assert_clean(at)
     shown = [m.value for m in at.markdown if m.value.startswith("**What would make it fit**")]
-    assert shown and "turn on gradient checkpointing:" in shown[0] and "of 24.0 GiB" in shown[0]
+    assert shown and "turn on gradient checkpointing:" in shown[0] and "of 23.6 GiB" in shown[0]
     at.checkbox(key="gradient_checkpointing").check().run()
     assert headline(at).startswith("fits: Fits on 1 × GeForce RTX 4090")
     assert not [m for m in at.markdown if m.value.startswith("**What would make it fit**")]

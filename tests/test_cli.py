@@ -163,7 +163,7 @@ def test_plot_writes_html_with_both_sweeps_and_the_capacity(tmp_path):
     assert out.returncode == 0, out.stderr
     html = path.read_text()
     assert "plotly" in html and "batch size (sequences)" in html and "sequence length (tokens)" in html
-    assert "GeForce RTX 4090: 24.0 GiB" in html
+    assert "GeForce RTX 4090: 23.6 GiB" in html
     bad = run_cli("Qwen3-8B", "--plot", str(path))
     assert bad.returncode == 2 and "--plot needs --gpu" in bad.stderr
 
@@ -227,9 +227,9 @@ def test_a_count_below_the_need_is_said_as_such():
 def test_which_gpus_aligns_long_names_and_says_why_there_is_no_count():
     out = run_cli("Llama-3.1-8B", "--mode", "qlora", "--which-gpus")
     assert out.returncode == 0, out.stderr
-    table = out.stdout[out.stdout.index("GPU "):].splitlines()
+    table = out.stdout[out.stdout.index("GPU "):].splitlines()  # the header row
     rows = [r for r in table[1:] if r.strip() and not r.startswith("note:")]
-    column = table[0].index("memory GiB")
+    column = table[0].index("usable GiB")
     assert all(r[column - 1] == " " for r in rows)  # no name runs into the next column
     missing = [r for r in rows if " — " in r]
     assert missing and all(r.split("zero3", 1)[1].strip() for r in missing)  # each says why

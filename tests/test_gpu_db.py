@@ -62,6 +62,10 @@ def test_every_entry_is_sane(gpu: GPU):
         assert gpu.unified_memory and gpu.segment is Segment.APPLE
         assert gpu.gpu_memory_share_default in (pytest.approx(2 / 3), pytest.approx(3 / 4))
         assert 0 < gpu.usable_by_default_bytes < gpu.memory_bytes
+    elif gpu.vendor is Vendor.NVIDIA:
+        # the driver keeps a few hundred MiB for itself (two measured cards, interpolated for the rest)
+        assert gpu.gpu_memory_share_default is None
+        assert 300 * MIB < gpu.memory_bytes - gpu.usable_by_default_bytes < 1024 * MIB
     else:
         assert gpu.gpu_memory_share_default is None
         assert gpu.usable_by_default_bytes == gpu.memory_bytes
@@ -456,3 +460,23 @@ def test_import_is_light():
     repo_root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=repo_root)
     assert out.stdout.strip() == "[]"
+
+
+def test_process_totals_are_the_measured_ones_and_the_rule_goes_through_them():
+    """Issue 12: what one process can allocate. H100 and H200 measured; other NVIDIA cards derived."""
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    h100, h200 = gpu_db.find_gpu("H100 SXM 80GB"), gpu_db.find_gpu("H200 SXM 141GB")
+    row = json.loads((root / "validation/results/h100-calibration-a.jsonl").read_text().splitlines()[0])
+    assert h100.usable_by_default_bytes == row["gpu"]["total_bytes"] == 85_017_493_504
+    probe = json.loads((root / "validation/results_h200/h200-capacity.json").read_text())
+    assert all(p["mem_get_info_total_bytes"] == h200.usable_by_default_bytes == 150_109_880_320 for p in probe)
+    assert all(p["most_held_bytes"] + (p["mem_get_info_total_bytes"] - p["mem_get_info_free_bytes"]) <= h200.usable_by_default_bytes
+               for p in probe)
+    fixed, per = gpu_db.nvidia_driver_reserve_mib(gpu_db.load_gpus())
+    for gpu in (h100, h200):  # the line goes through both measurements
+        mib = gpu.memory_bytes / MIB
+        assert mib - fixed - per * mib == pytest.approx(gpu.usable_by_default_bytes / MIB, abs=0.5)
+    assert not gpu_db.find_gpu("RTX 4090").process_total_measured
