@@ -164,6 +164,9 @@ def job_inputs() -> None:
         st.sidebar.checkbox("Through the HF Trainer", key="trainer",
                             help="transformers.Trainer's loop: micro-batches fetched up front, 8-bit optimizers keep embeddings in 32-bit")
     st.sidebar.selectbox("Attention", _values(Attention), key="attn")
+    st.sidebar.checkbox("Expandable segments", key="expandable_segments",
+                        help="PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True: PyTorch's allocator grows one mapping instead of "
+                             "caching segments, so far less memory is reserved but unused")
 
 
 def gpu_inputs() -> list:

@@ -156,6 +156,18 @@ def fused_loss(inv: Inventory, regime: Regime) -> bool:
     return regime.training and regime.loss is Loss.LIGER and act.liger_patches(inv) and inv.lm_head is not None
 
 
+EXPANDABLE_PAGE_BYTES = 20 * 1024**2  # CUDACachingAllocator.cpp: kLargeBuffer, the large pool's page
+
+
+def _expandable_reserve(dynamic: int) -> int:
+    """Reserved-but-free memory with expandable segments: one mapping per stream and pool that grows
+    by whole pages, in which freed blocks coalesce with their neighbours and any later request can
+    reuse them, so blocks of other sizes leave no stranded segments. What stays is the last page of
+    the large pool's mapping, partly used, and a 2 MiB page of the small pool (requests up to 1 MiB)."""
+    rounding = -dynamic % EXPANDABLE_PAGE_BYTES if dynamic > 0 else 0
+    return int(rounding + 2 * 1024**2)
+
+
 def _allocator_reserve(inv: Inventory, regime: Regime, sizes: Sizes, dynamic: int) -> int:
     """Reserved-but-free memory at the peak (the caching allocator keeps freed blocks cached).
 
@@ -166,6 +178,8 @@ def _allocator_reserve(inv: Inventory, regime: Regime, sizes: Sizes, dynamic: in
     other sizes leave holes in proportion to the memory that comes and goes
     (calibration.ALLOCATOR_FRAGMENTATION).
     """
+    if regime.expandable_segments:
+        return _expandable_reserve(dynamic)
     hole = 0
     if regime.training and regime.compute != FP32 and not fused_loss(inv, regime):
         hole = tensor_bytes(sizes.training_tokens * inv.vocab_size, regime.compute)

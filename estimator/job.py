@@ -131,6 +131,7 @@ class Job:
     loss: Loss = _option(Loss.STANDARD, "loss: standard cross-entropy, or Liger's fused kernels")
     trainer: bool = _option(False, "train as transformers.Trainer runs it (its micro-batches and optimizer set-up)")
     attn: Attention = _option(Attention.SDPA, "attention implementation")
+    expandable_segments: bool = _option(False, "PyTorch's allocator with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
 
     def __post_init__(self) -> None:
         coerce = {
@@ -207,7 +208,7 @@ class Job:
 
     def relevant_fields(self) -> tuple[str, ...]:
         """The fields that matter for this mode (the rest keep their defaults and are ignored)."""
-        common = ("mode", "batch_size", "attn")
+        common = ("mode", "batch_size", "attn", "expandable_segments")
         if self.mode is Mode.INFERENCE:
             return common + ("prompt_len", "new_tokens", "weights") + (("double_quant",) if self.weights.is_4bit else ())
         training = ("seq_len", "optimizer", "gradient_checkpointing", "gradient_accumulation_steps", "loss", "trainer")

@@ -59,6 +59,7 @@ class Regime:
     attn: Attention
     loss: Loss = Loss.STANDARD
     trainer: bool = False  # transformers.Trainer's loop rather than SPEC's plain one
+    expandable_segments: bool = False  # PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 
     @property
     def training(self) -> bool:
@@ -125,7 +126,7 @@ def regime_of(job: Job) -> Regime:
     optimizer = OPTIMIZERS[job.optimizer.value] if job.is_training else None
     common = dict(optimizer=optimizer, gradient_checkpointing=job.gradient_checkpointing and job.is_training,
                   attn=job.attn, adapter=adapter, loss=job.loss if job.is_training else Loss.STANDARD,
-                  trainer=job.trainer and job.is_training)
+                  trainer=job.trainer and job.is_training, expandable_segments=job.expandable_segments)
     if job.mode is Mode.INFERENCE:
         quantizer = QUANTIZERS.get(job.weights.value)
         storage = BF16 if quantizer is not None else DTYPES[job.weights.value]

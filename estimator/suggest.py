@@ -3,6 +3,7 @@
 When a job does not fit one GPU, or fits only tightly, each change below is tried on its own, in this fixed order (the
 cost of each in speed is not estimated yet, so the order is what usually costs least):
 
+0. PyTorch's expandable segments (no speed cost: the allocator reserves little beyond what it hands out);
 1. gradient checkpointing (recomputes each layer once in the backward);
 2. Liger's fused loss and kernels (no N×V logits);
 3. a smaller micro-batch, with gradient accumulation keeping the sequences per step;
@@ -58,6 +59,9 @@ class _Change:
 def _changes(job: Job) -> list[_Change]:
     """The single changes that apply to `job`, cheapest first."""
     out: list[_Change] = []
+    if not job.expandable_segments:
+        out.append(_Change("PyTorch's expandable segments (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True)",
+                           ("--expandable-segments",), {"expandable_segments": True}))
     if job.is_training:
         if not job.gradient_checkpointing:
             out.append(_Change("turn on gradient checkpointing", ("--gradient-checkpointing",), {"gradient_checkpointing": True}))

@@ -140,3 +140,15 @@ def test_prequantized_inference_weights_match_the_safetensors_header(folder):
     assert result.inventory.quantization and "pre-quantized" in result.inventory.quantization
     weights = result.breakdown["weights"] - calibration.CUBLAS_WORKSPACE_BYTES
     assert weights == pytest.approx(stored, rel=0.02)
+
+
+def test_expandable_segments_reserve_only_page_rounding():
+    """With expandable segments freed blocks coalesce in one growing mapping: the reserve left is
+    the last 20 MiB page's unused part and a 2 MiB small-pool page, never the default's holes."""
+    inv = inv_of("meta-llama/Llama-3.2-1B")
+    for job in (Job(mode="full"), Job(mode="qlora", batch_size=4), Job(mode="inference", batch_size=16, weights="nf4")):
+        default = estimate(inv, job)
+        expandable = estimate(inv, job.with_(expandable_segments=True))
+        assert expandable.peak_allocated_bytes == default.peak_allocated_bytes
+        reserve = expandable.breakdown["allocator_reserve"]
+        assert 2 * 1024**2 <= reserve < 22 * 1024**2 < default.breakdown["allocator_reserve"]

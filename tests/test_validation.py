@@ -161,3 +161,13 @@ def test_harness_loads_as_the_regime_says(job, dtype, autocast, quant):
     else:
         assert config.load_in_4bit and config.bnb_4bit_quant_type == quant[0]
         assert config.bnb_4bit_use_double_quant is quant[1] and config.bnb_4bit_compute_dtype is torch.bfloat16
+
+
+def test_the_harness_sets_the_allocator_before_cuda(monkeypatch):
+    from validation.measure import apply_allocator_settings
+
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "garbage")
+    apply_allocator_settings(Job(expandable_segments=True))
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    apply_allocator_settings(Job())
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ

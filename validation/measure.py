@@ -149,6 +149,21 @@ def torch_dtype(d):
     return getattr(torch, d.torch)
 
 
+def apply_allocator_settings(job) -> None:
+    """The job's caching-allocator settings, before CUDA starts in this process: PyTorch's default,
+    or `expandable_segments:True` (PYTORCH_CUDA_ALLOC_CONF, read when the allocator starts)."""
+    conf = "expandable_segments:True" if getattr(job, "expandable_segments", False) else None
+    if conf:
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = conf
+    else:
+        os.environ.pop("PYTORCH_CUDA_ALLOC_CONF", None)
+    import torch
+
+    setter = getattr(torch.cuda.memory, "_set_allocator_settings", None)
+    if setter is not None and not torch.cuda.is_initialized():  # in case torch read the variable already
+        setter(conf or "expandable_segments:False")
+
+
 def from_pretrained_kwargs(job) -> dict:
     """dtype, quantization and attention exactly as SPEC's job loads them: the estimator's regime."""
     import transformers
@@ -487,9 +502,11 @@ def measure_context(probe: DeviceProbe, result: dict) -> None:
 
 def measure_case(case: Case, ckpt: Path, diag: bool) -> dict:
     """Run one case in this (fresh) process and return its result row."""
+    apply_allocator_settings(case.job)
     import torch
 
-    result: dict = {"case": case.id, "model": case.model, "holdout": case.holdout, "job": case.job.to_dict()}
+    result: dict = {"case": case.id, "model": case.model, "holdout": case.holdout, "job": case.job.to_dict(),
+                    "allocator": os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or "default"}
     t0 = time.time()
     probe = DeviceProbe()
     try:
