@@ -171,3 +171,35 @@ def test_the_harness_sets_the_allocator_before_cuda(monkeypatch):
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
     apply_allocator_settings(Job())
     assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
+
+
+def test_edge_search_brackets_and_bisects_to_the_boundary():
+    from validation.edge import EdgeCase, search
+
+    case = EdgeCase("x", "m/x", Job(mode="full"), "batch_size", "H200 SXM 141GB")
+    for boundary, start in ((37, 40), (37, 30), (37, 37), (1, 5), (200, 190)):
+        sizes = []
+
+        def run(size, boundary=boundary):
+            sizes.append(size)
+            return {"status": "ok"} if size <= boundary else {"status": "oom", "error": "CUDA out of memory"}
+
+        row = search(case, run, start, max_probes=12)
+        assert (row["largest_ok"], row["smallest_failed"], row["status"]) == (boundary, boundary + 1, "exact"), (boundary, start, sizes)
+        assert len(sizes) <= 12
+    row = search(case, lambda size: {"status": "oom"}, 3)
+    assert row["largest_ok"] is None and row["smallest_failed"] == 1
+    cublas = search(case, lambda size: {"status": "error", "error": "CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"} if size > 9
+                    else {"status": "ok"}, 10)
+    assert cublas["largest_ok"] == 9  # a handle that cannot be made is a memory failure too
+    other = search(case, lambda size: {"status": "error", "error": "KeyError: x"}, 10)
+    assert other["status"] == "error"
+
+
+def test_edge_cases_file_loads_with_unique_ids_and_both_allocators():
+    from validation.edge import load_edge_cases
+
+    cases = load_edge_cases(ROOT / "validation" / "cases_edge.yaml")
+    assert len(cases) >= 12 and len({c.id for c in cases}) == len(cases)
+    assert {c.job.expandable_segments for c in cases} == {True, False}
+    assert {c.job.mode.value for c in cases} >= {"inference", "full", "lora", "qlora"}

@@ -506,7 +506,7 @@ def measure_case(case: Case, ckpt: Path, diag: bool) -> dict:
     import torch
 
     result: dict = {"case": case.id, "model": case.model, "holdout": case.holdout, "job": case.job.to_dict(),
-                    "allocator": os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or "default"}
+                    "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or "default"}
     t0 = time.time()
     probe = DeviceProbe()
     try:
