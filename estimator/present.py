@@ -256,7 +256,9 @@ def sweep(estimate_of, job, field: str, values: list[int]) -> list[tuple[int, in
 
 def memory_plot(estimate_of, job, capacity_bytes: int, gpu_name: str) -> dict:
     """A plotly figure (a plain dict): device total and peak allocated against the batch size and
-    against the sequence (or prompt) length, each with the card's capacity as a dashed line."""
+    against the sequence (or prompt) length, each with the card's capacity as a dashed line and the
+    tight band (calibration.TIGHT_BAND_FRACTION of the card) shaded below it."""
+    from estimator.calibration import TIGHT_BAND_FRACTION
     from estimator.job import FIELD_LIMITS
 
     length = "seq_len" if job.is_training else "prompt_len"
@@ -278,8 +280,11 @@ def memory_plot(estimate_of, job, capacity_bytes: int, gpu_name: str) -> dict:
         layout[f"yaxis{axis}"] = {"title": {"text": "GiB (1024³ bytes)"} if i == 1 else {}, "anchor": f"x{axis}", "rangemode": "tozero"}
         layout["shapes"].append({"type": "line", "xref": f"x{axis} domain", "x0": 0, "x1": 1, "yref": f"y{axis}",
                                  "y0": capacity_bytes / GIB, "y1": capacity_bytes / GIB, "line": {"dash": "dash", "color": "#555"}})
+        layout["shapes"].append({"type": "rect", "xref": f"x{axis} domain", "x0": 0, "x1": 1, "yref": f"y{axis}",
+                                 "y0": (1 - TIGHT_BAND_FRACTION) * capacity_bytes / GIB, "y1": capacity_bytes / GIB,
+                                 "fillcolor": "#f58518", "opacity": 0.15, "line": {"width": 0}, "layer": "below"})
         layout["annotations"].append({"xref": f"x{axis} domain", "x": 0, "yref": f"y{axis}", "y": capacity_bytes / GIB,
-                                      "text": f"{gpu_name}: {capacity_bytes / GIB:.1f} GiB", "showarrow": False,
+                                      "text": f"{gpu_name}: {capacity_bytes / GIB:.1f} GiB (shaded: tight)", "showarrow": False,
                                       "xanchor": "left", "yanchor": "bottom"})
     layout["title"] = {"text": "Memory of this job against its batch and length (one GPU; the rest as set)"}
     return {"data": traces, "layout": layout}

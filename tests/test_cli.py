@@ -180,7 +180,10 @@ def test_memory_plot_grows_with_batch_and_length():
     assert len(device) == 2
     for trace in device:
         assert trace["y"] == sorted(trace["y"]) and len(trace["x"]) >= 3
-    assert len(fig["layout"]["shapes"]) == 2  # the capacity line on each panel
+    shapes = fig["layout"]["shapes"]
+    assert [s["type"] for s in shapes] == ["line", "rect", "line", "rect"]  # capacity line and tight band, each panel
+    band = shapes[1]
+    assert band["y1"] == 24 and band["y0"] == pytest.approx(24 * 0.95)
 
 
 def test_help_names_only_options_that_exist_and_lists_the_strategies():
