@@ -645,14 +645,13 @@ class Deadline:
         return row.get("status") == "error" and timeout_s < self.case_timeout_s and self.left_s() < 40.0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m validation.measure", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cases", default="validation/cases.yaml", help="YAML cases file")
+def add_run_arguments(parser: argparse.ArgumentParser, cases: str, out: str) -> None:
+    """The options every case harness takes (this one and validation.trainer_run)."""
+    parser.add_argument("--cases", default=cases, help="YAML cases file")
     parser.add_argument("--only", action="append", help="case id pattern (* wildcards); repeatable")
-    parser.add_argument("--out", default="validation/results/measured.jsonl", help="JSON lines file to append to")
+    parser.add_argument("--out", default=out, help="JSON lines file to append to")
     parser.add_argument("--work", default="/tmp/canirun", help="scratch folder for random checkpoints")
     parser.add_argument("--skip-done", action="store_true", help="skip case ids already in --out")
-    parser.add_argument("--diag", action="store_true", help="also record a census of saved activations")
     parser.add_argument("--case-timeout", type=float, default=600.0, help="seconds before a case is abandoned")
     parser.add_argument("--keep-checkpoints", action="store_true", help="don't delete a model's checkpoint after its cases")
     parser.add_argument("--list", action="store_true", help="print the selected cases and exit")
@@ -660,19 +659,18 @@ def main(argv: list[str] | None = None) -> int:
         "--isolation",
         choices=["fork", "spawn"],
         default="fork",
-        help="fork: children of a parent that imported the libraries once; spawn: a fresh interpreter per case",
+        help="fork: children of a parent that imported torch and transformers once; spawn: a fresh interpreter per case",
     )
     add_deadline_arguments(parser)
     parser.add_argument("--run-one", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.run_one:
-        spec = json.loads(Path(args.run_one).read_text())
-        row = measure_case(Case.from_dict(spec["case"]), Path(spec["ckpt"]), spec["diag"])
-        Path(args.result).write_text(json.dumps(row))
-        return 0
 
-    cases = select(load_cases(args.cases), args.only)
+
+def run_cases(cases: list, args: argparse.Namespace, *, measure_one, module: str, header) -> int:
+    """Run `cases`, one process each, grouped by model (one random checkpoint per model), appending
+    a row per case to --out: `measure_one(case, ckpt, work)` in a forked child, or `module`'s hidden
+    --run-one in a fresh interpreter. `header(case)` is what a row says about its case before it ran.
+    The parent never initialises CUDA."""
     out = Path(args.out)
     if args.skip_done:
         done = _done_ids(out)
@@ -683,7 +681,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.isolation == "fork":
         # Imported once here, inherited by every forked case. CUDA must stay untouched in the parent:
-        # PYTORCH_NVML_BASED_CUDA_CHECK keeps is_available() from initialising the driver.
+        # PYTORCH_NVML_BASED_CUDA_CHECK keeps is_available() from initialising the driver. (Not the
+        # Trainer or bitsandbytes: importing bitsandbytes initialises CUDA.)
         os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
         import torch
         import transformers  # noqa: F401
@@ -693,7 +692,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("the parent process must not initialise CUDA")
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(args.work)
-    by_model: dict[str, list[Case]] = {}
+    work.mkdir(parents=True, exist_ok=True)
+    by_model: dict[str, list] = {}
     for case in cases:
         by_model.setdefault(case.model, []).append(case)
     deadline = Deadline(args.stop_at, args.reserve_s, args.case_timeout)
@@ -705,10 +705,7 @@ def main(argv: list[str] | None = None) -> int:
             ckpt = _checkpoint(model, work)
         except Exception as err:  # noqa: BLE001
             for case in group:
-                row = {"case": case.id, "model": model, "holdout": case.holdout, "job": case.job.to_dict()}
-                row.update(status="error", error=str(err))
-                with out.open("a") as handle:
-                    handle.write(json.dumps(row) + "\n")
+                _append(out, dict(header(case), status="error", error=str(err)))
             continue
         for case in group:
             if not deadline.may_start():
@@ -716,25 +713,43 @@ def main(argv: list[str] | None = None) -> int:
                 break
             timeout_s = deadline.timeout_s()
             if args.isolation == "fork":
-                row = _in_child(measure_case, (case, ckpt, args.diag), timeout_s)
+                row = _in_child(measure_one, (case, ckpt, work), timeout_s)
             else:
-                row = _in_subprocess(case, ckpt, args.diag, timeout_s)
+                row = _in_subprocess(case, ckpt, getattr(args, "diag", False), timeout_s, module=module)
             if deadline.cut_short(row, timeout_s):
                 print(f"stop   {case.id} was cut short by --stop-at; not recorded", flush=True)
                 break
-            row.setdefault("case", case.id)
-            row.setdefault("model", model)
-            row.setdefault("job", case.job.to_dict())
-            with out.open("a") as handle:
-                handle.write(json.dumps(row) + "\n")
+            row = {**header(case), **row}
+            _append(out, row)
             peak = row.get("peak_allocated_bytes")
             shown = f"{peak / GIB:7.2f} GiB" if isinstance(peak, int) else "      -"
-            print(f"{row.get('status', '?'):5} {shown}  {row.get('wall_s', 0):6.1f}s  {case.id}", flush=True)
+            error = f"  {str(row['error'])[:160]}" if row.get("status") != "ok" and row.get("error") else ""
+            print(f"{row.get('status', '?'):5} {shown}  {row.get('wall_s', 0):6.1f}s  {case.id}{error}", flush=True)
         if not args.keep_checkpoints:
             import shutil
 
             shutil.rmtree(work / "ckpt" / model, ignore_errors=True)
     return 0
+
+
+def _append(out: Path, row: dict) -> None:
+    with out.open("a") as handle:
+        handle.write(json.dumps(row) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m validation.measure", description=__doc__.split("\n\n")[0])
+    add_run_arguments(parser, "validation/cases.yaml", "validation/results/measured.jsonl")
+    parser.add_argument("--diag", action="store_true", help="also record a census of saved activations")
+    args = parser.parse_args(argv)
+    if args.run_one:
+        spec = json.loads(Path(args.run_one).read_text())
+        row = measure_case(Case.from_dict(spec["case"]), Path(spec["ckpt"]), spec["diag"])
+        Path(args.result).write_text(json.dumps(row))
+        return 0
+    return run_cases(select(load_cases(args.cases), args.only), args, module="validation.measure",
+                     measure_one=lambda case, ckpt, work: measure_case(case, ckpt, args.diag),
+                     header=lambda case: {"case": case.id, "model": case.model, "holdout": case.holdout, "job": case.job.to_dict()})
 
 
 if __name__ == "__main__":

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -51,7 +50,7 @@ from pathlib import Path
 
 from validation import measure
 from validation.cases import select
-from validation.measure import GIB, DeviceProbe, _cuda
+from validation.measure import DeviceProbe, _cuda
 from validation.trainer_cases import (
     TrainerCase,
     bnb_config_kwargs,
@@ -325,30 +324,9 @@ def measure_trainer_case(case: TrainerCase, ckpt: Path, work: Path) -> dict:
 # ---------------------------------------------------------------------------------------------
 # The parent
 # ---------------------------------------------------------------------------------------------
-def _append(out: Path, row: dict) -> None:
-    with out.open("a") as handle:
-        handle.write(json.dumps(row) + "\n")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m validation.trainer_run", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cases", default="validation/cases_trainer.yaml", help="YAML Trainer cases file")
-    parser.add_argument("--only", action="append", help="case id pattern (* wildcards); repeatable")
-    parser.add_argument("--out", default="validation/results_trainer/measured.jsonl", help="JSON lines file to append to")
-    parser.add_argument("--work", default="/tmp/canirun", help="scratch folder for random checkpoints")
-    parser.add_argument("--skip-done", action="store_true", help="skip case ids already in --out")
-    parser.add_argument("--case-timeout", type=float, default=600.0, help="seconds before a case is abandoned")
-    parser.add_argument("--keep-checkpoints", action="store_true", help="don't delete a model's checkpoint after its cases")
-    parser.add_argument("--list", action="store_true", help="print the selected cases and exit")
-    parser.add_argument(
-        "--isolation",
-        choices=["fork", "spawn"],
-        default="fork",
-        help="fork: children of a parent that imported torch and transformers once; spawn: a fresh interpreter per case",
-    )
-    measure.add_deadline_arguments(parser)
-    parser.add_argument("--run-one", help=argparse.SUPPRESS)
-    parser.add_argument("--result", help=argparse.SUPPRESS)
+    measure.add_run_arguments(parser, "validation/cases_trainer.yaml", "validation/results_trainer/measured.jsonl")
     args = parser.parse_args(argv)
     if args.run_one:
         spec = json.loads(Path(args.run_one).read_text())
@@ -356,64 +334,8 @@ def main(argv: list[str] | None = None) -> int:
         row = measure_trainer_case(TrainerCase.from_dict(spec["case"]), Path(spec["ckpt"]), work)
         Path(args.result).write_text(json.dumps(row))
         return 0
-
-    cases = select(load_trainer_cases(args.cases), args.only)
-    out = Path(args.out)
-    if args.skip_done:
-        done = measure._done_ids(out)
-        cases = [c for c in cases if c.id not in done]
-    if args.list:
-        for case in cases:
-            print(case.id)
-        return 0
-    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
-    if args.isolation == "fork":
-        # As validation.measure: torch and transformers once here, inherited by every forked case.
-        # Not the Trainer: importing it imports bitsandbytes, which initialises CUDA.
-        import torch
-        import transformers  # noqa: F401
-        from transformers import AutoModelForCausalLM  # noqa: F401
-
-        if torch.cuda.is_initialized():
-            raise SystemExit("the parent process must not initialise CUDA")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    by_model: dict[str, list[TrainerCase]] = {}
-    for case in cases:
-        by_model.setdefault(case.model, []).append(case)
-    deadline = measure.Deadline(args.stop_at, args.reserve_s, args.case_timeout)
-    for model, group in by_model.items():
-        if not deadline.may_start():
-            print(f"stop   --stop-at is near; a later call with --skip-done resumes at {group[0].id}", flush=True)
-            break
-        try:
-            ckpt = measure._checkpoint(model, work)
-        except Exception as err:  # noqa: BLE001
-            for case in group:
-                _append(out, dict(case_header(case), status="error", error=str(err)))
-            continue
-        for case in group:
-            if not deadline.may_start():
-                print(f"stop   --stop-at is near; a later call with --skip-done resumes at {case.id}", flush=True)
-                break
-            timeout_s = deadline.timeout_s()
-            if args.isolation == "fork":
-                row = measure._in_child(measure_trainer_case, (case, ckpt, work), timeout_s)
-            else:
-                row = measure._in_subprocess(case, ckpt, False, timeout_s, module="validation.trainer_run")
-            if deadline.cut_short(row, timeout_s):
-                print(f"stop   {case.id} was cut short by --stop-at; not recorded", flush=True)
-                break
-            row = {**case_header(case), **row}
-            _append(out, row)
-            peak = row.get("peak_allocated_bytes")
-            shown = f"{peak / GIB:7.2f} GiB" if isinstance(peak, int) else "      -"
-            error = f"  {row['error'][:160]}" if row.get("status") != "ok" and row.get("error") else ""
-            print(f"{row.get('status', '?'):5} {shown}  {row.get('wall_s', 0):6.1f}s  {case.id}{error}", flush=True)
-        if not args.keep_checkpoints:
-            shutil.rmtree(work / "ckpt" / model, ignore_errors=True)
-    return 0
+    return measure.run_cases(select(load_trainer_cases(args.cases), args.only), args, measure_one=measure_trainer_case,
+                             module="validation.trainer_run", header=case_header)
 
 
 if __name__ == "__main__":
