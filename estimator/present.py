@@ -22,7 +22,7 @@ GIB = 1024**3
 
 _LONG_QUOTED = re.compile(r"'[^']{81,}'|\"[^\"]{81,}\"")
 _LONG_WORD = re.compile(r"\S{201,}")
-MAX_MESSAGE_CHARS = 1_000
+MAX_MESSAGE_CHARS = 900  # with "error: " in front, the line stays under 1,000 characters
 
 
 def one_line(err: BaseException) -> str:
@@ -32,7 +32,7 @@ def one_line(err: BaseException) -> str:
     text = " ".join(str(err).split())
     text = _LONG_QUOTED.sub(lambda m: f"{m[0][:61]}… ({len(m[0]) - 2:,} characters){m[0][0]}", text)
     text = _LONG_WORD.sub(lambda m: f"{m[0][:60]}… ({len(m[0]):,} characters)", text)
-    return text if len(text) <= MAX_MESSAGE_CHARS else text[:MAX_MESSAGE_CHARS] + "…"
+    return text if len(text) <= MAX_MESSAGE_CHARS else text[: MAX_MESSAGE_CHARS - 1] + "…"
 
 
 # -------------------------------------------------------------------------------------------------

@@ -132,3 +132,11 @@ def test_report_without_chrome_writes_tables_and_skips_the_plot(tmp_path, monkey
     assert not plot.exists()
     printed = capsys.readouterr().out
     assert "skipped the plot" in printed and "Chrome" in printed
+
+
+def test_the_error_line_stays_under_1000_characters_with_its_prefix():
+    """Found by the fuzzer: a message cut to 1,000 characters became 1,007 with "error: " in front."""
+    from estimator.present import MAX_MESSAGE_CHARS, one_line
+
+    text = one_line(ValueError("unrecognized arguments: " + " ".join(["x" * 150] * 40)))
+    assert len(text) <= MAX_MESSAGE_CHARS and len("error: " + text) < 1_000
