@@ -29,6 +29,7 @@ PLOT_PATH = Path(__file__).resolve().parent / "accuracy.png"
 DATA_PATH = Path(__file__).resolve().parent / "accuracy.json"  # what the app's accuracy page reads
 H200_PATH = Path(__file__).resolve().parent / "REPORT_H200.md"
 # The H200 sets: SPEC's plain loop (calibration reruns, device-total holdouts) and the Trainer's.
+EDGE_PATH = Path(__file__).resolve().parent / "results_h200" / "h200-edge.jsonl"
 H200_SETS = (
     ("plain loop: calibration reruns", Path(__file__).resolve().parent / "results_h200" / "h200-calibration.jsonl"),
     ("plain loop: device-total holdouts", Path(__file__).resolve().parent / "results_h200" / "h200-device.jsonl"),
@@ -209,6 +210,40 @@ def render_markdown(comparisons: list[Comparison], command: str) -> str:
     return "\n".join(lines)
 
 
+def edge_rows(path: Path = EDGE_PATH) -> list[dict]:
+    """The edge searches (python -m validation.edge): the estimator's boundary against the measured one."""
+    if not path.exists():
+        return []
+    rows = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            rows[row["case"]] = row
+    out = []
+    for row in rows.values():
+        ran, predicted = row.get("largest_ok"), row.get("predicted")
+        error = (predicted - ran) / ran if ran and predicted is not None else None
+        out.append({**row, "error": error})
+    return out
+
+
+def render_edges(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    lines = ["", "## Edge searches (python -m validation.edge)", "",
+             "The largest size that ran, bisected one process per probe, against the estimator's largest fitting size",
+             "(error = (estimated − measured) / measured; positive means the estimate would let a run fail).", "",
+             "| search | allocator | estimated | ran | failed | error | probes |", "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        alloc = "expandable" if r["job"].get("expandable_segments") else "default"
+        err = _pct(r["error"], True) if r["error"] is not None else "—"
+        lines.append(f"| {r['case']} ({r['search']}) | {alloc} | {r['predicted']:,} | {r['largest_ok'] or 0:,} | "
+                     f"{r['smallest_failed'] or 0:,} | {err} | {len(r['probes'])} |")
+    within = sum(1 for r in rows if r["error"] is not None and abs(r["error"]) <= 0.03)
+    lines += ["", f"{within} of {len(rows)} within 3% of the measured boundary."]
+    return lines
+
+
 def render_h200(sets: list[tuple[str, list[Comparison]]], command: str) -> str:
     """The H200 report: each set's summary, then every case."""
     lines = [
@@ -241,6 +276,7 @@ def render_h200(sets: list[tuple[str, list[Comparison]]], command: str) -> str:
                 continue
             lines.append(f"| {c.case} | {_gib(c.measured_peak)} | {_gib(c.estimated_peak)} | {_pct(c.peak_error, True)} | "
                          f"{_gib(c.measured_device)} | {_gib(c.estimated_device)} | {_pct(c.device_error, True)} |")
+    lines += render_edges(edge_rows())
     lines.append("")
     return "\n".join(lines)
 
