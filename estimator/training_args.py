@@ -87,8 +87,7 @@ WHY_NOT = {
 
 
 def _neutral(key: str, value: Any) -> bool:
-    return any(value == v and type(value) is type(v) or (value is None and v is None) for v in NEUTRAL[key]) or (
-        value in (None, False) and None in NEUTRAL[key])
+    return value in NEUTRAL[key]
 
 
 def _refuse(key: str, value: Any) -> TrainingArgsError:
