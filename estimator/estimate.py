@@ -133,10 +133,20 @@ def estimate(model: Inventory | dict, job: Job) -> Estimate:
         peak_phase=peak_phase,
         breakdown=breakdown,
         phases={name: sum(row.values()) for name, row in phases.items()},
-        notes=tuple(inv.notes),
+        notes=tuple(inv.notes) + _notes(inv, regime),
         phase_parts={name: dict(row) for name, row in phases.items()},
         inventory=inv,
     )
+
+
+def _notes(inv: Inventory, regime: Regime) -> tuple[str, ...]:
+    """What in this answer would surprise, said where it applies."""
+    notes = []
+    if weights.param_targets(inv, regime):
+        notes.append("PEFT's all-linear adapts this model's routed experts and router as parameters (lora.ParamWrapper): "
+                     "their adapters, gradients and optimizer state are counted; the delta weights ParamWrapper "
+                     "builds in each forward are not modelled yet")
+    return tuple(notes)
 
 
 def device_overheads(inv: Inventory, regime: Regime, sizes: Sizes, at_peak: Parts) -> tuple[int, int]:

@@ -31,13 +31,13 @@ from typing import Callable
 
 # The inventory's data types live in inventory_types (prequantized.py reads them too); they are
 # re-exported here, where callers have always found them.
-from estimator.inventory_types import Inventory, Linear, LinearRole, MoE, Param, ParamKind, UnsupportedModelError
+from estimator.inventory_types import Inventory, Linear, LinearRole, MoE, Param, ParamAdapter, ParamKind, UnsupportedModelError
 
 # Inventories of every catalog config, built with the pinned transformers by
 # `python -m estimator.catalog.prebuild`; tests check each against a fresh build.
 PREBUILT_PATH = Path(__file__).resolve().parent / "catalog" / "inventories.json.gz"
 
-__all__ = ["Inventory", "Linear", "LinearRole", "MoE", "Param", "ParamKind", "UnsupportedModelError",
+__all__ = ["Inventory", "Linear", "LinearRole", "MoE", "Param", "ParamAdapter", "ParamKind", "UnsupportedModelError",
            "build_inventory", "config_key", "inventory_from_config"]
 
 
@@ -61,6 +61,8 @@ def inventory_to_dict(inv: Inventory) -> dict:
             value = dataclasses.asdict(value)
         elif f.name == "prequantized":
             value = [[n, b] for n, b in value]
+        elif f.name == "peft_param_targets":
+            value = [[t.name, t.in_features, t.out_features, t.rows_per_rank] for t in value]
         elif isinstance(value, tuple):
             value = list(value)
         out[f.name] = value
@@ -78,6 +80,7 @@ def inventory_from_dict(data: dict) -> Inventory:
     for name in ("layer_types", "notes"):
         data[name] = tuple(data.get(name) or ())
     data["prequantized"] = tuple((n, int(b)) for n, b in data.get("prequantized") or ())
+    data["peft_param_targets"] = tuple(ParamAdapter(*row) for row in data.get("peft_param_targets") or ())
     return Inventory(**data)
 
 
@@ -233,6 +236,7 @@ def _build_locked(raw: dict) -> Inventory:
     layer_of = _layer_index(model, num_layers)
     linears, module_kind, quantized_weights = _linears(model, layer_of)
     params = _params(model, module_kind, quantized_weights, layer_of)
+    linears, param_targets = _peft_all_linear(model, linears, params)
     shapes = _attention_shapes(text_cfg)
     hidden, vocab = shapes["hidden_size"], shapes["vocab_size"]
     intermediate, gated = _mlp_shape(linears)
@@ -276,6 +280,7 @@ def _build_locked(raw: dict) -> Inventory:
                     for p in params),
         learned_positions=any(p.kind == "embedding" and p.shape[0] != vocab for p in params),
         use_cache=bool(getattr(text_cfg, "use_cache", True)),
+        peft_param_targets=param_targets,
         text_only_of=multimodal_type,
         notes=tuple(notes),
     )
@@ -375,6 +380,47 @@ def _linears(model, layer_of) -> tuple[list[Linear], dict[str, str], set[str]]:
         elif "router" in type(module).__name__.lower():
             module_kind[name] = "router"
     return linears, module_kind, quantized_weight_names
+
+
+def _peft_all_linear(model, linears: list[Linear], params: list[Param]) -> tuple[list[Linear], tuple[ParamAdapter, ...]]:
+    """What PEFT's all-linear adapts, where PEFT's own answer differs from the rule in `_linears`:
+    for MoE models whose layout transformers 5 converted (3-D expert tensors), PEFT 0.21.2
+    (`utils/transformers_weight_conversion.py: _convert_peft_config_moe`) turns all-linear into the
+    attention linears plus `target_parameters` for the experts and the router, and leaves out every
+    MLP linear whose name is an expert's. PEFT itself is run here, on the meta model at rank 1, and
+    its adapters are read off: no table of families. Other models keep the rule, which matches
+    PEFT on all of them (tests/test_inventory.py checks every catalog model)."""
+    if not any(len(p.shape) == 3 for p in params):
+        return linears, ()
+    import copy
+
+    import peft
+
+    probe = copy.deepcopy(model)
+    config = peft.LoraConfig(r=1, lora_alpha=1, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    try:
+        wrapped = peft.get_peft_model(probe, config)
+    except Exception as err:  # noqa: BLE001 - PEFT refusing the model is not ours to hide, but not fatal here
+        raise UnsupportedModelError(f"PEFT {peft.__version__} cannot apply all-linear LoRA to this model: {err}") from None
+    adapted: set[str] = set()
+    targets: list[ParamAdapter] = []
+    prefix = "base_model.model."
+    for name, module in wrapped.named_modules():
+        lora_a = getattr(module, "lora_A", None)
+        if lora_a is None or "default" not in lora_a:
+            continue
+        base = name.removeprefix(prefix)
+        a, b = lora_a["default"].weight, module.lora_B["default"].weight
+        kind = type(module).__name__
+        if kind == "ParamWrapper":
+            param_name = getattr(module, "parameter_name", None) or base.rsplit(".", 1)[-1]
+            owner = base.replace(".base_layer", "")
+            targets.append(ParamAdapter(f"{owner}.{param_name}" if not owner.endswith(param_name) else owner,
+                                        int(a.shape[1]), int(b.shape[0]), int(a.shape[0])))
+        else:
+            adapted.add(base)
+    linears = [dataclasses.replace(lin, peft_all_linear=lin.name in adapted) for lin in linears]
+    return linears, tuple(sorted(targets, key=lambda t: t.name))
 
 
 def _role(name: str, output_name: str | None, layer_of) -> LinearRole:

@@ -56,6 +56,19 @@ class Linear:
 
 
 @dataclass(frozen=True)
+class ParamAdapter:
+    """A parameter PEFT adapts directly under all-linear (its `target_parameters`, wrapped by
+    `lora.ParamWrapper`): a 3-D expert tensor or a router weight. lora_A is (rows_per_rank·r × in),
+    lora_B (out × rows_per_rank·r): rows_per_rank is the experts (times the branches PEFT fuses,
+    with its rank doubled for gate_up_proj), 1 for a 2-D router."""
+
+    name: str
+    in_features: int
+    out_features: int
+    rows_per_rank: int
+
+
+@dataclass(frozen=True)
 class MoE:
     num_experts: int
     top_k: int
@@ -101,6 +114,9 @@ class Inventory:
     # A pre-quantized checkpoint (GPTQ, AWQ, FP8, bitsandbytes-saved…): stored bytes per replaced
     # parameter name (estimator/prequantized.py), and a one-line description.
     prequantized: tuple[tuple[str, int], ...] = ()
+    # PEFT 0.21.2's all-linear on models whose MoE layout transformers 5 converted (Mixtral, Qwen3-MoE,
+    # DeepSeek V2/V3…): the parameters it adapts besides linears. Empty elsewhere.
+    peft_param_targets: tuple[ParamAdapter, ...] = ()
     quantization: str | None = None
     text_only_of: str | None = None  # set when a multimodal config was sized by its text model
     notes: tuple[str, ...] = field(default=())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from estimator import UnsupportedModelError, inventory_from_config
@@ -123,3 +125,46 @@ def test_malformed_config_is_refused():
         inventory_from_config({"model_type": "llama", "hidden_size": "big"})
     with pytest.raises(UnsupportedModelError):
         inventory_from_config({"hidden_size": 64})
+
+
+@pytest.mark.slow
+def test_every_catalog_models_lora_count_equals_peft():
+    """Issue 13: our trainable-parameter count equals what PEFT 0.21.2 builds, for all-linear at r=16
+    (dropout 0, which PEFT needs where it wraps expert parameters), on every catalog model."""
+    import peft
+    import torch
+    import transformers
+
+    from estimator import Job, estimate
+    from estimator.catalog import load_catalog
+    from estimator.inventory import _make_config, _text_config
+
+    transformers.logging.set_verbosity_error()
+    for entry in load_catalog():
+        config = entry.config()
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(_make_config(_text_config(config)[0]))
+        wrapped = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
+                                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+        theirs = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+        ours = estimate(inventory_from_config(config), Job(mode="lora", lora_dropout=0.0)).params_trainable
+        assert ours == theirs, entry.name
+
+
+def test_peft_refusals_are_ours_too():
+    """PEFT's ParamWrapper refuses dropout; so does the CLI, with PEFT's reason and the way out."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "estimator", "DeepSeek-V2-Lite", "--mode", "lora"], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parent.parent, timeout=120)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert "lora.ParamWrapper does not work with lora_dropout != 0" in out.stderr and "--lora-dropout 0" in out.stderr
+    inv = inventory_from_config(find_entry("deepseek-ai/DeepSeek-V2-Lite").config())
+    from estimator import Job, estimate
+
+    ok = estimate(inv, Job(mode="lora", lora_dropout=0.0))
+    assert ok.params_trainable == 358_994_944  # what PEFT 0.21.2 trains (the issue's 359 M)
+    assert any("ParamWrapper" in n for n in ok.notes)
+    named = estimate(inv, Job(mode="lora", lora_targets=("q_proj", "o_proj")))  # named modules: no ParamWrapper
+    assert named.params_trainable < 20_000_000

@@ -38,6 +38,9 @@ def _optimizer_and_gradients(inv: Inventory, regime: Regime) -> tuple[OptimizerM
         for lin in weights.lora_targets(inv, regime):
             shapes[lin.name + ".lora_A"] = (r, lin.in_features)
             shapes[lin.name + ".lora_B"] = (lin.out_features, r)
+        for t in weights.param_targets(inv, regime):
+            shapes[t.name + ".lora_A"] = (t.rows_per_rank * r, t.in_features)
+            shapes[t.name + ".lora_B"] = (t.out_features, t.rows_per_rank * r)
     entry = regime.optimizer
     if regime.trainer and entry.state_bits == 8:
         fp32_state = frozenset(p.name for p in inv.params if p.kind == "embedding")

@@ -40,7 +40,8 @@ class Placed:
 
 
 def lora_targets(inv: Inventory, regime: Regime) -> tuple[Linear, ...]:
-    """The linears PEFT adapts: `all-linear` as PEFT resolves it, else names matched as suffixes."""
+    """The linears PEFT adapts: `all-linear` as PEFT resolves it, else names matched as suffixes
+    (parameters PEFT adapts directly are `param_targets`)."""
     if regime.adapter is None:
         return ()
     targets = regime.adapter.targets
@@ -79,12 +80,29 @@ def _placements(inv: Inventory, regime: Regime) -> tuple[Placed, ...]:
             out.append(Placed(p.name, p.numel, storage, tensor_bytes(p.numel, storage), regime.base_trainable, "base"))
     if regime.adapter is not None:
         r, a_dtype = regime.adapter.r, regime.adapter.dtype
-        for lin in lora_targets(inv, regime):
-            a = r * lin.in_features
-            b = lin.out_features * r
-            out.append(Placed(lin.name + ".lora_A", a, a_dtype, tensor_bytes(a, a_dtype), True, "adapter"))
-            out.append(Placed(lin.name + ".lora_B", b, a_dtype, tensor_bytes(b, a_dtype), True, "adapter"))
+        shapes = [(lin.name, lin.in_features, lin.out_features, r) for lin in lora_targets(inv, regime)]
+        shapes += [(t.name, t.in_features, t.out_features, t.rows_per_rank * r) for t in param_targets(inv, regime)]
+        for name, in_features, out_features, rows in shapes:
+            a, b = rows * in_features, out_features * rows
+            out.append(Placed(name + ".lora_A", a, a_dtype, tensor_bytes(a, a_dtype), True, "adapter"))
+            out.append(Placed(name + ".lora_B", b, a_dtype, tensor_bytes(b, a_dtype), True, "adapter"))
     return tuple(out)
+
+
+def param_targets(inv: Inventory, regime: Regime):
+    """The parameters PEFT's all-linear wraps directly (`lora.ParamWrapper`: 3-D experts, routers).
+
+    PEFT refuses them with dropout (`lora/layer.py`: "lora.ParamWrapper does not work with
+    lora_dropout != 0"), and so does this: a ValueError with PEFT's reason and what to change."""
+    if regime.adapter is None or regime.adapter.targets != ("all-linear",) or not inv.peft_param_targets:
+        return ()
+    if regime.adapter.dropout:
+        raise ValueError(
+            "PEFT refuses this job: lora.ParamWrapper does not work with lora_dropout != 0 (PEFT 0.21.2's all-linear "
+            "adapts this model's routed experts and router as parameters); use --lora-dropout 0, or name the "
+            "attention modules in --lora-targets"
+        )
+    return inv.peft_param_targets
 
 
 def weights_bytes(placed: tuple[Placed, ...]) -> int:
