@@ -9,6 +9,7 @@ model itself lives in `estimator/`. Every input is mirrored into the URL (never 
 
 from __future__ import annotations
 
+import dataclasses
 import streamlit as st
 
 import app_support as S
@@ -327,13 +328,17 @@ def show_limits(model, job, gpu, strategy, num_gpus) -> None:
 
     length_text = f"sequence length {job.seq_len:,}" if job.is_training else f"a {job.prompt_len:,}-token prompt"
     show(cols[0], batch, "Largest batch", "", length_text)
-    if job.is_training:
-        show(cols[1], length, "Longest sequence", " tokens", f"batch {job.batch_size}")
-    else:
-        show(cols[1], length, f"Longest prompt (+{job.new_tokens:,} new)", " tokens", f"batch {job.batch_size}")
-    context = length.value + (0 if job.is_training else job.new_tokens - 1)
-    if model.max_positions and context > model.max_positions:
-        st.caption(f"The longest length is beyond the model's {model.max_positions:,}-token context window (max_position_embeddings).")
+    # The longest length is capped at the model's window: memory may allow more, the model does not.
+    extra = 0 if job.is_training else job.new_tokens - 1
+    window = model.max_positions
+    shown = length
+    if window and length.value + extra > window:
+        shown = dataclasses.replace(length, value=max(window - extra, 0))
+    label = "Longest sequence" if job.is_training else f"Longest prompt (+{job.new_tokens:,} new)"
+    show(cols[1], shown, label, " tokens", f"batch {job.batch_size}")
+    if shown is not length:
+        st.caption(f"Capped at the model's {window:,}-position window (max_position_embeddings): memory alone would allow "
+                   f"{length.value:,} tokens.")
 
 
 def show_gpu_table(model, job, pool, strategy) -> None:

@@ -133,15 +133,25 @@ def estimate(model: Inventory | dict, job: Job) -> Estimate:
         peak_phase=peak_phase,
         breakdown=breakdown,
         phases={name: sum(row.values()) for name, row in phases.items()},
-        notes=tuple(inv.notes) + _notes(inv, regime),
+        notes=tuple(inv.notes) + _notes(inv, regime, sizes),
         phase_parts={name: dict(row) for name, row in phases.items()},
         inventory=inv,
     )
 
 
-def _notes(inv: Inventory, regime: Regime) -> tuple[str, ...]:
+def _notes(inv: Inventory, regime: Regime, sizes: Sizes) -> tuple[str, ...]:
     """What in this answer would surprise, said where it applies."""
     notes = []
+    length = sizes.seq_len if regime.training else sizes.prompt_len + sizes.new_tokens
+    if inv.max_positions and length > inv.max_positions:
+        scaling = f"; its RoPE scaling is {inv.rope_scaling}" if inv.rope_scaling else "; its config names no RoPE scaling"
+        notes.append(f"{length:,} tokens is beyond the {inv.max_positions:,} positions the model was trained for "
+                     f"(max_position_embeddings{scaling}): memory is as estimated, quality is not promised")
+    experts = sum(p.numel for p in inv.params if len(p.shape) == 3)
+    if regime.quantizer is not None and experts:
+        kept = "and QLoRA's preparation casts them to fp32" if regime.training else f"in {regime.storage.name}"
+        notes.append(f"bitsandbytes quantizes linears only: this model's {experts / 1e9:.1f} B parameters in 3-D expert "
+                     f"tensors stay unquantized, {kept}, which is why 4-bit saves less than it would")
     if weights.param_targets(inv, regime):
         notes.append("PEFT's all-linear adapts this model's routed experts and router as parameters (lora.ParamWrapper): "
                      "their adapters, gradients and optimizer state are counted; the delta weights ParamWrapper "

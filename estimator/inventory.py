@@ -280,11 +280,28 @@ def _build_locked(raw: dict) -> Inventory:
                     for p in params),
         learned_positions=any(p.kind == "embedding" and p.shape[0] != vocab for p in params),
         use_cache=bool(getattr(text_cfg, "use_cache", True)),
+        max_positions=_positive_or_none(getattr(text_cfg, "max_position_embeddings", None) or getattr(text_cfg, "n_positions", None)),
+        rope_scaling=_rope_scaling(text_cfg),
         peft_param_targets=param_targets,
         text_only_of=multimodal_type,
         notes=tuple(notes),
     )
     return _with_prequantized(inventory, text_raw if multimodal_type is None else raw)
+
+
+def _positive_or_none(value) -> int | None:
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _rope_scaling(text_cfg) -> str | None:
+    """The RoPE scaling a config names (transformers 5 keeps it in rope_parameters; older configs in rope_scaling)."""
+    for name in ("rope_parameters", "rope_scaling"):
+        value = getattr(text_cfg, name, None)
+        if isinstance(value, dict):
+            kind = value.get("rope_type") or value.get("type")
+            if kind and kind != "default":
+                return str(kind)
+    return None
 
 
 def _meta_model(text_raw: dict, multimodal_type: str | None):

@@ -111,6 +111,8 @@ class Inventory:
     qk_norm: bool
     learned_positions: bool
     use_cache: bool = True  # config.use_cache: generate keeps a KV cache (false: it recomputes every step)
+    max_positions: int | None = None  # config.max_position_embeddings: the positions the model was trained for
+    rope_scaling: str | None = None  # the config's RoPE scaling type (yarn, llama3, linear…), if any
     # A pre-quantized checkpoint (GPTQ, AWQ, FP8, bitsandbytes-saved…): stored bytes per replaced
     # parameter name (estimator/prequantized.py), and a one-line description.
     prequantized: tuple[tuple[str, int], ...] = ()

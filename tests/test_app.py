@@ -636,3 +636,22 @@ def test_a_long_refused_link_value_is_not_echoed_whole():
     names = [e.name for e in __import__("estimator.catalog", fromlist=["load_catalog"]).load_catalog()]
     _, errors = U.parse_query_params({"vendor": "x" * 100_000}, names)
     assert len(errors) == 1 and len(errors[0]) < 300 and "100,000 characters" in errors[0]
+
+
+def test_the_longest_prompt_is_capped_at_the_window_and_says_so():
+    """Issue 13: a length past max_position_embeddings is not offered as fitting."""
+    at = app(model="Qwen2.5-0.5B", gpu="H200 SXM 141GB")  # 32,768 positions; memory allows far more
+    assert_clean(at)
+    metric = next(m for m in at.metric if m.label.startswith("Longest prompt"))
+    assert metric.value == f"{32_768 - 255:,} tokens"
+    assert any("Capped at the model's 32,768-position window" in c.value for c in at.caption)
+
+
+def test_notes_for_a_context_past_the_window_and_unquantized_experts():
+    from estimator import estimate
+
+    long = estimate(model("Llama-3.2-1B").inventory, Job(prompt_len=200_000))
+    assert any("beyond the 131,072 positions" in n and "llama3" in n for n in long.notes)
+    moe = estimate(model("Mixtral-8x7B-v0.1").inventory, Job(weights="nf4"))
+    assert any("3-D expert tensors stay unquantized, in bf16" in n for n in moe.notes)
+    assert not any("unquantized" in n for n in estimate(model("Llama-3.2-1B").inventory, Job(weights="nf4")).notes)
