@@ -352,8 +352,10 @@ def show_gpu_table(model, job, pool, strategy) -> None:
         {
             "GPU": f.gpu_name,
             "GPUs needed": f.gpus_needed,
+            "verdict": f.verdict.value.replace("_", " "),
             "per GPU (GiB)": round(f.per_gpu.device_total_bytes / GIB, 1),
-            "memory (GiB)": round(f.capacity_bytes / GIB, 1),
+            "headroom (GiB)": round(f.headroom_bytes / GIB, 1),
+            "usable (GiB)": round(f.capacity_bytes / GIB, 1),
             "vendor": by_name[f.gpu_name].vendor.value,
             "segment": by_name[f.gpu_name].segment.value,
             "bandwidth (GB/s)": by_name[f.gpu_name].memory_bandwidth_gb_s,
@@ -368,7 +370,7 @@ def show_gpu_table(model, job, pool, strategy) -> None:
     if cannot:
         with st.expander(f"{len(cannot)} GPUs that cannot run it, and why"):
             st.dataframe(
-                pd.DataFrame([{"GPU": f.gpu_name, "memory (GiB)": round(f.capacity_bytes / GIB, 1), "why": f.reason} for f in cannot]),
+                pd.DataFrame([{"GPU": f.gpu_name, "usable (GiB)": round(f.capacity_bytes / GIB, 1), "why": f.reason} for f in cannot]),
                 hide_index=True, width="stretch",
             )
 

@@ -655,3 +655,13 @@ def test_notes_for_a_context_past_the_window_and_unquantized_experts():
     moe = estimate(model("Mixtral-8x7B-v0.1").inventory, Job(weights="nf4"))
     assert any("3-D expert tensors stay unquantized, in bf16" in n for n in moe.notes)
     assert not any("unquantized" in n for n in estimate(model("Llama-3.2-1B").inventory, Job(weights="nf4")).notes)
+
+
+def test_the_gpu_table_shows_verdict_and_headroom():
+    at = app(model="Qwen3-8B", mode="qlora", gradient_checkpointing="true", gpu="GeForce RTX 4090")
+    assert_clean(at)
+    table = next(d for d in at.dataframe if "verdict" in d.value.columns).value
+    assert {"verdict", "headroom (GiB)", "usable (GiB)"} <= set(table.columns)
+    assert set(table["verdict"]) <= {"fits", "tight"} and (table["headroom (GiB)"] >= 0).all()
+    row = table[table["GPU"] == "GeForce RTX 4090"].iloc[0]
+    assert row["usable (GiB)"] == 23.6
