@@ -128,6 +128,11 @@ def test_choose_a_model_and_a_gpu(browser, server, tmp_path):
     assert not errors, errors
 
     assert "gradient_checkpointing=true" in page.url
+    # Issue 15: the GPU-count box was clipped; its value shows whole now
+    count = page.locator('input[aria-label="GPU count"]').first
+    count.wait_for(timeout=TIMEOUT_MS)
+    assert count.input_value() == "fewest that fit"
+    assert count.evaluate("e => e.scrollWidth <= e.clientWidth + 1"), "the GPU count's value is cut off"
     page.locator('[data-testid="stSidebarContent"]').evaluate("e => e.scrollTo(0, 0)")
     page.mouse.move(5, 1100)  # no hover tooltip in the picture
     time.sleep(0.5)  # let plotly finish its transition before the picture
