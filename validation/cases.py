@@ -129,12 +129,17 @@ def ensure_unique_ids(cases: list) -> list:
     return cases
 
 
-def load_cases(path: str | Path) -> list[Case]:
+def read_case_list(path: str | Path) -> list:
+    """A cases file's items: every cases file (plain loop, Trainer, edge searches) is a YAML list."""
     with open(path, encoding="utf-8") as handle:
         items = yaml.safe_load(handle) or []
     if not isinstance(items, list):
         raise ValueError(f"{path}: a cases file is a YAML list")
-    return expand(items)
+    return items
+
+
+def load_cases(path: str | Path) -> list[Case]:
+    return expand(read_case_list(path))
 
 
 def select(cases: list[Case], only: list[str] | None) -> list[Case]:

@@ -22,11 +22,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from estimator import Job
 from validation import measure
-from validation.cases import Case
+from validation.cases import Case, read_case_list
 
 FIELDS = ("batch_size", "seq_len", "prompt_len")
 ALLOCATION_FAILURES = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_NOT_INITIALIZED", "cudaErrorMemoryAllocation")
@@ -43,9 +41,8 @@ class EdgeCase:
 
 
 def load_edge_cases(path: str | Path) -> list[EdgeCase]:
-    rows = yaml.safe_load(Path(path).read_text()) or []
     out, seen = [], set()
-    for row in rows:
+    for row in read_case_list(path):
         row = dict(row)
         field = row.pop("search")
         if field not in FIELDS:

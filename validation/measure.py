@@ -503,23 +503,34 @@ def measure_context(probe: DeviceProbe, result: dict) -> None:
 def measure_case(case: Case, ckpt: Path, diag: bool) -> dict:
     """Run one case in this (fresh) process and return its result row."""
     apply_allocator_settings(case.job)
-    import torch
-
     result: dict = {"case": case.id, "model": case.model, "holdout": case.holdout, "job": case.job.to_dict(),
                     "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or "default"}
-    t0 = time.time()
-    probe = DeviceProbe()
-    try:
-        measure_context(probe, result)
+
+    def body(probe: DeviceProbe) -> None:
         if case.job.mode.value == "inference":
             run_inference(case, ckpt, probe, result)
         else:
             run_training(case, ckpt, probe, result, diag)
+
+    return record_case(result, body, _versions)
+
+
+def record_case(result: dict, body, versions) -> dict:
+    """Run `body(probe)` after measuring the context, and record how it ended: "ok", "oom" (CUDA's
+    out-of-memory, with its first line and the peak so far) or "error"; then the allocator's
+    statistics, NVML's device peak, the GPU and the versions. One process, one case."""
+    import torch
+
+    t0 = time.time()
+    probe = DeviceProbe()  # NVML baseline before this process starts CUDA
+    try:
+        measure_context(probe, result)
+        body(probe)
         result["status"] = "ok"
     except torch.OutOfMemoryError as err:
         result["status"] = "oom"
-        result["error"] = str(err).splitlines()[0][:500]
-        result["peak_allocated_bytes"] = _cuda().max_memory_allocated()
+        result["oom"] = result["error"] = str(err).splitlines()[0][:500]
+        result["peak_allocated_bytes"] = max(result.get("peak_allocated_bytes", 0), _cuda().max_memory_allocated())
     except Exception as err:  # noqa: BLE001 - a failing case is recorded, not fatal
         result["status"] = "error"
         result["error"] = f"{type(err).__name__}: {err}"[:2000]
@@ -527,10 +538,12 @@ def measure_case(case: Case, ckpt: Path, diag: bool) -> dict:
     try:
         stats = _cuda().memory_stats()
         result["allocator"] = {k: stats.get(k) for k in ("num_alloc_retries", "num_ooms", "inactive_split_bytes.all.peak", "segment.all.peak")}
+        result["num_alloc_retries"] = stats.get("num_alloc_retries")
+        result["num_ooms"] = stats.get("num_ooms")
         result["device_total_bytes"] = probe.device_used_max
         result["samples"] = probe.samples
         result["gpu"] = _gpu_info()
-        result["versions"] = _versions()
+        result["versions"] = versions()
     except Exception:  # noqa: BLE001
         pass
     result["wall_s"] = round(time.time() - t0, 2)

@@ -26,9 +26,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from validation.cases import ensure_unique_ids
+from validation.cases import ensure_unique_ids, read_case_list
 
 MAX_STEPS = 3
 
@@ -331,8 +329,4 @@ def expand_trainer_cases(items: list) -> list[TrainerCase]:
 
 
 def load_trainer_cases(path: str | Path) -> list[TrainerCase]:
-    with open(path, encoding="utf-8") as handle:
-        items = yaml.safe_load(handle) or []
-    if not isinstance(items, list):
-        raise ValueError(f"{path}: a cases file is a YAML list")
-    return expand_trainer_cases(items)
+    return expand_trainer_cases(read_case_list(path))

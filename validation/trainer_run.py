@@ -45,7 +45,6 @@ import shutil
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 from validation import measure
@@ -287,38 +286,8 @@ def run_trainer(case: TrainerCase, ckpt: Path, probe: DeviceProbe, result: dict,
 
 def measure_trainer_case(case: TrainerCase, ckpt: Path, work: Path) -> dict:
     """Run one case in this (fresh) process and return its result row."""
-    import torch
-
     result = case_header(case)
-    t0 = time.time()
-    probe = DeviceProbe()  # NVML baseline before this process starts CUDA
-    try:
-        measure.measure_context(probe, result)
-        run_trainer(case, ckpt, probe, result, work)
-        result["status"] = "ok"
-    except torch.OutOfMemoryError as err:
-        result["status"] = "oom"
-        result["oom"] = result["error"] = str(err).splitlines()[0][:500]
-        result["peak_allocated_bytes"] = max(result.get("peak_allocated_bytes", 0), _cuda().max_memory_allocated())
-    except Exception as err:  # noqa: BLE001 - a failing case is recorded, not fatal
-        result["status"] = "error"
-        result["error"] = f"{type(err).__name__}: {err}"[:2000]
-        result["traceback"] = traceback.format_exc()[-4000:]
-    try:
-        stats = _cuda().memory_stats()
-        result["allocator"] = {
-            k: stats.get(k) for k in ("num_alloc_retries", "num_ooms", "inactive_split_bytes.all.peak", "segment.all.peak")
-        }
-        result["num_alloc_retries"] = stats.get("num_alloc_retries")
-        result["num_ooms"] = stats.get("num_ooms")
-        result["device_total_bytes"] = probe.device_used_max
-        result["samples"] = probe.samples
-        result["gpu"] = measure._gpu_info()
-        result["versions"] = _versions()
-    except Exception:  # noqa: BLE001
-        pass
-    result["wall_s"] = round(time.time() - t0, 2)
-    return result
+    return measure.record_case(result, lambda probe: run_trainer(case, ckpt, probe, result, work), _versions)
 
 
 # ---------------------------------------------------------------------------------------------
