@@ -203,3 +203,40 @@ def test_edge_cases_file_loads_with_unique_ids_and_both_allocators():
     assert len(cases) >= 12 and len({c.id for c in cases}) == len(cases)
     assert {c.job.expandable_segments for c in cases} == {True, False}
     assert {c.job.mode.value for c in cases} >= {"inference", "full", "lora", "qlora"}
+
+
+def test_snapshot_stream_and_its_peaks(tmp_path):
+    """validation.snapshot reads what torch.cuda.memory._dump_snapshot writes (a pickled dict)."""
+    import gzip
+    import pickle
+
+    from validation.snapshot import convert, peaks
+
+    trace = [
+        {"action": "segment_alloc", "addr": 0, "size": 20 << 20, "frames": []},
+        {"action": "alloc", "addr": 0, "size": 3 << 20, "frames": []},
+        {"action": "alloc", "addr": 3 << 20, "size": 3 << 20, "frames": []},
+        {"action": "free_requested", "addr": 0, "size": 3 << 20, "frames": []},
+        {"action": "free_completed", "addr": 0, "size": 3 << 20, "frames": []},
+        {"action": "segment_alloc", "addr": 1 << 30, "size": 40 << 20, "frames": []},
+        {"action": "segment_free", "addr": 1 << 30, "size": 40 << 20, "frames": []},
+    ]
+    path = tmp_path / "case-a.pickle"
+    path.write_bytes(pickle.dumps({"segments": [], "device_traces": [trace]}))
+    out = convert(path, tmp_path / "out")
+    data = json.loads(gzip.open(out, "rt").read())
+    assert data["case"] == "case-a" and [e[0] for e in data["events"]][:3] == ["segment_alloc", "alloc", "alloc"]
+    assert "free_requested" not in [e[0] for e in data["events"]]
+    assert (data["peak_reserved_bytes"], data["peak_allocated_bytes"]) == (60 << 20, 6 << 20)
+    assert peaks([]) == (0, 0)
+
+
+def test_snapshot_dir_reaches_each_case_process(tmp_path, monkeypatch):
+    from validation import measure
+
+    monkeypatch.setenv("CANIRUN_SNAPSHOT_DIR", "unset-by-teardown")  # monkeypatch removes it afterwards
+    parser = __import__("argparse").ArgumentParser()
+    measure.add_run_arguments(parser, "validation/cases.yaml", str(tmp_path / "out.jsonl"))
+    args = parser.parse_args(["--snapshot-dir", str(tmp_path / "snaps"), "--list", "--only", "nothing-matches"])
+    assert measure.run_cases([], args, measure_one=None, module="validation.measure", header=None) == 0
+    assert os.environ["CANIRUN_SNAPSHOT_DIR"] == str((tmp_path / "snaps").resolve())

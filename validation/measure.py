@@ -523,8 +523,11 @@ def record_case(result: dict, body, versions) -> dict:
 
     t0 = time.time()
     probe = DeviceProbe()  # NVML baseline before this process starts CUDA
+    snapshots = os.environ.get("CANIRUN_SNAPSHOT_DIR")
     try:
         measure_context(probe, result)
+        if snapshots:  # every allocation and free from here on, for the allocator replay (issue 12)
+            torch.cuda.memory._record_memory_history(max_entries=2_000_000)
         body(probe)
         result["status"] = "ok"
     except torch.OutOfMemoryError as err:
@@ -675,6 +678,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, cases: str, out: str) -> 
         help="fork: children of a parent that imported torch and transformers once; spawn: a fresh interpreter per case",
     )
     add_deadline_arguments(parser)
+    parser.add_argument("--snapshot-dir", help="also dump each case's allocator history (torch.cuda.memory snapshots) here")
     parser.add_argument("--run-one", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
 
@@ -685,6 +689,8 @@ def run_cases(cases: list, args: argparse.Namespace, *, measure_one, module: str
     --run-one in a fresh interpreter. `header(case)` is what a row says about its case before it ran.
     The parent never initialises CUDA."""
     out = Path(args.out)
+    if args.snapshot_dir:  # read by record_case in each case's process
+        os.environ["CANIRUN_SNAPSHOT_DIR"] = str(Path(args.snapshot_dir).resolve())
     if args.skip_done:
         done = _done_ids(out)
         cases = [c for c in cases if c.id not in done]

@@ -1,0 +1,71 @@
+"""A case's allocator history as a compact stream, for checking the allocator replay (issue 12).
+
+    python -m validation.snapshot CASE.pickle [...] --out-dir DIR
+
+`python -m validation.measure --snapshot-dir DIR` dumps, per case, the snapshot that
+`torch.cuda.memory._record_memory_history` keeps (`torch.cuda.memory._dump_snapshot`). This turns one
+into what the replay needs and what is small enough to commit: the ordered requests of the
+default stream (`alloc` and `free_completed` with their sizes and addresses), and the allocator's
+own segment events, from which the reserved memory at every point follows. Each file is gzipped
+JSON: {"case", "events": [[action, address, size], ...], "peak_reserved_bytes", "peak_allocated_bytes"}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import pickle
+import sys
+from pathlib import Path
+
+KEPT = ("alloc", "free_completed", "segment_alloc", "segment_free", "segment_map", "segment_unmap", "oom")
+
+
+def stream(snapshot: dict) -> list[list]:
+    """The default device's trace as [action, address, size] in order (frames dropped)."""
+    traces = snapshot.get("device_traces") or [[]]
+    return [[e["action"], int(e.get("addr", 0)), int(e.get("size", 0))] for e in traces[0] if e.get("action") in KEPT]
+
+
+def peaks(events: list[list]) -> tuple[int, int]:
+    """(peak reserved, peak allocated) over the stream, from the segment and block events."""
+    reserved = allocated = peak_reserved = peak_allocated = 0
+    for action, _, size in events:
+        if action in ("segment_alloc", "segment_map"):
+            reserved += size
+        elif action in ("segment_free", "segment_unmap"):
+            reserved -= size
+        elif action == "alloc":
+            allocated += size
+        elif action == "free_completed":
+            allocated -= size
+        peak_reserved, peak_allocated = max(peak_reserved, reserved), max(peak_allocated, allocated)
+    return peak_reserved, peak_allocated
+
+
+def convert(path: Path, out_dir: Path) -> Path:
+    with open(path, "rb") as handle:
+        snapshot = pickle.load(handle)
+    events = stream(snapshot)
+    reserved, allocated = peaks(events)
+    out = out_dir / (path.stem + ".json.gz")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(out, "wt") as handle:
+        json.dump({"case": path.stem, "events": events, "peak_reserved_bytes": reserved,
+                   "peak_allocated_bytes": allocated}, handle)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m validation.snapshot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("snapshots", nargs="+")
+    parser.add_argument("--out-dir", required=True)
+    args = parser.parse_args(argv)
+    for name in args.snapshots:
+        print(convert(Path(name), Path(args.out_dir)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
