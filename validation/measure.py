@@ -527,7 +527,7 @@ def record_case(result: dict, body, versions) -> dict:
     try:
         measure_context(probe, result)
         if snapshots:  # every allocation and free from here on, for the allocator replay (issue 12)
-            torch.cuda.memory._record_memory_history(max_entries=2_000_000)
+            torch.cuda.memory._record_memory_history(context=None, stacks="python", max_entries=2_000_000)  # no frames: cheap
         body(probe)
         result["status"] = "ok"
     except torch.OutOfMemoryError as err:
