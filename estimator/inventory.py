@@ -229,7 +229,7 @@ def _build_locked(raw: dict) -> Inventory:
     """The inventory of `raw`: the model built on the meta device, read module by module."""
     text_raw, multimodal_type = _text_config(raw)
     _check_sizes(text_raw)
-    model = _meta_model(text_raw, multimodal_type)
+    model, whole = _meta_model(raw, text_raw, multimodal_type)
     cfg = model.config
     text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     num_layers = int(getattr(text_cfg, "num_hidden_layers", None) or getattr(text_cfg, "n_layer", 0))
@@ -242,8 +242,12 @@ def _build_locked(raw: dict) -> Inventory:
     intermediate, gated = _mlp_shape(linears)
     norms = _norms(model, params, hidden)
     notes: list[str] = []
-    if multimodal_type is not None:
-        notes.append(f"{multimodal_type}: only the language model is sized; the vision tower is not counted")
+    if multimodal_type is not None and whole:
+        tower = sum(p.numel for p in params if p.layer is None and ("vision" in p.name or "multi_modal" in p.name))
+        notes.append(f"{multimodal_type}: AutoModelForCausalLM builds the whole {type(model).__name__}, so its vision tower "
+                     f"and projector ({tower / 1e6:,.0f} M parameters) are loaded and counted; text-only inputs leave them idle")
+    elif multimodal_type is not None:
+        notes.append(f"{multimodal_type}: only the language model is sized; AutoModelForCausalLM builds no vision tower for it")
 
     def _float(*names: str) -> float:
         for n in names:
@@ -304,12 +308,29 @@ def _rope_scaling(text_cfg) -> str | None:
     return None
 
 
-def _meta_model(text_raw: dict, multimodal_type: str | None):
+def _meta_model(raw: dict, text_raw: dict, multimodal_type: str | None):
     """`AutoModelForCausalLM.from_config` on the meta device, tied as from_pretrained ties it; a
-    config that is no causal LM, or that transformers cannot build, is one clear error."""
+    config that is no causal LM, or that transformers cannot build, is one clear error.
+
+    A multimodal config is built whole where `AutoModelForCausalLM` itself builds it whole
+    (transformers 5 maps gemma3 to Gemma3ForConditionalGeneration, so its vision tower is loaded
+    and takes memory), and as its language model elsewhere. Returns (model, built whole)."""
     import torch
     import transformers
 
+    if multimodal_type is not None:
+        try:
+            full = _make_config(raw)
+        except UnsupportedModelError:
+            full = None
+        if full is not None and type(full) in transformers.MODEL_FOR_CAUSAL_LM_MAPPING:
+            try:
+                with torch.device("meta"):
+                    model = transformers.AutoModelForCausalLM.from_config(full)
+                model.tie_weights()
+                return model, True
+            except Exception as err:  # noqa: BLE001
+                raise UnsupportedModelError(f"transformers could not build {full.model_type} from this config: {err}") from None
     config = _make_config(text_raw)
     if multimodal_type is not None and getattr(config, "model_type", "") == multimodal_type:
         raise UnsupportedModelError(f"cannot find the language model inside the {multimodal_type} config")
@@ -328,7 +349,7 @@ def _meta_model(text_raw: dict, multimodal_type: str | None):
         model.tie_weights()
     except Exception as err:  # noqa: BLE001
         raise UnsupportedModelError(f"transformers could not build {config.model_type} from this config: {err}") from None
-    return model
+    return model, False
 
 
 def _layer_index(model, num_layers: int) -> Callable[[str], int | None]:
@@ -338,6 +359,8 @@ def _layer_index(model, num_layers: int) -> Callable[[str], int | None]:
 
     stack_prefix = None
     for name, module in model.named_modules():
+        if "vision" in name or "visual" in name:
+            continue  # a multimodal model's vision encoder has a layer list of its own
         if isinstance(module, torch.nn.ModuleList) and len(module) == num_layers and name.split(".")[-1] in _LAYER_LIST_NAMES:
             stack_prefix = name + "."
             break

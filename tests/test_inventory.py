@@ -103,10 +103,20 @@ def test_qk_norm_is_not_a_sandwich():
     assert inv.qk_norm and not inv.sandwich_norms
 
 
-def test_multimodal_config_is_sized_by_its_text_model():
-    inv = inv_of("google/gemma-3-4b-it")
-    assert inv.text_only_of == "gemma3"
-    assert any("vision tower is not counted" in n for n in inv.notes)
+def test_a_multimodal_config_is_sized_as_auto_model_for_causal_lm_builds_it():
+    """gemma3 is built whole (see below); LLaVA, which AutoModelForCausalLM maps to no class of its
+    own, is sized by its language model, and the note says why no tower is counted."""
+    gemma = inv_of("google/gemma-3-4b-it")
+    assert gemma.text_only_of == "gemma3" and gemma.architecture.endswith("ForConditionalGeneration")
+    llama = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 256}
+    llava = {"model_type": "llava", "text_config": llama,
+             "vision_config": {"model_type": "clip_vision_model", "hidden_size": 32, "num_hidden_layers": 1,
+                               "num_attention_heads": 2, "intermediate_size": 64, "image_size": 32, "patch_size": 16}}
+    inv = inventory_from_config(llava)
+    assert inv.text_only_of == "llava" and inv.architecture == "LlamaForCausalLM"
+    assert inv.params_total == inventory_from_config(llama).params_total
+    assert any("builds no vision tower" in n for n in inv.notes)
 
 
 def test_non_causal_model_is_refused():
@@ -142,8 +152,10 @@ def test_every_catalog_models_lora_count_equals_peft():
     transformers.logging.set_verbosity_error()
     for entry in load_catalog():
         config = entry.config()
+        full = _make_config(config) if "text_config" in config else None  # what AutoModelForCausalLM builds, as users load it
+        built = full if full is not None and type(full) in transformers.MODEL_FOR_CAUSAL_LM_MAPPING else _make_config(_text_config(config)[0])
         with torch.device("meta"):
-            model = transformers.AutoModelForCausalLM.from_config(_make_config(_text_config(config)[0]))
+            model = transformers.AutoModelForCausalLM.from_config(built)
         wrapped = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
                                                              target_modules="all-linear", task_type="CAUSAL_LM"))
         theirs = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
@@ -168,3 +180,12 @@ def test_peft_refusals_are_ours_too():
     assert any("ParamWrapper" in n for n in ok.notes)
     named = estimate(inv, Job(mode="lora", lora_targets=("q_proj", "o_proj")))  # named modules: no ParamWrapper
     assert named.params_trainable < 20_000_000
+
+
+def test_gemma3_is_built_whole_as_auto_model_for_causal_lm_builds_it():
+    """Issue 13: transformers 5 maps gemma3 to Gemma3ForConditionalGeneration; its vision tower is
+    loaded, so it is counted (4,300,079,472 parameters, the transformers build the catalog notes)."""
+    inv = inventory_from_config(find_entry("google/gemma-3-4b-it").config())
+    assert inv.architecture == "Gemma3ForConditionalGeneration" and inv.params_total == 4_300_079_472
+    assert inv.num_layers == 34 and all(lin.layer is None for lin in inv.linears if "vision" in lin.name)
+    assert any("vision tower and projector" in n for n in inv.notes)
