@@ -427,3 +427,15 @@ class FakeHub:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+# The Hub settings a test must not inherit from the machine it runs on.
+APP_HF_ENV = ("HF_ENDPOINT", "HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_TOKEN", "HF_HUB_OFFLINE", "HF_HUB_ETAG_TIMEOUT")
+
+
+def offline_hub_env(monkeypatch, tmp_path) -> None:
+    """No Hub settings from the machine, offline, and an empty Hugging Face home of the test's own."""
+    for name in APP_HF_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))

@@ -24,10 +24,10 @@ from estimator import present
 from estimator.catalog import find_entry
 from estimator.fit import Strategy
 from estimator.sources import ModelConfig, ModelSourceError
+from fake_hub import offline_hub_env
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "app.py")
-_HF_ENV = ("HF_ENDPOINT", "HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_TOKEN", "HF_HUB_OFFLINE", "HF_HUB_ETAG_TIMEOUT")
 
 BERT = {
     "architectures": ["BertForMaskedLM"],
@@ -43,10 +43,7 @@ BERT = {
 
 @pytest.fixture(autouse=True)
 def offline(monkeypatch, tmp_path):
-    for name in _HF_ENV:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    offline_hub_env(monkeypatch, tmp_path)
 
 
 def app(**params) -> AppTest:

@@ -14,19 +14,17 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from fake_hub import offline_hub_env
+
 from estimator.catalog import find_entry
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "app.py")
-_HF_ENV = ("HF_ENDPOINT", "HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_TOKEN", "HF_HUB_OFFLINE", "HF_HUB_ETAG_TIMEOUT")
 
 
 @pytest.fixture(autouse=True)
 def offline(monkeypatch, tmp_path):
-    for name in _HF_ENV:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    offline_hub_env(monkeypatch, tmp_path)
 
 
 @pytest.fixture
