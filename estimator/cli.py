@@ -137,12 +137,11 @@ def job_from_args(args: argparse.Namespace, config: dict | None = None) -> tuple
 
 
 def _config_load_dtype(config: dict) -> str:
-    """The dtype `from_pretrained(dtype="auto")` loads: the config's `torch_dtype` (or `dtype`), bf16 if unsaid."""
-    for source in (config, config.get("text_config") if isinstance(config.get("text_config"), dict) else {}):
-        value = str(source.get("torch_dtype") or source.get("dtype") or "").removeprefix("torch.")
-        if value:
-            return {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(value, "bf16")
-    return "bf16"
+    """The dtype `from_pretrained(dtype="auto")` loads: the config's own (bf16 if it names none)."""
+    from estimator.dtypes import BY_SAFETENSORS
+    from estimator.prequantized import checkpoint_dtype
+
+    return BY_SAFETENSORS[checkpoint_dtype(config)].name
 
 
 def not_applied(args: argparse.Namespace, job: Job) -> list[str]:
