@@ -27,6 +27,7 @@ peak + the CUDA context and libraries + paged optimizer state.
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass, field
 
 from estimator import calibration
@@ -88,8 +89,9 @@ class Estimate:
     phase_parts: dict[str, Parts] = field(default_factory=dict, repr=False)  # allocated components per phase
     inventory: Inventory | None = field(default=None, repr=False, compare=False)
 
-    @property
+    @functools.cached_property
     def regime(self) -> Regime:
+        """The job's regime (derived once: fit's per-GPU searches read it many times)."""
         return regime_of(self.job)
 
     def to_dict(self) -> dict:
