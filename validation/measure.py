@@ -340,6 +340,8 @@ def run_training(case: Case, ckpt: Path, probe: DeviceProbe, result: dict, diag:
     _cuda().reset_peak_memory_stats()
     steps = []
     for step in range(3):
+        _cuda().synchronize()
+        t_start = time.perf_counter()  # the step's wall time (issue 16), with the probes' NVML reads in it
         row = {"start_allocated": _cuda().memory_allocated()}
         _cuda().reset_peak_memory_stats()
         loss = forward()
@@ -357,8 +359,10 @@ def run_training(case: Case, ckpt: Path, probe: DeviceProbe, result: dict, diag:
         optimizer.zero_grad(set_to_none=True)
         s = probe.sample(f"step{step}_zero_grad")
         row.update(after_zero_grad=s["allocated"], reserved=s["max_reserved"])
+        row["seconds"] = round(time.perf_counter() - t_start, 6)  # sample() synchronized the device
         steps.append(row)
     result["steps"] = steps
+    result["step_seconds"] = [r["seconds"] for r in steps[1:]]  # after the first (warm-up) step
     result["peak_allocated_bytes"] = max(max(r["forward_peak"], r["backward_peak"], r["optimizer_peak"]) for r in steps)
     result["peak_reserved_bytes"] = max(s["max_reserved"] for s in probe.samples.values())
     result["optimizer_state_bytes"] = steps[1]["start_allocated"] - steps[0]["start_allocated"]
@@ -379,14 +383,17 @@ def _count_params(model) -> int:
 
 
 class _StepProbe:
-    """A logits processor that changes nothing and records memory at each generation step."""
+    """A logits processor that changes nothing and records memory and the time at each generation
+    step. It runs once per forward, after the logits: the first call ends the prefill, each later
+    one a decoded token. It synchronizes the device, so the times are the kernels' (issue 16)."""
 
     def __init__(self) -> None:
         self.rows: list[tuple[int, int]] = []
+        self.times: list[float] = []
 
     def __call__(self, input_ids, scores):
-        import torch
-
+        _cuda().synchronize()
+        self.times.append(time.perf_counter())
         self.rows.append((_cuda().max_memory_allocated(), _cuda().memory_allocated()))
         return scores
 
@@ -437,6 +444,8 @@ def run_inference(case: Case, ckpt: Path, probe: DeviceProbe, result: dict) -> N
     prompt = spec_prompt(model, job, DEVICE)
     step_probe = _StepProbe()
     _cuda().reset_peak_memory_stats()
+    _cuda().synchronize()
+    t_generate = time.perf_counter()
     generated = spec_generate(model, job, prompt, step_probe)
     s = probe.sample("generated")
     result["generated_tokens"] = generated
@@ -449,6 +458,10 @@ def run_inference(case: Case, ckpt: Path, probe: DeviceProbe, result: dict) -> N
         "last_step_allocated": rows[-1][1] if rows else None,
         "steps": len(rows),
     }
+    times = step_probe.times
+    if times:  # prefill: generate() to the first logits; decode: one interval per later token
+        result["prefill_seconds"] = round(times[0] - t_generate, 6)
+        result["decode_token_seconds"] = [round(b - a, 6) for a, b in zip(times, times[1:])]
 
 
 def _versions() -> dict:
@@ -538,6 +551,12 @@ def record_case(result: dict, body, versions) -> dict:
         result["status"] = "error"
         result["error"] = f"{type(err).__name__}: {err}"[:2000]
         result["traceback"] = traceback.format_exc()[-4000:]
+    if snapshots:  # the history as it ended, an OOM's included; validation.snapshot compacts it
+        try:
+            torch.cuda.memory._dump_snapshot(str(Path(snapshots) / f"{result['case']}.pickle"))
+            torch.cuda.memory._record_memory_history(enabled=None)
+        except Exception as err:  # noqa: BLE001 - a lost snapshot must not lose the row
+            result["snapshot_error"] = f"{type(err).__name__}: {err}"[:500]
     try:
         stats = _cuda().memory_stats()
         result["allocator"] = {k: stats.get(k) for k in ("num_alloc_retries", "num_ooms", "inactive_split_bytes.all.peak", "segment.all.peak")}
