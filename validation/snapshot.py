@@ -44,6 +44,22 @@ def peaks(events: list[list]) -> tuple[int, int]:
     return peak_reserved, peak_allocated
 
 
+def replay(events: list[list], *, expandable_segments: bool = False, capacity_bytes: int = 1 << 50):
+    """The stream's requests, in order, through `estimator.allocator`: its reserved peak next to the
+    real one is the check of the allocator's rules. Frees of blocks allocated before the recording
+    began are skipped. Returns the Allocator after the last event."""
+    from estimator.allocator import Allocator
+
+    alloc = Allocator(capacity_bytes=capacity_bytes, expandable_segments=expandable_segments)
+    live: dict[int, int] = {}
+    for action, address, size in events:
+        if action == "alloc":
+            live[address] = alloc.malloc(size)
+        elif action == "free_completed" and address in live:
+            alloc.free(live.pop(address))
+    return alloc
+
+
 def convert(path: Path, out_dir: Path) -> Path:
     with open(path, "rb") as handle:
         snapshot = pickle.load(handle)
@@ -60,8 +76,22 @@ def convert(path: Path, out_dir: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m validation.snapshot", description=__doc__.split("\n\n")[0])
     parser.add_argument("snapshots", nargs="+")
-    parser.add_argument("--out-dir", required=True)
+    parser.add_argument("--out-dir", help="write each snapshot's compact stream here")
+    parser.add_argument("--replay", action="store_true",
+                        help="replay compact streams (.json.gz) through estimator.allocator and print both reserved peaks")
+    parser.add_argument("--expandable-segments", action="store_true", help="replay under expandable segments")
     args = parser.parse_args(argv)
+    if args.replay:
+        for name in args.snapshots:
+            with gzip.open(name, "rt") as handle:
+                data = json.load(handle)
+            alloc = replay(data["events"], expandable_segments=args.expandable_segments)
+            real = data["peak_reserved_bytes"]
+            print(f"{data['case']}: real reserved peak {real / 2**20:,.0f} MiB (allocated {data['peak_allocated_bytes'] / 2**20:,.0f}), "
+                  f"replayed {alloc.peak_reserved_bytes / 2**20:,.0f} MiB ({alloc.peak_reserved_bytes / real - 1:+.1%})")
+        return 0
+    if not args.out_dir:
+        parser.error("--out-dir is required to convert snapshots")
     for name in args.snapshots:
         print(convert(Path(name), Path(args.out_dir)))
     return 0
