@@ -709,6 +709,7 @@ def run_cases(cases: list, args: argparse.Namespace, *, measure_one, module: str
     The parent never initialises CUDA."""
     out = Path(args.out)
     if args.snapshot_dir:  # read by record_case in each case's process
+        Path(args.snapshot_dir).mkdir(parents=True, exist_ok=True)  # _dump_snapshot does not make it
         os.environ["CANIRUN_SNAPSHOT_DIR"] = str(Path(args.snapshot_dir).resolve())
     if args.skip_done:
         done = _done_ids(out)
