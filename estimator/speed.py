@@ -293,7 +293,7 @@ def inference_work(inv: Inventory, regime: Regime, sizes: Sizes) -> InferenceWor
     flops += 4 * mp.attn_width * b * attention_pairs(inv, regime, prompt, 0)
     weight_bytes = _read_weight_bytes(inv, regime, b * prompt)
     if dequant_4bit:
-        weight_bytes += 2 * DEQUANT_BYTES_PER_WEIGHT * q_params  # many rows: dequantize, then a bf16 matmul
+        weight_bytes += DEQUANT_BYTES_PER_WEIGHT * q_params  # many rows: dequantize, then a bf16 matmul
     kv_written = kv_cache.cache_bytes(inv, b, prompt, dtype, after_prefill=True) if inv.use_cache else 0
     prefill = Work(flops=flops, bytes=weight_bytes + kv_written, layer_passes=inv.num_layers) + _bnb_calls(regime, q_count)
 
@@ -309,7 +309,7 @@ def inference_work(inv: Inventory, regime: Regime, sizes: Sizes) -> InferenceWor
     step_flops = 2 * mp.dense_per_token * b + 4 * mp.attn_width * b * attention_pairs(inv, regime, 1, int(round(held)))
     step_bytes = _read_weight_bytes(inv, regime, b)
     if dequant_4bit and b > 1:
-        step_bytes += 2 * DEQUANT_BYTES_PER_WEIGHT * q_params
+        step_bytes += DEQUANT_BYTES_PER_WEIGHT * q_params
     step_bytes += KV_TRAFFIC_PER_STEP * kv_cache.cache_bytes(inv, b, int(round(held)), dtype)
     step = Work(flops=step_flops, bytes=step_bytes, layer_passes=inv.num_layers) + _bnb_calls(regime, q_count)
     return InferenceWork(prefill, step, steps)
@@ -350,7 +350,7 @@ def training_work(inv: Inventory, regime: Regime, sizes: Sizes) -> TrainingWork:
     q_params, q_count = _quantized_linears(inv, regime)
     matmul_weights = layer_params + mp.lm_head
     unquantized = matmul_weights - q_params
-    weight_read = passes * (unquantized * regime.compute + q_params * BF16)
+    weight_read = passes * unquantized * regime.compute  # 4-bit weights: read as dequantized below
     cast = 0.0
     if regime.autocast and regime.storage != regime.compute:
         cast = (1 + (1 if regime.gradient_checkpointing else 0)) * unquantized * (regime.storage + regime.compute)
