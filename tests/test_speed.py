@@ -329,3 +329,36 @@ def test_which_gpus_sorts_by_speed(capsys):
     code, out, _ = _run(capsys, "Qwen2.5-0.5B", "--mode", "lora", "--which-gpus", "--sort", "speed")
     header = next(line for line in out.splitlines() if line.startswith("GPU "))
     assert "tokens/s" in header
+
+
+# ---- the peers' speed formulas ----------------------------------------------------------------------
+def test_llmfit_decode_by_hand(llama_1b):
+    """fit.rs: tok/s = bandwidth / (params_B · bytes per param) · 0.55: 4800 / (1.2358 · 2) · 0.55."""
+    from validation.peers import llmfit_speed
+
+    s = llmfit_speed(llama_1b, Job(mode="inference", weights="bf16"), H200)
+    assert 1 / s.decode_step_seconds == pytest.approx(4800 / (LLAMA_1B_PARAMS / 1e9 * 2) * 0.55)
+    assert llmfit_speed(llama_1b, Job(mode="full"), H200).step_seconds is None  # no training figure
+
+
+def test_gpu_poor_by_hand(llama_1b):
+    """App.js, batch 1, prompt 512, 128 to generate, HF inference (extraFactor 2): memory-bound,
+    (2·2·P' + 2·2·L·h·640·2) bytes in GiB over 4800 GB/s, P' = 2·V·h + L·(4h² + 3hi)."""
+    from validation.peers import gpu_poor_speed
+
+    p = 2 * 128_256 * 2048 + 16 * (4 * 2048**2 + 3 * 2048 * 8192)
+    kv = 2 * 2 * 16 * 2048 * 640
+    s = gpu_poor_speed(llama_1b, Job(mode="inference", batch_size=1, prompt_len=512, new_tokens=128), H200)
+    assert s.decode_step_seconds == pytest.approx((2 * p * 2 + kv * 2) / 1024**3 / 4800)
+    train = gpu_poor_speed(llama_1b, Job(mode="lora", batch_size=1, seq_len=1024), H200)
+    flops = (2 * 1024 * p + 1024 * 2048 * 2 * 16) * 2 * 1.15
+    assert train.step_seconds == pytest.approx(flops / (1e12 * 51.7 * 0.85))
+
+
+def test_the_speed_report_scores_holdouts_only():
+    from validation.report_speed import holdout_comparisons
+    from validation.speed_fit import calibration_ids
+
+    comparisons = holdout_comparisons()
+    assert len({c.case for c in comparisons}) >= 28 and not {c.case for c in comparisons} & calibration_ids()
+    assert all(c.measured_s > 0 and c.estimated_s > 0 for c in comparisons)
