@@ -240,6 +240,46 @@ def show_headline(fit, num_gpus) -> None:
     st.markdown(f"### {icon} {text}")
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms" if seconds < 1 else f"{seconds:.2f} s" if seconds < 120 else f"{seconds / 3600:.2f} h"
+
+
+def show_speed(model, job, gpu, fit) -> None:
+    """Speed beside the memory answer (estimator/speed.py): one GPU's, with GPU-hours and cost for
+    the tokens and price the user gives (0: not asked)."""
+    state = st.session_state
+    tokens = int(state.get("speed_tokens") or 0) or None
+    price = float(state.get("speed_price") or 0.0) or None
+    s = S.speed_job(model, job, gpu, tokens, price if tokens else None)
+    if s is None:
+        st.caption(f"ℹ️ No speed estimate on {gpu.name}: gpu_db has no {job.mode.value} compute figure for its dtype.")
+        return
+    cols = st.columns(3)
+    if s.step_seconds is not None:
+        cols[0].metric("Step, one GPU (est.)", _duration(s.step_seconds),
+                       help="One optimizer step: forward, backward (and recomputation) of every micro-batch, then the optimizer")
+        cols[1].metric("Training tokens/s (est.)", f"{s.tokens_per_second:,.0f}")
+    else:
+        cols[0].metric("Prefill, one GPU (est.)", _duration(s.prefill_seconds), help="generate() up to the first new token")
+        cols[1].metric("Decode tokens/s (est.)", f"{s.decode_tokens_per_second:,.1f}",
+                       help=f"All {job.batch_size} sequences together; one step {_duration(s.decode_step_seconds)}")
+    if s.gpu_hours is not None:
+        cost = f" · {s.cost:,.2f} at that price" if s.cost is not None else ""
+        cols[2].metric("GPU-hours (est.)", f"{s.gpu_hours:,.2f}", help=f"For {s.tokens:,} tokens{cost}")
+    else:
+        cols[2].metric("GPU-hours (est.)", "—", help="Give a number of tokens below")
+    with st.expander("GPU-hours and cost"):
+        left, right = st.columns(2)
+        what = "Training tokens" if job.is_training else "Tokens to generate"
+        left.number_input(what, min_value=0, max_value=10**15, step=1_000_000, key="speed_tokens")
+        right.number_input("Price per GPU-hour", min_value=0.0, max_value=1e6, step=0.5, key="speed_price")
+        if s.cost is not None:
+            st.markdown(f"**{s.gpu_hours:,.2f} GPU-hours, {s.cost:,.2f}** for {s.tokens:,} tokens on one {gpu.name}")
+    multi = " Speed is one GPU's; multi-GPU speed is not modelled." if fit.per_gpu.num_gpus > 1 else ""
+    fitted = "" if s.constants_status.startswith("fitted") else " The speed model's rates are priors, not fitted on measured steps yet."
+    st.caption(f"ℹ️ Speed: FLOPs over the card's dense peak, bytes over its bandwidth, and per-layer launch overheads.{fitted}{multi}")
+
+
 def show_suggestions(model, job, gpu) -> None:
     """What would make it fit one GPU, cheapest first (estimator.suggest), under the headline."""
     suggestions = S.suggestions(model, job, gpu.name)
@@ -341,6 +381,11 @@ def show_limits(model, job, gpu, strategy, num_gpus) -> None:
                    f"{length.value:,} tokens.")
 
 
+def _rate(s) -> float | None:
+    rate = present.speed_rate(s)
+    return round(rate, 1) if rate is not None else None
+
+
 def show_gpu_table(model, job, pool, strategy) -> None:
     import pandas as pd
 
@@ -360,11 +405,13 @@ def show_gpu_table(model, job, pool, strategy) -> None:
             "segment": by_name[f.gpu_name].segment.value,
             "bandwidth (GB/s)": by_name[f.gpu_name].memory_bandwidth_gb_s,
             "bf16 TFLOPS": by_name[f.gpu_name].bf16_tflops_dense,
+            "tokens/s, one GPU (est.)": _rate(S.speed_job(model, job, by_name[f.gpu_name])),
             "year": by_name[f.gpu_name].release_year,
         }
         for f in can
     ])
-    st.markdown(f"**Every GPU that can run it** ({len(can)} of {len(fits)}; {strategy.value} when one is not enough; click a column to sort)")
+    st.markdown(f"**Every GPU that can run it** ({len(can)} of {len(fits)}; {strategy.value} when one is not enough; click a column to sort, "
+                "tokens/s for speed)")
     if can:
         st.dataframe(frame, hide_index=True, width="stretch", height=min(420, 38 + 35 * len(can)), key="gpu_table")
     if cannot:
@@ -402,6 +449,7 @@ def estimate_page(pool: list, stage) -> None:
     cols[2].metric(f"{gpu.name} usable", f"{fit.capacity_bytes / GIB:.1f} GiB",
                    help=f"What one process can allocate: the driver reports {gpu.memory_gib:.1f} GiB "
                         f"({gpu.memory_source.value}); less its own reservation ({measured}) where that is known")
+    show_speed(model, job, gpu, fit)
     st.plotly_chart(breakdown_chart(result, fit), key="breakdown_chart", config={"displayModeBar": False})
     st.plotly_chart(present.memory_plot(lambda j: S.cached_estimate(model, j), job, fit.capacity_bytes, gpu.name),
                     key="memory_plot", config={"displayModeBar": False})

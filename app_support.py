@@ -109,6 +109,14 @@ def fit_job(model: Model, job: Job, gpu, strategy: Strategy | None = None, num_g
     return fitting.fit(cached_estimate(model, job), gpu, strategy or fitting.default_strategy(job), num_gpus)
 
 
+@functools.lru_cache(maxsize=4096)
+def speed_job(model: Model, job: Job, gpu, tokens: int | None = None, price: float | None = None):
+    """`estimator.speed.speed_of` on the cached estimate: one GPU's speed, None where gpu_db lacks a figure."""
+    from estimator.speed import speed_of
+
+    return speed_of(cached_estimate(model, job), gpu, tokens, price)
+
+
 def _fit_profile(gpu) -> tuple:
     """Everything of a GPU that `fit()` reads besides its name: capacity and platform limits."""
     return (gpu.usable_by_default_bytes, gpu.platform, gpu.unsupported_jobs, gpu.caveats)

@@ -44,6 +44,16 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _price(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):  # NaN fails >= too
+        raise argparse.ArgumentTypeError(f"must be a finite number of at least 0, got {text}")
+    return value
+
+
 def _default_text(value) -> str:
     if isinstance(value, enum.Enum):
         return value.value
@@ -98,7 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
                                       "zero3_offload; for inference single, pipeline (device_map) or tensor_parallel")
     p.add_argument("--num-gpus", type=_positive, help="figures per GPU for this many GPUs")
     p.add_argument("--which-gpus", action="store_true", help="list every GPU in the database with the count it needs")
-    p.add_argument("--sort", default="count", choices=["count", "memory", "bandwidth", "name"], help="--which-gpus order")
+    p.add_argument("--sort", default="count", choices=["count", "memory", "bandwidth", "speed", "name"],
+                   help="--which-gpus order (speed: fastest first, by training or decode tokens/s)")
+    p.add_argument("--tokens", type=_positive, metavar="N",
+                   help="with --gpu or --which-gpus: GPU-hours for N training tokens (inference: N generated tokens, "
+                        "in generate() calls of batch x new tokens)")
+    p.add_argument("--price", type=_price, metavar="X", help="with --tokens: the cost at X per GPU-hour")
     p.add_argument("--suggest", action="store_true", help="with --gpu: the cheapest changes that make the job fit it")
     p.add_argument("--plot", metavar="FILE.html", help="with --gpu: memory against batch and sequence length, as HTML")
     p.add_argument("--token", help="Hub token for gated models (HF_TOKEN also works)")
@@ -157,6 +172,11 @@ def not_applied(args: argparse.Namespace, job: Job) -> list[str]:
         notes.append("--num-gpus does not apply to --which-gpus (each GPU gets the count it needs); ignored")
     if args.sort != "count" and not args.which_gpus:
         notes.append("--sort applies only to --which-gpus; ignored")
+    if not (args.gpu or args.which_gpus):
+        notes += [f"--{name} applies only with --gpu or --which-gpus (speed is per GPU); ignored"
+                  for name in ("tokens", "price") if getattr(args, name) is not None]
+    elif args.price is not None and args.tokens is None:
+        notes.append("--price needs --tokens (the cost is GPU-hours for that many tokens times the price); ignored")
     return notes
 
 
@@ -187,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     from estimator.sources import ModelSourceError, resolve
 
     parser = build_parser()
-    fit = which = suggestions = None
+    fit = which = suggestions = speed = None
+    speeds: dict = {}
     try:
         args = parser.parse_args(argv)
         if args.list_models is not None:
@@ -213,12 +234,22 @@ def main(argv: list[str] | None = None) -> int:
         if args.gpu or args.which_gpus:
             import gpu_db
 
+            from estimator.speed import speed_of
+
             strategy = parse_strategy(args.strategy, job) if args.strategy else None
+            price = args.price if args.tokens is not None else None
             if args.which_gpus:
-                which = which_gpus(result, gpu_db.load_gpus(), strategy, sort=args.sort)
+                gpus = gpu_db.load_gpus()
+                which = which_gpus(result, gpus, strategy, sort="count" if args.sort == "speed" else args.sort)
+                speeds = {g.name: speed_of(result, g, args.tokens, price) for g in gpus}
+                if args.sort == "speed":
+                    from estimator.present import sort_by_speed
+
+                    which = sort_by_speed(which, speeds)
             else:
                 gpu = gpu_db.find_gpu(args.gpu)
                 fit = fit_on(result, gpu, strategy, args.num_gpus)
+                speed = speed_of(result, gpu, args.tokens, price)
                 if args.suggest:
                     from estimator.suggest import suggest
 
@@ -241,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if args.json:
         notes = tuple(source.notes) + tuple(job_notes)
-        out = json_object(source.name, source.origin, source.source, result, fit, notes, which=which)
+        out = json_object(source.name, source.origin, source.source, result, fit, notes, which=which, speed=speed,
+                          speeds=speeds)
         if suggestions is not None:
             out["suggestions"] = [s.to_dict() for s in suggestions]
         try:  # SPEC's JSON has no NaN or Infinity; a non-finite figure is a bug to report, not output
@@ -252,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         print(text)
     else:
         print(render_text(source.name, source, result, fit, which=which, num_gpus=args.num_gpus, extra_notes=job_notes,
-                          suggestions=suggestions))
+                          suggestions=suggestions, speed=speed, speeds=speeds))
     return 0
 
 

@@ -120,26 +120,94 @@ def _short_reason(f: Fit) -> str:
     return text if len(text) <= 100 else text[:97] + "..."
 
 
-def which_gpus_lines(fits: list[Fit]) -> list[str]:
-    """One row per GPU; a GPU with no count says why (its platform cannot run the job, or no count fits)."""
+def which_gpus_lines(fits: list[Fit], speeds: dict | None = None) -> list[str]:
+    """One row per GPU; a GPU with no count says why (its platform cannot run the job, or no count fits).
+    With `speeds` (GPU name → `Speed`), a tokens/s column: training tokens/s, or decode tokens/s."""
     width = max([len("GPU")] + [len(f.gpu_name) for f in fits])
-    lines = [f"{'GPU':{width}s} {'usable GiB':>10s} {'GPUs needed':>12s}  {'verdict':12s}  strategy"]
+    rate = f" {'tokens/s':>10s}" if speeds else ""
+    lines = [f"{'GPU':{width}s} {'usable GiB':>10s} {'GPUs needed':>12s}{rate}  {'verdict':12s}  strategy"]
     for f in fits:
         count = str(f.gpus_needed) if f.gpus_needed is not None else "—"
         why = ""
         if f.gpus_needed is None:
             why = f"  {_short_reason(f)}"
-        lines.append(f"{f.gpu_name:{width}s} {f.capacity_bytes / GIB:10.1f} {count:>12s}  {f.verdict.value:12s}  {f.strategy.value}{why}")
+        cell = ""
+        if speeds:
+            value = speed_rate(speeds.get(f.gpu_name)) if f.verdict is not Verdict.CANNOT_RUN else None
+            cell = f" {value:10,.0f}" if value is not None else f" {'n/a':>10s}"
+        lines.append(f"{f.gpu_name:{width}s} {f.capacity_bytes / GIB:10.1f} {count:>12s}{cell}  {f.verdict.value:12s}  {f.strategy.value}{why}")
     return lines
+
+
+# -------------------------------------------------------------------------------------------------
+# Speed (estimator/speed.py)
+# -------------------------------------------------------------------------------------------------
+def speed_rate(s) -> float | None:
+    """The one rate a list sorts by: training tokens/s, or decode tokens/s (all sequences)."""
+    if s is None:
+        return None
+    return s.tokens_per_second if s.tokens_per_second is not None else s.decode_tokens_per_second
+
+
+def sort_by_speed(fits: list[Fit], speeds: dict) -> list[Fit]:
+    """Fastest first among the GPUs that run the job; those with no figure, or that cannot run it, last."""
+    def key(f: Fit):
+        rate = speed_rate(speeds.get(f.gpu_name)) if f.verdict is not Verdict.CANNOT_RUN else None
+        return (rate is None, -(rate or 0.0), f.gpus_needed is None, f.gpu_name.lower())
+    return sorted(fits, key=key)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1000:.1f} ms"
+    if seconds < 120:
+        return f"{seconds:.2f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def speed_lines(s, job, gpus: int = 1) -> list[str]:
+    """The speed block of the CLI's text (and the app's): per GPU, with the constants' status."""
+    lines = [f"speed on one {s.gpu} (estimated):"]
+    if s.step_seconds is not None:
+        per_step = job.batch_size * job.seq_len * job.gradient_accumulation_steps
+        lines.append(f"  {'step':24s}{_duration(s.step_seconds):>12s}   ({per_step:,} tokens: batch x sequence x accumulation)")
+        lines.append(f"  {'training tokens/s':24s}{s.tokens_per_second:12,.0f}")
+    else:
+        lines.append(f"  {'prefill':24s}{_duration(s.prefill_seconds):>12s}   ({job.batch_size} x {job.prompt_len:,} prompt tokens)")
+        lines.append(f"  {'decode tokens/s':24s}{s.decode_tokens_per_second:12,.1f}   "
+                     f"({s.decode_tokens_per_second / job.batch_size:,.1f} per sequence; one step {_duration(s.decode_step_seconds)})")
+        lines.append(f"  {'one generate() call':24s}{_duration(s.generate_seconds):>12s}")
+    if s.gpu_hours is not None:
+        what = "training tokens" if s.step_seconds is not None else "generated tokens"
+        lines.append(f"  {'GPU-hours':24s}{s.gpu_hours:12,.2f}   (for {s.tokens:,} {what})")
+    if s.cost is not None:
+        lines.append(f"  {'cost':24s}{s.cost:12,.2f}   (GPU-hours x the price given)")
+    if not s.constants_status.startswith("fitted"):
+        lines.append("  (the speed model's rates are priors, not fitted on measured steps yet)")
+    if gpus > 1:
+        lines.append("  (speed is one GPU's; multi-GPU speed is not modelled)")
+    return lines
+
+
+def speed_notes(s, gpus: int = 1) -> list[str]:
+    notes = []
+    if s is not None and not s.constants_status.startswith("fitted"):
+        notes.append("speed: the rates (efficiencies and overheads) are priors, not fitted on measured steps yet")
+    if s is not None and gpus > 1:
+        notes.append("speed is one GPU's running the job (its per-device batch); multi-GPU speed is not modelled")
+    return notes
 
 
 # -------------------------------------------------------------------------------------------------
 # SPEC's JSON object and the CLI's text
 # -------------------------------------------------------------------------------------------------
 def json_object(name: str, origin: str, url: str, result: Estimate, fit: Fit | None = None,
-                notes=(), which: list[Fit] | None = None) -> dict:
+                notes=(), which: list[Fit] | None = None, speed=None, speeds: dict | None = None) -> dict:
     """SPEC's JSON object (the CLI's --json, the app's download): the estimate, where the model came
-    from, and `gpus_needed` (None without a GPU, and for the which-GPUs list)."""
+    from, and `gpus_needed` (None without a GPU, and for the which-GPUs list). With a GPU, SPEC's speed
+    keys that apply (`Speed.to_dict`): top level for one GPU, per GPU in the which-GPUs list."""
     out = result.to_dict()
     out["model"] = name
     out["source"] = {"origin": origin, "url": url}
@@ -149,8 +217,13 @@ def json_object(name: str, origin: str, url: str, result: Estimate, fit: Fit | N
         out["verdict"] = fit.verdict.value  # SPEC: whenever --gpu is given
         out["headroom_bytes"] = fit.headroom_bytes
         out["fit"] = fit_dict(fit)
+        if speed is not None:
+            out.update(speed.to_dict())
+            out["notes"] += [n for n in speed_notes(speed, fit.per_gpu.num_gpus) if n not in out["notes"]]
     elif which is not None:
-        out["fit"] = {"gpus": [fit_dict(f) for f in which]}
+        speeds = speeds or {}
+        out["fit"] = {"gpus": [dict(fit_dict(f), **(speeds[f.gpu_name].to_dict() if speeds.get(f.gpu_name) else {}))
+                               for f in which]}
     return out
 
 
@@ -159,7 +232,7 @@ def _gib(n: int) -> str:
 
 
 def render_text(name: str, source, result: Estimate, fit: Fit | None = None, which: list[Fit] | None = None,
-                num_gpus: int | None = None, extra_notes=(), suggestions=None) -> str:
+                num_gpus: int | None = None, extra_notes=(), suggestions=None, speed=None, speeds=None) -> str:
     """The CLI's answer for people: the job, the breakdown at the peak, the fit, the notes."""
     job = result.job
     lines = [f"{name}  ({source.origin}: {source.source})"]
@@ -181,9 +254,14 @@ def render_text(name: str, source, result: Estimate, fit: Fit | None = None, whi
             lines.extend("  " + suggestion_line(s, fit.capacity_bytes) for s in suggestions)
         elif suggestions is not None and fit.verdict is not Verdict.CANNOT_RUN and fit.gpus_needed != 1:
             lines.append("what would make it fit: no change of batch, loss, optimizer, mode, weights or GPU count found")
+        if speed is not None:
+            lines.append("")
+            lines.extend(speed_lines(speed, job, fit.per_gpu.num_gpus))
     elif which is not None:
         lines.append("")
-        lines.extend(which_gpus_lines(which))
+        lines.extend(which_gpus_lines(which, speeds))
+        if speeds:
+            lines.append("note: tokens/s is one GPU's estimate: training tokens/s, or decode tokens/s (all sequences) for inference")
     for note in tuple(source.notes) + tuple(extra_notes) + tuple(n for n in result.notes if n not in source.notes):
         lines.append(f"note: {note}")
     return "\n".join(lines)

@@ -164,6 +164,10 @@ class GPU:
     # (see `nvidia_driver_reserve_mib`); None elsewhere (the reported total is used).
     process_total_bytes: int | None = None
     process_total_measured: bool = False
+    # Plain FP32 (CUDA cores, no TF32): what an fp32 matmul runs at under PyTorch's default
+    # (`torch.backends.cuda.matmul.allow_tf32 = False`). Only where the vendor page gives it; the
+    # speed estimate (estimator/speed.py) has no fp32 figure elsewhere.
+    fp32_tflops: float | None = None
 
     @property
     def memory_gib(self) -> float:
@@ -240,6 +244,7 @@ _OPTIONAL_KEYS = (
     "unified_memory",
     "gpu_memory_share_default",
     "process_total_bytes",
+    "fp32_tflops",
 )
 _ALLOWED_KEYS = frozenset(_REQUIRED_KEYS + _OPTIONAL_KEYS)
 _URL_RE = re.compile(r"^https?://[^\s/]+\.[^\s/]+(/\S*)?$")
@@ -432,6 +437,7 @@ def _parse_gpu(entry: _Entry) -> GPU:
         bf16_tflops_dense=entry.number("bf16_tflops_dense", nullable=True),
         fp16_tflops_dense=entry.number("fp16_tflops_dense", nullable=True),
         fp8_tflops_dense=entry.number("fp8_tflops_dense", nullable=True),
+        fp32_tflops=entry.number("fp32_tflops", nullable=True) if entry.present("fp32_tflops") else None,
         release_year=year,
         form_factor=entry.string("form_factor") or "",
         interconnect=entry.string("interconnect", nullable=True),

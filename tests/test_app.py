@@ -662,3 +662,32 @@ def test_the_gpu_table_shows_verdict_and_headroom():
     assert set(table["verdict"]) <= {"fits", "tight"} and (table["headroom (GiB)"] >= 0).all()
     row = table[table["GPU"] == "GeForce RTX 4090"].iloc[0]
     assert row["usable (GiB)"] == 23.6
+
+
+def test_speed_shows_beside_the_memory_answer_and_in_the_gpu_table():
+    """Issue 16: prefill and decode tokens/s for inference, step and tokens/s for training, and
+    GPU-hours and cost once tokens and a price are given; the GPU table has a tokens/s column."""
+    from estimator.speed import speed
+
+    at = app(model="Qwen2.5-0.5B", gpu="H200 SXM 141GB")
+    assert_clean(at)
+    labels = {m.label: m.value for m in at.metric}
+    assert "Prefill, one GPU (est.)" in labels and "Decode tokens/s (est.)" in labels
+    expected = speed(model("Qwen2.5-0.5B").inventory, Job(), gpu_db.find_gpu("H200"))
+    assert labels["Decode tokens/s (est.)"] == f"{expected.decode_tokens_per_second:,.1f}"
+    assert labels["GPU-hours (est.)"] == "—"
+
+    at = app(model="Qwen2.5-0.5B", mode="full", gpu="H200 SXM 141GB")
+    at.number_input(key="speed_tokens").set_value(2048 * 1000).run()
+    at.number_input(key="speed_price").set_value(3.0).run()
+    assert_clean(at)
+    labels = {m.label: m.value for m in at.metric}
+    s = speed(model("Qwen2.5-0.5B").inventory, Job(mode="full"), gpu_db.find_gpu("H200"), tokens=2048 * 1000, price=3.0)
+    assert labels["Training tokens/s (est.)"] == f"{s.tokens_per_second:,.0f}"
+    assert labels["GPU-hours (est.)"] == f"{s.gpu_hours:,.2f}"
+    assert any(f"{s.cost:,.2f}" in m.value for m in at.markdown)
+    table = next(d for d in at.dataframe if "verdict" in d.value.columns).value
+    column = "tokens/s, one GPU (est.)"
+    h200 = table[table["GPU"] == "H200 SXM 141GB"].iloc[0]
+    assert h200[column] == round(s.tokens_per_second, 1)
+    assert table[column].notna().sum() > 50
