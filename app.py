@@ -161,9 +161,13 @@ def job_inputs() -> None:
         col[0].number_input("Gradient accumulation", min_value=1, max_value=P.LIMITS["gradient_accumulation_steps"], step=1,
                             key="gradient_accumulation_steps", help="micro-batches per optimizer step (the Trainer's gradient_accumulation_steps)")
         col[1].selectbox("Loss", _values(Loss), key="loss",
-                         help="standard: transformers' cross-entropy over the logits; liger: use_liger_kernel=True (fused loss and kernels)")
+                         help="standard: transformers' cross-entropy over the logits; liger: use_liger_kernel=True (fused loss and kernels); "
+                              "chunked: TRL's chunked LM head")
         st.sidebar.checkbox("Through the HF Trainer", key="trainer",
                             help="transformers.Trainer's loop: micro-batches fetched up front, 8-bit optimizers keep embeddings in 32-bit")
+        st.sidebar.checkbox("Through TRL's SFTTrainer", key="sft",
+                            help="trl 1.16's SFTTrainer: a Trainer whose loss is its chunked LM head (no full logits); "
+                                 "QLoRA adapters in bf16")
     st.sidebar.selectbox("Attention", _values(Attention), key="attn")
     st.sidebar.checkbox("Expandable segments", key="expandable_segments",
                         help="PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True: PyTorch's allocator grows one mapping instead of "

@@ -174,8 +174,11 @@ def device_overheads(inv: Inventory, regime: Regime, sizes: Sizes, at_peak: Part
 
 
 def fused_loss(inv: Inventory, regime: Regime) -> bool:
-    """Liger's fused linear cross-entropy replaces lm_head and the loss (no N×V logits)."""
-    return regime.training and regime.loss is Loss.LIGER and act.liger_patches(inv) and inv.lm_head is not None
+    """A fused loss replaces lm_head and the loss (no N×V logits): Liger's fused linear
+    cross-entropy (for the model types Liger patches) or TRL's chunked head."""
+    if not regime.training or inv.lm_head is None:
+        return False
+    return regime.loss is Loss.CHUNKED or (regime.loss is Loss.LIGER and regime.liger_kernels and act.liger_patches(inv))
 
 
 EXPANDABLE_PAGE_BYTES = 20 * 1024**2  # CUDACachingAllocator.cpp: kLargeBuffer, the large pool's page
@@ -262,7 +265,13 @@ def _training_phases(inv: Inventory, regime: Regime, sizes: Sizes, base: int, ad
     copies_forward = max(saved.weight_copies_cached_bytes, copies_backward)
     activations_total = int(layers + outside)
 
-    if fused_loss(inv, regime):
+    if fused_loss(inv, regime) and regime.loss is Loss.CHUNKED:
+        # the scored tokens: every position but the last has a next-token label
+        scored = sizes.batch * (sizes.seq_len - 1)
+        matmul = regime.compute if regime.autocast else saved.head_input
+        lg = logits.chunked_logprob(scored, inv.vocab_size, inv.hidden_size, saved.head_input, matmul,
+                                    regime.storage, regime.base_trainable, entropy=regime.sft)
+    elif fused_loss(inv, regime):
         matmul = regime.compute if regime.autocast else regime.storage
         lg = logits.fused_linear_cross_entropy(tokens, inv.vocab_size, inv.hidden_size, regime.residual, matmul,
                                                regime.storage, regime.base_trainable)
@@ -270,8 +279,10 @@ def _training_phases(inv: Inventory, regime: Regime, sizes: Sizes, base: int, ad
         lg = logits.training_logits(tokens, inv.vocab_size, regime.compute, inv.final_logit_softcapping is not None)
     # The batch on the GPU: SPEC's loop keeps one int64 [B, S] (labels are the same tensor); the
     # Trainer fetches every micro-batch of a step up front (Trainer.get_batch_samples), each an int64
-    # input_ids and labels [B, S], alive until the optimizer step.
-    inputs = (sizes.accumulation * 2 if regime.trainer else 1) * tensor_bytes(tokens, "int64")
+    # input_ids and labels [B, S], alive until the optimizer step; SFTTrainer's collator
+    # (DataCollatorForLanguageModeling.torch_call) adds an int64 attention_mask of ones.
+    per_micro_batch = 3 if regime.sft else 2
+    inputs = (sizes.accumulation * per_micro_batch if regime.trainer else 1) * tensor_bytes(tokens, "int64")
 
     static = dict(weights=base + calibration.CUBLAS_WORKSPACE_BYTES, lora_adapters=adapters, optimizer_state=opt.state_bytes)
     activations_total += inputs

@@ -64,11 +64,18 @@ class Quant(str, enum.Enum):
 
 
 class Loss(str, enum.Enum):
-    """How the loss is computed: transformers' cross-entropy over materialized logits, or Liger's
-    fused linear cross-entropy with its kernels (`use_liger_kernel=True`)."""
+    """How the loss is computed: transformers' cross-entropy over materialized logits; Liger's
+    fused linear cross-entropy with its kernels (`use_liger_kernel=True`); or TRL's chunked loss,
+    the fused LM head (`trl.trainer.utils.add_fused_lm_head`, `trl/kernels/chunked_logprob.py`)
+    that scores each token's label in tiles without the N×V logits.
+
+    TRL 1.16's SFTTrainer always computes its loss through the chunked head, so a `sft` job's
+    `standard` is `chunked`; its `liger` is Liger's layer kernels with the chunked head (SFTTrainer
+    turns Liger's fused linear cross-entropy off)."""
 
     STANDARD = "standard"
     LIGER = "liger"
+    CHUNKED = "chunked"
 
 
 class Attention(str, enum.Enum):
@@ -128,8 +135,9 @@ class Job:
     optimizer: Optimizer = _option(Optimizer.ADAMW_FUSED, "optimizer")
     gradient_checkpointing: bool = _option(False, "recompute activations in backward")
     gradient_accumulation_steps: int = _option(1, "micro-batches per optimizer step (the Trainer's)")
-    loss: Loss = _option(Loss.STANDARD, "loss: standard cross-entropy, or Liger's fused kernels")
+    loss: Loss = _option(Loss.STANDARD, "loss: standard cross-entropy, Liger's fused kernels, or TRL's chunked LM head")
     trainer: bool = _option(False, "train as transformers.Trainer runs it (its micro-batches and optimizer set-up)")
+    sft: bool = _option(False, "train as TRL 1.16's SFTTrainer runs it (a Trainer; its chunked LM head and metrics)")
     attn: Attention = _option(Attention.SDPA, "attention implementation")
     expandable_segments: bool = _option(False, "PyTorch's allocator with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
 
@@ -173,6 +181,10 @@ class Job:
         if "all-linear" in targets and len(targets) > 1:
             raise ValueError("lora_targets: 'all-linear' cannot be combined with module names")
         object.__setattr__(self, "lora_targets", targets)
+        if self.sft:  # SFTTrainer is a Trainer, and its loss is always TRL's chunked head
+            object.__setattr__(self, "trainer", True)
+            if self.loss is Loss.STANDARD:
+                object.__setattr__(self, "loss", Loss.CHUNKED)
 
     # ---- derived views -------------------------------------------------------------------
     @property
@@ -211,7 +223,7 @@ class Job:
         common = ("mode", "batch_size", "attn", "expandable_segments")
         if self.mode is Mode.INFERENCE:
             return common + ("prompt_len", "new_tokens", "weights") + (("double_quant",) if self.weights.is_4bit else ())
-        training = ("seq_len", "optimizer", "gradient_checkpointing", "gradient_accumulation_steps", "loss", "trainer")
+        training = ("seq_len", "optimizer", "gradient_checkpointing", "gradient_accumulation_steps", "loss", "trainer", "sft")
         if self.mode is Mode.FULL:
             return common + training + ("precision",)
         lora = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets")

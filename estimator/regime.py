@@ -13,7 +13,15 @@ downstream compares mode or dtype strings again. The rules, from SPEC and the li
 - lora: the base loads in `base_dtype`, the forward runs under bf16 autocast, and PEFT keeps the
   adapters in fp32 (`autocast_adapter_dtype=True`), so their gradients are fp32 too.
 - qlora: bitsandbytes 4-bit linears; `prepare_model_for_kbit_training` casts every other
-  parameter to fp32; adapters in fp32; bf16 autocast.
+  parameter to fp32; adapters in fp32; bf16 autocast. Under TRL 1.16's SFTTrainer the adapters
+  are bf16: for a quantized model `SFTTrainer.__init__` casts every trainable parameter
+  (`param.data = param.data.to(torch.bfloat16)`, after QLoRA's paper), so their gradients and
+  optimizer state are bf16 too.
+- the loss: `loss` is the head that computes it (standard cross-entropy over the logits, Liger's
+  fused linear cross-entropy, or TRL's chunked head); `liger_kernels` says whether Liger's layer
+  kernels are applied (`use_liger_kernel=True`). They part under SFTTrainer, which keeps Liger's
+  kernels but sets `liger_kernel_config["fused_linear_cross_entropy"] = False` and scores the
+  tokens through its own chunked head (`trl/trainer/sft_trainer.py`, `SFTTrainer.__init__`).
 
 A `Regime` is hashable and holds every fact of the job except its sizes (`Sizes`), so caches keyed
 by `(regime, ...)` cannot go stale when a job field is added: a new field lands in one or the
@@ -57,8 +65,10 @@ class Regime:
     optimizer: OptimizerEntry | None  # training only
     gradient_checkpointing: bool
     attn: Attention
-    loss: Loss = Loss.STANDARD
+    loss: Loss = Loss.STANDARD  # the head that computes the loss (see the module's docstring)
     trainer: bool = False  # transformers.Trainer's loop rather than SPEC's plain one
+    sft: bool = False  # TRL 1.16's SFTTrainer (a Trainer): its collator, metrics and QLoRA adapters
+    liger_kernels: bool = False  # Liger's norm, gated-activation and RoPE kernels
     expandable_segments: bool = False  # PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 
     @property
@@ -121,12 +131,18 @@ def sizes_of(job: Job) -> Sizes:
 def regime_of(job: Job) -> Regime:
     """The regime `job` implies (see the module's docstring for the rules)."""
     adapter = None
+    sft = job.sft and job.is_training
     if job.uses_lora:
-        adapter = Adapter(job.lora_r, job.lora_alpha, job.lora_dropout, job.lora_targets)
+        dtype = BF16 if sft and job.mode is Mode.QLORA else FP32  # SFTTrainer's cast of a quantized model's adapters
+        adapter = Adapter(job.lora_r, job.lora_alpha, job.lora_dropout, job.lora_targets, dtype)
     optimizer = OPTIMIZERS[job.optimizer.value] if job.is_training else None
+    loss, liger_kernels = Loss.STANDARD, False
+    if job.is_training:
+        liger_kernels = job.loss is Loss.LIGER
+        loss = Loss.CHUNKED if sft else job.loss  # SFTTrainer: Liger's kernels, its own chunked head
     common = dict(optimizer=optimizer, gradient_checkpointing=job.gradient_checkpointing and job.is_training,
-                  attn=job.attn, adapter=adapter, loss=job.loss if job.is_training else Loss.STANDARD,
-                  trainer=job.trainer and job.is_training, expandable_segments=job.expandable_segments)
+                  attn=job.attn, adapter=adapter, loss=loss, trainer=job.trainer and job.is_training, sft=sft,
+                  liger_kernels=liger_kernels, expandable_segments=job.expandable_segments)
     if job.mode is Mode.INFERENCE:
         quantizer = QUANTIZERS.get(job.weights.value)
         storage = BF16 if quantizer is not None else DTYPES[job.weights.value]

@@ -12,6 +12,17 @@ sorted into one of three kinds, so nothing is silently dropped:
   label smoothing…): refused with a message that names it, unless it holds its neutral default.
 A key the pinned libraries do not have is refused too.
 
+An `SFTConfig` (a dict holding any key TRL 1.16's `SFTConfig` adds to `TrainingArguments`,
+SFT_ONLY: `to_json_string()` writes them all) is a job for TRL's SFTTrainer (`Job.sft`), and a
+key it leaves out takes SFTConfig's default, not TrainingArguments': gradient checkpointing on and
+bf16 on unless fp16 (trl/trainer/base_config.py `_BaseConfig`, its `__post_init__`), `max_length`
+1024 (trl/trainer/sft_config.py); `use_liger_kernel=True` there is Liger's layer kernels with
+SFTTrainer's own chunked head. `loss_type` "dft" only reweights the per-token loss by its
+detached probability (`SFTTrainer.compute_loss`, per-token vectors), and "chunked_nll" is
+SFTConfig's deprecated alias of "nll"; both are mapped as "nll" is. Completion-only and
+assistant-only losses score fewer tokens through the chunked head, so the estimate, which scores
+every token, is an upper bound for them.
+
 The load dtype is not in a TrainingArguments file: transformers 5 loads with `dtype="auto"`, so it
 is the config's `torch_dtype` unless the caller says otherwise (the CLI's `--precision` or
 `--base-dtype` win over it).
@@ -32,8 +43,20 @@ class TrainingArgsError(ValueError):
 # ---- TrainingArguments (transformers 5.17) and SFTConfig (TRL 1.16) keys -------------------------
 MAPPED = frozenset({
     "per_device_train_batch_size", "gradient_accumulation_steps", "bf16", "fp16", "gradient_checkpointing",
-    "gradient_checkpointing_kwargs", "optim", "use_liger_kernel", "max_length",
+    "gradient_checkpointing_kwargs", "optim", "use_liger_kernel", "max_length", "loss_type",
 })
+
+# The keys TRL 1.16's SFTConfig adds to transformers 5.17's TrainingArguments (trl/trainer/sft_config.py):
+# any of them makes a dict an SFTConfig.
+SFT_ONLY = frozenset({
+    "activation_offloading", "assistant_only_loss", "chat_template_path", "completion_only_loss", "dataset_kwargs",
+    "dataset_num_proc", "dataset_text_field", "eos_token", "eval_packing", "loss_type", "max_length",
+    "model_init_kwargs", "packing", "packing_strategy", "pad_to_multiple_of", "pad_token", "padding_free",
+    "router_aux_loss_coef", "shuffle_dataset", "truncation_mode", "trust_remote_code",
+})
+# SFTConfig's defaults where they differ from TrainingArguments' and change memory
+SFT_DEFAULTS = {"gradient_checkpointing": True, "max_length": 1024}
+SFT_LOSS_TYPES = ("nll", "dft", "chunked_nll")
 
 # Known keys with no effect on one GPU's training-step memory (host-side, logging, scheduling,
 # evaluation switched off, multi-process settings that do nothing on one GPU).
@@ -70,7 +93,7 @@ NEUTRAL: dict[str, tuple] = {
     "label_smoothing_factor": _OFF, "liger_kernel_config": _OFF, "eval_strategy": _OFF, "eval_on_start": _OFF,
     "router_aux_loss_coef": _OFF + (0.001,),  # SFTConfig's default; only MoE routers read it
     "packing": _OFF, "packing_strategy": ("bfd", "bfd_split", "wrapped", None), "padding_free": _OFF,
-    "loss_type": ("nll", None), "activation_offloading": _OFF,
+    "activation_offloading": _OFF,
 }
 WHY_NOT = {
     "deepspeed": "DeepSpeed shards state across GPUs: use --strategy zero1/zero2/zero3 with --gpu",
@@ -78,7 +101,6 @@ WHY_NOT = {
     "torch_compile": "torch.compile changes which activations are kept",
     "auto_find_batch_size": "the Trainer would change the batch size itself: give --batch-size",
     "label_smoothing_factor": "label smoothing computes its own loss over the logits",
-    "loss_type": "only SFTConfig's loss_type 'nll' is modelled",
     "packing": "packing changes the sequence layout; give --seq-len for the packed length",
     "padding_free": "padding-free batches change the sequence layout",
     "activation_offloading": "activation offloading moves saved tensors to the CPU",
@@ -146,9 +168,22 @@ def kind_of(data: Mapping) -> str:
     return "training"
 
 
+def is_sft_config(data: Mapping) -> bool:
+    """Whether a training dict is TRL's SFTConfig (it holds a key only SFTConfig has)."""
+    return any(key in SFT_ONLY for key in data)
+
+
 def _training_fields(data: Mapping) -> tuple[dict, list[str]]:
     fields: dict[str, Any] = {}
     notes: list[str] = []
+    sft = is_sft_config(data)
+    if sft:  # a key SFTConfig leaves out has SFTConfig's default
+        data = {**SFT_DEFAULTS, **data}
+        if data.get("bf16") is None:  # _BaseConfig.__post_init__: bf16 = not fp16
+            data["bf16"] = not data.get("fp16")
+        if data.get("loss_type", "nll") not in SFT_LOSS_TYPES:
+            raise TrainingArgsError(f"training args: loss_type={data['loss_type']!r} is not one of SFTConfig's "
+                                    f"{', '.join(SFT_LOSS_TYPES)}")
     for key, value in data.items():
         if key.startswith("_"):
             continue  # private fields to_dict() may carry
@@ -182,8 +217,11 @@ def _training_fields(data: Mapping) -> tuple[dict, list[str]]:
     if bf16 and fp16:
         raise TrainingArgsError("training args: bf16 and fp16 are both true; the Trainer refuses that too")
     fields["_autocast"] = "bf16" if bf16 else "fp16" if fp16 else None
-    if "max_length" in data and data.get("max_length") is not None:
-        notes.append("SFTTrainer: its entropy and token-accuracy metrics over the logits are not modelled yet")
+    if sft:
+        fields["sft"] = True
+        if data.get("completion_only_loss") or data.get("assistant_only_loss"):
+            notes.append("SFTTrainer scores only the completion or assistant tokens; the estimate scores every token "
+                         "(an upper bound)")
     return fields, notes
 
 

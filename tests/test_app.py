@@ -142,6 +142,17 @@ def test_every_job_and_dtype_renders(mode, field, value):
         assert shown == (name in relevant), name
 
 
+def test_the_sft_knob_reaches_the_estimate_and_the_link():
+    at = app()
+    at.radio(key="mode").set_value("lora").run()
+    before = headline(at)
+    at.checkbox(key="sft").check().run()
+    assert_clean(at)
+    assert headline(at) != before and at.query_params["sft"] == "true"
+    again = app(**{k: v for k, v in at.query_params.items()})
+    assert again.checkbox(key="sft").value is True and headline(again) == headline(at)
+
+
 def test_accumulation_loss_and_trainer_knobs_reach_the_estimate_and_the_link():
     at = app()
     at.radio(key="mode").set_value("full").run()

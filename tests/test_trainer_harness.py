@@ -338,3 +338,86 @@ def test_trainer_case_on_a_gpu(tmp_path):
     assert row["status"] == "ok", row.get("error")
     assert row["peak_allocated_bytes"] > row["static_after_setup_bytes"] > 134_515_008 * 4
     assert row["device_total_bytes"] >= row["peak_reserved_bytes"] >= row["peak_allocated_bytes"]
+
+
+# ---------------------------------------------------------------------------------------------
+# SFTTrainer cases (trl 1.16.0)
+# ---------------------------------------------------------------------------------------------
+SFT_CASES = ROOT / "validation" / "cases_sft.yaml"
+
+
+def test_sft_cases_are_held_out_sft_and_valid_jobs():
+    from validation.trainer_cases import SFT_ARG_DEFAULTS
+
+    cases = load_trainer_cases(SFT_CASES)
+    assert len(cases) == 8 and all(c.holdout and c.trainer == "sft" for c in cases)
+    assert {c.mode for c in cases} == {"full", "lora", "qlora"}
+    assert {c.gradient_accumulation_steps for c in cases} == {1, 2, 4}
+    assert {c.args["max_length"] for c in cases} == {1024, 2048} and any(c.args["use_liger_kernel"] for c in cases)
+    assert SFT_ARG_DEFAULTS["gradient_checkpointing"] and SFT_ARG_DEFAULTS["bf16"]
+    for c in cases:
+        assert c.seq_len == c.args["max_length"] and c.id.split("-sft-")[1]
+        job = Job.from_dict(estimator_job(c))
+        assert job.sft and job.trainer and job.seq_len == c.seq_len
+        assert "gradient_checkpointing_kwargs" not in training_arguments_kwargs(c, "/tmp/x")  # SFTConfig's default
+        assert TrainerCase.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+
+
+def test_sft_only_keys_need_an_sft_case():
+    with pytest.raises(ValueError, match="max_length"):
+        _case(args={"max_length": 64})
+    with pytest.raises(ValueError, match="truncate"):
+        expand_trainer_cases([{"trainer": "sft", "model": "Qwen/Qwen2.5-0.5B", "mode": "full", "seq_len": 128,
+                               "args": {"max_length": 64}}])
+
+
+def test_every_sft_case_builds_a_real_sftconfig(tmp_path):
+    trl = pytest.importorskip("trl")
+    for c in load_trainer_cases(SFT_CASES):
+        config = trl.SFTConfig(**dict(training_arguments_kwargs(c, str(tmp_path)), use_cpu=True))
+        assert config.max_length == c.seq_len and config.gradient_checkpointing == c.args["gradient_checkpointing"] and config.bf16
+        assert config.loss_type == "nll" and not config.packing and not config.padding_free
+
+
+def test_sft_box_script_is_valid_bash():
+    script = ROOT / "validation" / "box_sft.sh"
+    assert os.access(script, os.X_OK)
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+
+
+def test_the_local_tokenizer_has_the_vocabulary_and_pad_and_eos():
+    pytest.importorskip("tokenizers")
+    from validation.trainer_run import local_tokenizer
+
+    tok = local_tokenizer(1_000)
+    assert len(tok) == 1_000 and tok.pad_token_id == 1 and tok.eos_token_id == 2
+    assert tok("t5 t999")["input_ids"] == [5, 999]
+
+
+@pytest.mark.slow
+def test_sft_dry_run_on_cpu(tmp_path):
+    """SFTTrainer end to end on the CPU: the pre-tokenized data set is not re-tokenized (its columns
+    stay input_ids and labels), TRL's fused head is installed, accumulation and checkpointing run."""
+    pytest.importorskip("trl")
+    pytest.importorskip("datasets")
+    cases = tmp_path / "cases.yaml"
+    cases.write_text(
+        "- {trainer: sft, model: HuggingFaceTB/SmolLM2-135M, mode: full, load_dtype: fp32,"
+        " args: {per_device_train_batch_size: 2, gradient_accumulation_steps: 2, max_length: 16}}\n"
+        "- {trainer: sft, model: HuggingFaceTB/SmolLM2-135M, mode: lora, lora_r: 4, args: {per_device_train_batch_size: 1, max_length: 16}}\n"
+    )
+    out_file = tmp_path / "out.jsonl"
+    env = dict(os.environ, CANIRUN_MEASURE_DEVICE="cpu", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-m", "validation.trainer_run", "--cases", str(cases), "--out", str(out_file), "--work", str(tmp_path / "w")],
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    full, lora = [json.loads(line) for line in out_file.read_text().splitlines()]
+    for row in (full, lora):
+        assert row["status"] == "ok", row.get("error")
+        assert row["trainer"] == "sft" and row["sft"]["fused_lm_head"] is True
+        assert row["sft"]["train_columns"] == ["input_ids", "labels"] and row["gradient_checkpointing_on"] is True
+        assert row["estimator_job"]["sft"] is True and row["versions"]["trl"] == "1.16.0"
+    assert [len(s["micro"]) for s in full["steps"]] == [2, 2, 2] and full["sft"]["train_rows"] == 12
+    assert full["accelerate_mixed_precision"] == "bf16" and full["estimator_job"]["precision"] == "amp_bf16"

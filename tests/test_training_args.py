@@ -110,10 +110,12 @@ def test_library_mapping_of_precisions_and_sft_keys():
     assert job.precision.value == "amp_bf16"
     job, _ = from_training_args({"bf16": False}, load_dtype="bf16")
     assert job.precision.value == "bf16"
-    job, notes = from_training_args({"max_length": 4096, "bf16": True, "gradient_checkpointing": True}, load_dtype="bf16")
-    assert job.seq_len == 4096 and job.gradient_checkpointing and any("SFTTrainer" in n for n in notes)
+    job, _ = from_training_args({"max_length": 4096, "bf16": True, "gradient_checkpointing": True}, load_dtype="bf16")
+    assert job.seq_len == 4096 and job.gradient_checkpointing and job.sft and job.loss.value == "chunked"
+    for loss_type in ("nll", "dft", "chunked_nll"):  # dft reweights per-token vectors; chunked_nll is nll's alias
+        assert from_training_args({"loss_type": loss_type}, load_dtype="bf16")[0].sft
     with pytest.raises(TrainingArgsError, match="loss_type"):
-        from_training_args({"loss_type": "dft"})
+        from_training_args({"loss_type": "kl"})
     with pytest.raises(TrainingArgsError, match="needs bf16=True"):  # LoRA without autocast is not modelled
         from_training_args({}, {"r": 4, "target_modules": "all-linear"}, load_dtype="bf16")
     job, _ = from_training_args({"bf16": True}, {"r": 4, "target_modules": "all-linear"}, load_dtype="fp16")

@@ -15,6 +15,11 @@ and the resulting dict is the case's source of truth: it is recorded with every 
       lora_r: 16                           # lora/qlora: LoRA fields as in estimator.Job
       holdout: true
 
+A case with `trainer: sft` runs through TRL 1.16.0's `SFTTrainer` instead, with `SFTConfig`
+kwargs: unset `args` take SFTConfig's own defaults (SFT_ARG_DEFAULTS: gradient checkpointing and
+bf16 on, `max_length` 1024), `max_length` may be set, and `seq_len` (the data's length) defaults
+to `max_length`, so nothing is truncated.
+
 `estimator_job` maps a case onto the estimator's `Job` fields (SPEC's names; `bf16_autocast` and
 `sgd_no_momentum` are SPEC's Additions), plus `gradient_accumulation_steps` and `loss`, which
 today's `Job` lacks. Pure data: no torch here, so the tests can run it anywhere.
@@ -42,6 +47,12 @@ ARG_DEFAULTS: dict = {
     "max_grad_norm": 1.0,
     "use_liger_kernel": False,
 }
+
+# An SFTTrainer case's: SFTConfig's defaults (trl 1.16.0, trl/trainer/base_config.py _BaseConfig:
+# gradient_checkpointing True, bf16 True unless fp16; trl/trainer/sft_config.py: max_length 1024),
+# the rest as the Trainer's.
+SFT_ARG_DEFAULTS: dict = {**ARG_DEFAULTS, "bf16": True, "gradient_checkpointing": True, "max_length": 1024}
+TRAINERS = ("hf", "sft")
 
 # Fixed by the harness for every case: three optimizer steps and nothing else (no logging,
 # checkpoints, progress bars or dataloader workers), so the peak is the training step's.
@@ -93,8 +104,20 @@ class TrainerCase:
     lora: dict = field(default_factory=dict)  # lora/qlora: r, alpha, dropout, targets
     quant: dict = field(default_factory=dict)  # qlora: quant, double_quant
     holdout: bool = False
+    trainer: str = "hf"  # "hf": transformers.Trainer; "sft": TRL's SFTTrainer
 
     def __post_init__(self) -> None:
+        if self.trainer not in TRAINERS:
+            raise ValueError(f"{self.id}: trainer must be one of {', '.join(TRAINERS)}; got {self.trainer!r}")
+        if self.trainer == "sft":
+            max_length = self.args.get("max_length")
+            if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+                raise ValueError(f"{self.id}: max_length must be a whole number of at least 2; got {max_length!r}")
+            if self.seq_len > max_length:
+                raise ValueError(f"{self.id}: seq_len {self.seq_len} is above max_length {max_length}: SFTTrainer would "
+                                 "truncate it; give seq_len <= max_length")
+        elif "max_length" in self.args:
+            raise ValueError(f"{self.id}: max_length is an SFTConfig key; set trainer: sft")
         if self.mode not in MODES:
             raise ValueError(f"{self.id}: mode must be one of {', '.join(MODES)}; got {self.mode!r}")
         if self.load_dtype not in LOAD_DTYPES:
@@ -139,6 +162,7 @@ class TrainerCase:
             "lora": lora,
             "quant": dict(self.quant),
             "holdout": self.holdout,
+            "trainer": self.trainer,
         }
 
     @classmethod
@@ -156,6 +180,7 @@ class TrainerCase:
             lora=lora,
             quant=dict(data.get("quant") or {}),
             holdout=bool(data.get("holdout", False)),
+            trainer=data.get("trainer", "hf"),
         )
 
 
@@ -165,10 +190,13 @@ class TrainerCase:
 def training_arguments_kwargs(case: TrainerCase, output_dir: str) -> dict:
     """The exact `TrainingArguments(**kwargs)` of a case: its args, then the harness's fixed ones.
 
-    Gradient checkpointing is always asked for non-reentrant, as SPEC's plain loop does.
+    Gradient checkpointing is always asked for non-reentrant, as SPEC's plain loop does (an
+    SFTConfig leaves it at its default, None, which transformers 5.17's
+    `gradient_checkpointing_enable` reads as `{"use_reentrant": False}`).
     """
     kwargs = dict(case.args)
-    kwargs["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+    if case.trainer != "sft":
+        kwargs["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
     kwargs.update(HARNESS_ARGS)
     kwargs["report_to"] = list(HARNESS_ARGS["report_to"])
     kwargs["output_dir"] = output_dir
@@ -235,6 +263,10 @@ def estimator_job(case: TrainerCase) -> dict:
         job["lora_targets"] = ",".join(case.lora["lora_targets"])
     job["gradient_accumulation_steps"] = case.gradient_accumulation_steps
     job["loss"] = "liger" if case.args["use_liger_kernel"] else "standard"
+    if case.trainer == "sft":  # Job(sft=True): the loop, and the loss through TRL's chunked head
+        job["sft"] = True
+        if job["loss"] == "standard":
+            job["loss"] = "chunked"
     return job
 
 
@@ -245,13 +277,15 @@ def new_job_terms(job: dict) -> list[str]:
         out.append(f"gradient_accumulation_steps={job['gradient_accumulation_steps']}")
     if job.get("loss", "standard") != "standard":
         out.append(f"loss={job['loss']}")
+    if job.get("sft"):
+        out.append("sft=True")
     return out
 
 
 # ---------------------------------------------------------------------------------------------
 # Loading a cases file
 # ---------------------------------------------------------------------------------------------
-_CASE_KEYS = {"id", "model", "mode", "load_dtype", "seq_len", "args", "holdout"} | set(_LORA_DEFAULTS) | set(_QLORA_DEFAULTS)
+_CASE_KEYS = {"id", "model", "mode", "load_dtype", "seq_len", "args", "holdout", "trainer"} | set(_LORA_DEFAULTS) | set(_QLORA_DEFAULTS)
 
 
 def _slug(model: str) -> str:
@@ -261,7 +295,7 @@ def _slug(model: str) -> str:
 def derive_id(case_fields: dict) -> str:
     """`<model>-trainer-<mode>-<precision>-b<B>-g<G>-s<S>-<optim>[-gc][-liger][-clip0][-r<r>...]`."""
     mode, args = case_fields["mode"], case_fields["args"]
-    parts = [_slug(case_fields["model"]), "trainer", mode]
+    parts = [_slug(case_fields["model"]), "sft" if case_fields.get("trainer") == "sft" else "trainer", mode]
     if mode == "full":
         parts.append(full_precision(case_fields["load_dtype"], bool(args["bf16"])))
     elif mode == "lora" and case_fields["load_dtype"] != "bf16":
@@ -279,6 +313,8 @@ def derive_id(case_fields: dict) -> str:
         parts.append("gc")
     if args["use_liger_kernel"]:
         parts.append("liger")
+    if "max_length" in args and args["max_length"] != case_fields["seq_len"]:
+        parts.append(f"ml{args['max_length']}")
     if args["max_grad_norm"] != ARG_DEFAULTS["max_grad_norm"]:
         parts.append(f"clip{args['max_grad_norm']:g}")
     return "-".join(parts)
@@ -293,14 +329,16 @@ def parse_case(item: dict, where: str) -> TrainerCase:
     if not item.get("model"):
         raise ValueError(f"{where}: a case needs a model (a catalog name)")
     mode = item.get("mode")
+    trainer = item.get("trainer", "hf")
+    defaults = SFT_ARG_DEFAULTS if trainer == "sft" else ARG_DEFAULTS
     given_args = item.get("args") or {}
-    bad_args = sorted(set(given_args) - set(ARG_DEFAULTS))
+    bad_args = sorted(set(given_args) - set(defaults))
     if bad_args:
         raise ValueError(
-            f"{where}: args may set only {', '.join(ARG_DEFAULTS)}; got {', '.join(bad_args)} "
+            f"{where}: args may set only {', '.join(defaults)}; got {', '.join(bad_args)} "
             "(the harness fixes the rest: see HARNESS_ARGS)"
         )
-    args = {**ARG_DEFAULTS, **given_args}
+    args = {**defaults, **given_args}
     lora: dict = {}
     quant: dict = {}
     if mode in ("lora", "qlora"):
@@ -313,7 +351,9 @@ def parse_case(item: dict, where: str) -> TrainerCase:
     if stray:
         raise ValueError(f"{where}: {', '.join(stray)} do not apply to mode {mode!r}")
     load_dtype = item.get("load_dtype", "bf16")
-    case_fields = {"model": item["model"], "mode": mode, "load_dtype": load_dtype, "seq_len": item.get("seq_len", 2048), "args": args, "lora": lora, "quant": quant}
+    seq_len = item.get("seq_len", args["max_length"] if trainer == "sft" else 2048)
+    case_fields = {"model": item["model"], "mode": mode, "load_dtype": load_dtype, "seq_len": seq_len, "args": args,
+                   "lora": lora, "quant": quant, "trainer": trainer}
     case_id = item.get("id")
     if case_id is None:
         if mode not in MODES or args.get("optim") not in OPTIMIZERS:

@@ -32,6 +32,16 @@ Trainer: that imports peft and bitsandbytes, and bitsandbytes asks CUDA for the 
 capability), JSON lines with `--skip-done`, `--only`, `--stop-at`, and a model's checkpoint deleted
 after its cases.
 
+A case with `trainer: sft` runs through TRL 1.16.0's `SFTTrainer(model, args=SFTConfig(**kwargs),
+train_dataset=…, processing_class=…, peft_config=None, callbacks=[…])` instead, with the same
+loading, preparation, callback and probes. Neither the GPU box nor this machine reaches the Hub, so
+the processing class is built here: a `tokenizers` WordLevel model with one token per id of the
+config's vocabulary (`<unk>`, `<pad>`, `</s>`, then `t3`…), wrapped in `PreTrainedTokenizerFast`
+with pad and eos set. The data set is pre-tokenized (`datasets.Dataset.from_dict` with `input_ids`
+and `labels` of length S, random ids): SFTTrainer's `_prepare_dataset` sees `input_ids` and does
+not tokenize, finds `labels` and builds none, and its `max_length` truncation keeps every token
+(S <= max_length); packing stays off. Its collator adds an attention mask of ones.
+
 Rows carry `estimator_job` (the case in the estimator's Job terms, see trainer_cases.estimator_job),
 not `job`: validation.report scores `job` rows with today's estimator, whose Job cannot take the
 Trainer's new terms. Keep these results out of validation/results/.
@@ -74,6 +84,7 @@ def case_header(case: TrainerCase) -> dict:
         "model": case.model,
         "holdout": case.holdout,
         "kind": "trainer",
+        "trainer": case.trainer,
         "mode": case.mode,
         "load_dtype": case.load_dtype,
         "seq_len": case.seq_len,
@@ -144,6 +155,36 @@ def random_tokens(rows: int, seq_len: int, vocab: int):
             return {"input_ids": ids, "labels": ids.clone()}
 
     return RandomTokens()
+
+
+def local_tokenizer(vocab: int):
+    """A tokenizer of exactly `vocab` ids, built offline: `<unk>` 0, `<pad>` 1, `</s>` 2, `t3`…`t{vocab-1}`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<unk>", "<pad>", "</s>"]
+    words = {token: i for i, token in enumerate(special)}
+    words.update({f"t{i}": i for i in range(len(special), vocab)})
+    tok = Tokenizer(models.WordLevel(vocab=words, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="</s>")
+
+
+def pretokenized_dataset(rows: int, seq_len: int, vocab: int):
+    """A `datasets.Dataset` of `rows` random token sequences (the same ids as `random_tokens`), with
+    `labels` = `input_ids`, so SFTTrainer neither tokenizes nor builds labels."""
+    import datasets
+
+    ids = random_tokens(rows, seq_len, vocab).ids.tolist()
+    return datasets.Dataset.from_dict({"input_ids": ids, "labels": [list(row) for row in ids]})
+
+
+def _fused_head(model) -> bool:
+    """Whether TRL's fused LM head is installed on the (base) model: `add_fused_lm_head` rebinds forward."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    forward = base.__dict__.get("forward")
+    code = getattr(getattr(forward, "__func__", forward), "__code__", None)  # functools.wraps keeps forward's name
+    return code is not None and code.co_name == "_fused_forward"
 
 
 def memory_callback(probe: DeviceProbe):
@@ -231,7 +272,7 @@ def _versions() -> dict:
     import importlib.metadata as md
 
     out = measure._versions()
-    for name in ("liger_kernel", "triton", "nvidia-ml-py"):
+    for name in ("liger_kernel", "triton", "nvidia-ml-py", "trl", "datasets", "tokenizers"):
         try:
             out[name] = md.version(name)
         except md.PackageNotFoundError:
@@ -239,9 +280,21 @@ def _versions() -> dict:
     return out
 
 
-def run_trainer(case: TrainerCase, ckpt: Path, probe: DeviceProbe, result: dict, work: Path) -> None:
+def _build_trainer(case: TrainerCase, model, kwargs: dict, callback):
+    """`Trainer(...)` on the torch data set, or for an sft case `SFTTrainer(...)` on the pre-tokenized one."""
+    vocab = model.config.get_text_config().vocab_size
+    if case.trainer == "sft":
+        from trl import SFTConfig, SFTTrainer
+
+        return SFTTrainer(model, args=SFTConfig(**kwargs), train_dataset=pretokenized_dataset(case.samples, case.seq_len, vocab),
+                          processing_class=local_tokenizer(vocab), peft_config=None, callbacks=[callback])
     from transformers import Trainer, TrainingArguments
 
+    return Trainer(model=model, args=TrainingArguments(**kwargs), train_dataset=random_tokens(case.samples, case.seq_len, vocab),
+                   callbacks=[callback])
+
+
+def run_trainer(case: TrainerCase, ckpt: Path, probe: DeviceProbe, result: dict, work: Path) -> None:
     model = load_model(case, ckpt)
     probe.sample("loaded")
     result["params_total"] = measure._count_params(model)
@@ -253,14 +306,20 @@ def run_trainer(case: TrainerCase, ckpt: Path, probe: DeviceProbe, result: dict,
     else:
         result["params_trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     probe.sample("prepared")
-    vocab = model.config.get_text_config().vocab_size
-    dataset = random_tokens(case.samples, case.seq_len, vocab)
     output_dir = tempfile.mkdtemp(prefix="trainer-", dir=work)
     try:
         kwargs = dict(result["training_args"], output_dir=output_dir)
-        args = TrainingArguments(**kwargs)
         callback = memory_callback(probe)
-        trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=[callback])
+        trainer = _build_trainer(case, model, kwargs, callback)
+        if case.trainer == "sft":
+            result["sft"] = {
+                "fused_lm_head": _fused_head(trainer.model),
+                "liger_kernel_config": trainer.args.liger_kernel_config,
+                "train_columns": list(trainer.train_dataset.column_names),
+                "train_rows": len(trainer.train_dataset),
+                "adapter_dtypes": sorted({str(p.dtype) for p in trainer.model.parameters() if p.requires_grad}),
+                "gradient_checkpointing_kwargs": trainer.args.gradient_checkpointing_kwargs,
+            }
         setup = probe.sample("trainer_built")
         result["trainer_built_allocated_bytes"] = setup["allocated"]
         t0 = time.perf_counter()

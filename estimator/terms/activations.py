@@ -43,6 +43,13 @@ peft 0.21, bitsandbytes 0.50) and checked against the saved-tensor census that
   activation (`ops/swiglu.py`); `LigerRopeFunction` saves only cos and sin and keeps q and k in
   their dtype (`ops/rope.py`); the fused linear cross-entropy replaces `lm_head`, so its input is
   not saved (the loss term counts what it keeps: `terms/logits.py`).
+- TRL's chunked head (`--loss chunked`, every SFTTrainer job) replaces `lm_head` and the loss as
+  well: the final norm's output goes to `ChunkedLogProbFunction`, which saves its own gathered copy
+  (the loss term counts it), so nothing of `lm_head` is traced here; `SavedActivations.head_input`
+  is that output's dtype.
+- SFTTrainer with PEFT and gradient checkpointing calls `model.enable_input_require_grads()`
+  (`SFTTrainer.__init__`), so the embedding's output needs a gradient and layer 0 saves what the
+  others save.
 """
 
 from __future__ import annotations
@@ -124,8 +131,13 @@ class Flow:
 
     @property
     def liger(self) -> bool:
-        """Liger's kernels replace the norms, the gated activation, RoPE and the loss."""
-        return self.regime.loss is Loss.LIGER and self.liger_supported
+        """Liger's kernels replace the norms, the gated activation and RoPE."""
+        return self.regime.liger_kernels and self.liger_supported
+
+    @property
+    def head_replaced(self) -> bool:
+        """A fused loss takes lm_head's place: Liger's linear cross-entropy, or TRL's chunked head."""
+        return self.regime.loss is Loss.CHUNKED or (self.regime.loss is Loss.LIGER and self.liger)
 
     liger_supported: bool = False  # the model type is one liger-kernel patches
 
@@ -483,6 +495,7 @@ class SavedActivations:
     weight_copies_cached_bytes: float  # autocast cache at the end of the forward (not per token)
     layer_weight_copies_bytes: tuple[float, ...]  # per layer, saved copies
     lm_head_copy_bytes: float
+    head_input: DType = FP32  # the final norm's output, which lm_head (or a fused head) reads
 
 
 def saved_activations(inv: Inventory, regime: Regime, sizes: Sizes) -> SavedActivations:
@@ -521,7 +534,9 @@ def _saved_activations(inv: Inventory, regime: Regime, seq_len: int) -> SavedAct
     embed_grad = f.base_trainable
     if embed_grad:
         tr.save_bytes(INT64)  # token ids, for the embedding's gradient
-    x = tr.new(inv.hidden_size, f.residual, embed_grad)
+    # SFTTrainer: enable_input_require_grads() for PEFT with checkpointing (the module's docstring)
+    input_grad = embed_grad or (regime.sft and regime.adapter is not None and regime.gradient_checkpointing)
+    x = tr.new(inv.hidden_size, f.residual, input_grad)
     if inv.learned_positions:
         if embed_grad:
             tr.save_bytes(INT64)
@@ -557,7 +572,7 @@ def _saved_activations(inv: Inventory, regime: Regime, seq_len: int) -> SavedAct
     copies_before = tr.weight_copies_saved
     h = tr.norm(x)
     lm_head = inv.lm_head
-    if lm_head is not None and not f.liger:  # Liger's fused loss replaces lm_head (terms/logits.py)
+    if lm_head is not None and not f.head_replaced:  # a fused loss replaces lm_head (terms/logits.py)
         tr.linear(h, lm_head)
     outside += sum(tr.saved.values()) - before
     return SavedActivations(
@@ -568,6 +583,7 @@ def _saved_activations(inv: Inventory, regime: Regime, seq_len: int) -> SavedAct
         weight_copies_cached_bytes=tr.weight_copies_cached,
         layer_weight_copies_bytes=tuple(layer_copies),
         lm_head_copy_bytes=tr.weight_copies_saved - copies_before,
+        head_input=h.dtype if isinstance(h.dtype, DType) else f.compute,
     )
 
 
