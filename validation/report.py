@@ -33,6 +33,7 @@ EDGE_PATH = Path(__file__).resolve().parent / "results_h200" / "h200-edge.jsonl"
 H200_SETS = (
     ("plain loop: calibration reruns", Path(__file__).resolve().parent / "results_h200" / "h200-calibration.jsonl"),
     ("plain loop: device-total holdouts", Path(__file__).resolve().parent / "results_h200" / "h200-device.jsonl"),
+    ("plain loop: device-total holdouts, round b", Path(__file__).resolve().parent / "results_h200" / "h200-device-b.jsonl"),
     ("Trainer holdouts", Path(__file__).resolve().parent / "results_trainer" / "h200-trainer.jsonl"),
 )
 GIB = 1024**3
