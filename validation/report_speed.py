@@ -34,7 +34,7 @@ REPORT_PATH = HERE / "REPORT_SPEED.md"
 EXPECTED_SETS = (
     ("Trainer holdouts (timed before the speed model)", "results_trainer/h200-trainer.jsonl"),
     ("device-total round b", "results_h200/h200-device-b.jsonl"),
-    ("TRL SFTTrainer", "results_h200/h200-sft*.jsonl"),
+    ("TRL SFTTrainer", "results_trainer/h200-sft*.jsonl"),
 )
 SPANS = ("training step", "prefill", "decode step")
 PEERS = ("gpu_poor", "llmfit")
