@@ -30,7 +30,7 @@ import enum
 import functools
 from dataclasses import dataclass, field
 
-from estimator import calibration
+from estimator import calibration, stream
 from estimator.dtypes import FP32, tensor_bytes
 from estimator.inventory import Inventory, inventory_from_config
 from estimator.job import Job, Loss
@@ -154,6 +154,11 @@ def _notes(inv: Inventory, regime: Regime, sizes: Sizes) -> tuple[str, ...]:
         kept = "and QLoRA's preparation casts them to fp32" if regime.training else f"in {regime.storage.name}"
         notes.append(f"bitsandbytes quantizes linears only: this model's {experts / 1e9:.1f} B parameters in 3-D expert "
                      f"tensors stay unquantized, {kept}, which is why 4-bit saves less than it would")
+    if not regime.training and not inv.use_cache and sizes.new_tokens > 1:
+        notes.append("this config sets use_cache=false, so generate() recomputes the whole sequence at every new token: "
+                     "each step's tensors are a token larger than the last ones, and the caching allocator keeps "
+                     "reserving fresh segments (see the allocator reserve); model.generate(..., use_cache=True) "
+                     "keeps a KV cache instead")
     if weights.param_targets(inv, regime):
         notes.append("PEFT's all-linear adapts this model's routed experts and router as parameters (lora.ParamWrapper): "
                      "their adapters, gradients and optimizer state are counted; the delta weights ParamWrapper "
@@ -196,21 +201,26 @@ def _expandable_reserve(dynamic: int) -> int:
 def _allocator_reserve(inv: Inventory, regime: Regime, sizes: Sizes, dynamic: int) -> int:
     """Reserved-but-free memory at the peak (the caching allocator keeps freed blocks cached).
 
+    Inference: generate()'s requests, tensor by tensor in the order the libraries make them, are
+    replayed through the caching allocator's rules (estimator.stream); the reserve is the replay's
+    reserved peak less its allocated peak. That is where tensors that grow every step (the KV
+    cache's torch.cat, or the whole sequence without a cache) strand their earlier segments.
+
     Training: the loss's backward needs two fp32 N×V blocks while only the fp32 upcast's block has
     been freed; the half-precision logits' block is too small to host the other, so it stays
-    cached and a new segment is reserved (not with Liger's fused loss, which has no N×V buffers). Inference: the KV cache's growth by concatenation leaves
-    blocks too small to reuse (calibration.KV_CAT_FRAGMENTATION). Beyond that, freed temporaries of
-    other sizes leave holes in proportion to the memory that comes and goes
-    (calibration.ALLOCATOR_FRAGMENTATION).
+    cached and a new segment is reserved (not with a fused or chunked head, which has no N×V
+    buffers). Beyond that, freed temporaries of other sizes leave holes in proportion to the
+    memory that comes and goes (calibration.ALLOCATOR_FRAGMENTATION); the training step is not
+    replayed yet.
     """
     if regime.expandable_segments:
         return _expandable_reserve(dynamic)
+    if not regime.training:
+        reserved, allocated = stream.generate_reserve(inv, regime, sizes)
+        return max(reserved - allocated, 0)
     hole = 0
-    if regime.training and regime.compute != FP32 and not fused_loss(inv, regime):
+    if regime.compute != FP32 and not fused_loss(inv, regime):
         hole = tensor_bytes(sizes.training_tokens * inv.vocab_size, regime.compute)
-    if not regime.training and inv.use_cache:
-        final = kv_cache.cache_bytes(inv, sizes.batch, sizes.final_len, regime.compute)
-        hole = int(calibration.KV_CAT_FRAGMENTATION * final)
     return int(hole + calibration.ALLOCATOR_FRAGMENTATION * max(dynamic, 0))
 
 

@@ -1,0 +1,403 @@
+"""generate()'s allocations and frees, in order, replayed through the caching allocator (issue 12).
+
+The phase model sums what is alive at each phase's peak; what the caching allocator reserves also
+depends on the order and the sizes of everything allocated and freed before it. A freed block is
+reused only by a request that fits in it, so tensors that grow from step to step strand the
+segments of their earlier, smaller selves: DynamicCache's `torch.cat` makes every layer's keys and
+values one token longer at each decoded token, and without a KV cache (config `use_cache=false`)
+every step reruns the whole, one token longer, sequence. This module writes generate()'s stream of
+requests tensor by tensor, as the pinned libraries' code creates and drops them, and feeds it to
+`estimator.allocator.Allocator`; the reserved peak it reads is the device's dynamic reserve.
+
+Sources (transformers 5.17, bitsandbytes 0.50.2, torch 2.11), checked request for request against
+the allocator history of a measured decode (tests/test_stream.py):
+- `generation/utils.py: GenerationMixin._sample`: one forward per step with `logits_to_keep=1`,
+  then `next_token_logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32)` and the
+  logits processors; both loop variables live until the next step rebinds them, and
+  `del outputs` drops the step's logits.
+- `models/llama/modeling_llama.py` (the decoder layer most families share): the embedding (kept
+  to the end of the forward as `inputs_embeds`), the rotary embedding's fp32 cos and sin and their
+  casts, then per layer the input norm (alive until attention returns), q/k/v projections (Qwen3
+  norms q and k per head), RoPE (`q * cos + rotate_half(q) * sin`, rotate_half a `cat` of a negated
+  half; the projections die once both are embedded), the cache update, SDPA, the output projection
+  and the residual add; then the post-attention norm and the gated MLP (`down(act(gate(x)) * up(x))`)
+  and its residual add; the layer's input lives until the layer returns. The final norm and
+  lm_head on the last position. `LlamaRMSNorm` upcasts to fp32 (`x.to(float32)`, `x.pow(2).mean(-1)`,
+  `x * rsqrt(...)`, then `weight * x.to(dtype)`); Gemma's norm keeps fp32 through `x * (1 + weight)`.
+- `cache_utils.py: DynamicLayer.update`: `torch.cat` onto the layer's keys and values, empty before
+  the first update, so the prefill's keys and values are copied too; the old tensors die as the
+  attributes are rebound. Sliding-window layers keep a view of the last `window - 1` positions of
+  the concatenation, which keeps its whole storage alive.
+- `integrations/sdpa_attention.py`: with no mask (SPEC's unpadded prompts) SDPA gets keys and values
+  with their own heads (`enable_gqa`); its flash and efficient kernels write [B, T, H, D] memory, so
+  `transpose(1, 2).contiguous()` copies nothing.
+- bitsandbytes 4-bit (`backends/cuda/ops.py: gemm_4bit`): a shape rule picks its fused kernel or
+  `_dequant_linear_fallback` (the fp32 absmax rebuilt twice under double quantization, a bf16
+  [out, in] weight, F.linear); see `bnb_4bit_fused`. LLM.int8 (`MatMul8bitLt`) casts the input to
+  fp16, quantizes it to int8, multiplies into int32 and dequantizes to fp16, then casts back (its
+  outlier columns are not written yet).
+
+Only large-pool requests (over 1 MiB) are written: the small pool's 2 MiB segments never serve
+them, and its own reserve is a few MiB. Mixture-of-experts and MLA layers are written with the
+shapes the inventory gives (an approximation: their routing and latent projections are not).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from estimator.allocator import Allocator
+from estimator.dtypes import BF16, FP32
+from estimator.inventory_types import Inventory
+from estimator.regime import Regime, Sizes
+
+_TINY = (1 << 20) + 1  # bytes: small-pool requests (up to 1 MiB) are left out (see the module docstring)
+
+
+class Tape:
+    """Requests fed straight into an Allocator: `alloc(bytes)` returns a handle, `free(*handles)`."""
+
+    def __init__(self, allocator: Allocator) -> None:
+        self.allocator = allocator
+
+    def alloc(self, nbytes: float) -> int | None:
+        nbytes = int(nbytes)
+        if nbytes < _TINY:
+            return None
+        return self.allocator.malloc(nbytes)
+
+    def free(self, *handles: int | None) -> None:
+        for h in handles:
+            if h is not None:
+                self.allocator.free(h)
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """What one decoder layer's requests are sized by (bytes per element in `c`, the compute dtype's)."""
+
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    k_dim: int
+    v_dim: int
+    c: float  # bytes per element of activations (bf16/fp16 2, fp32 4)
+    upcast_norm: bool  # the norm's fp32 copy of its input is a new tensor (compute dtype below fp32)
+    gemma_norm: bool
+    layer_norm: bool
+    qk_norm: bool
+    rope: bool
+    layers: tuple[tuple, ...]  # per layer: (attention linears, MLP linears, gated, sliding)
+    vocab: int
+    softcap: bool
+    gelu_new: bool  # GPT-2's composite tanh GELU
+    quant: str | None  # "4bit", "int8" or None
+    double_quant: bool
+
+
+def shapes_of(inv: Inventory, regime: Regime) -> Shapes:
+    c = 4 if regime.compute == FP32 else 2
+    layers = []
+    for i in range(inv.num_layers):
+        lins = [lin for lin in inv.linears if lin.layer == i]
+        attn = tuple((lin.in_features, lin.out_features, lin.bnb_quantized) for lin in lins if lin.role in ("attn_in", "attn_out"))
+        mlp = tuple((lin.in_features, lin.out_features, lin.bnb_quantized) for lin in lins if lin.role in ("mlp_in", "mlp_out"))
+        sliding = i < len(inv.layer_types) and inv.layer_types[i] != "full_attention" and bool(inv.sliding_window)
+        layers.append((attn, mlp, inv.mlp_gated, sliding))
+    quant = None
+    if regime.quantizer is not None:
+        quant = "4bit" if regime.quantizer.is_4bit else "int8"
+    return Shapes(
+        hidden=inv.hidden_size, heads=inv.num_heads, kv_heads=inv.num_kv_heads, head_dim=inv.head_dim,
+        k_dim=inv.kv_head_dim, v_dim=inv.v_head_dim, c=c, upcast_norm=c < 4,
+        gemma_norm=inv.norm_style == "gemma", layer_norm=inv.norm_kind == "layer", qk_norm=inv.qk_norm,
+        rope=not inv.learned_positions, layers=tuple(layers), vocab=inv.vocab_size,
+        softcap=inv.final_logit_softcapping is not None, gelu_new=inv.hidden_act == "gelu_new", quant=quant, double_quant=regime.double_quant,
+    )
+
+
+# ---- one forward ------------------------------------------------------------------------------
+def _norm(t: Tape, s: Shapes, rows: int, width: int) -> int | None:
+    """A norm over `width`, for `rows` rows; returns its output (the input stays alive: the residual)."""
+    if s.layer_norm:
+        return t.alloc(rows * width * s.c)
+    x32 = t.alloc(rows * width * 4) if s.upcast_norm else None
+    sq = t.alloc(rows * width * 4)  # x.pow(2)
+    var = t.alloc(rows * 4)
+    t.free(sq)
+    scale = t.alloc(rows * 4)  # rsqrt(var + eps)
+    y32 = t.alloc(rows * width * 4)
+    t.free(x32, var, scale)
+    if s.gemma_norm:  # x * (1 + weight) in fp32, then the cast
+        z32 = t.alloc(rows * width * 4)
+        t.free(y32)
+        out = t.alloc(rows * width * s.c)
+        t.free(z32)
+        return out
+    cast = t.alloc(rows * width * s.c) if s.upcast_norm else None
+    out = t.alloc(rows * width * s.c)  # weight * x
+    t.free(cast, y32)
+    return out
+
+
+def bnb_4bit_fused(rows: int, fan_out: int, fan_in: int, sms: int = 132) -> bool:
+    """Whether bitsandbytes 0.50.2 multiplies `rows` rows by a 4-bit [fan_out, fan_in] weight with
+    its fused kernel (no bf16 copy of the weight) rather than dequantizing it for F.linear, in
+    inference (`backends/cuda/ops.py`: `gemm_4bit`, `_gemm_4bit_use_custom_cuda`). The rule is its
+    sm90 branch (H100 and H200, 132 SMs), which this replay applies to every GPU."""
+    m, n, k = rows, fan_out, fan_in
+    if m > 1536 or k % 64:
+        return False
+    if m <= 4:
+        return True
+    blocks = (n + 63) // 64
+    if n * k < 4 * 1024 * 1024:  # small weights
+        if k * 2 < n:
+            return m <= (512 if blocks * 3 < sms else 320)
+        if blocks * 4 <= sms:
+            return m <= 32
+        if blocks * 2 <= sms:
+            return m <= 16
+        return False
+    if m > 512:
+        return False
+    if m < 8:
+        if m >= 6 and blocks >= 36:
+            under_75 = blocks * 4 < sms * 3
+            if k > n and under_75:
+                return False
+            if k == n and under_75 and not blocks * 5 < sms * 3:
+                return False
+        return True
+    if blocks >= sms * 3:
+        return m <= 64
+    if blocks >= sms * 2:
+        return m <= 48
+    if blocks >= sms:
+        return m <= 32
+    if blocks >= sms // 2:
+        if k >= n and blocks * 4 < sms * 3:
+            return False
+        return m <= 16
+    return False
+
+
+def _linear(t: Tape, s: Shapes, rows: int, lin: tuple) -> int | None:
+    fan_in, fan_out, quantized = lin
+    if quantized and s.quant == "4bit":
+        if bnb_4bit_fused(rows, fan_out, fan_in):
+            return t.alloc(rows * fan_out * s.c)
+        # _dequant_linear_fallback: the absmax rebuilt in fp32 (double quantization: its 8-bit
+        # codes dequantized, then the offset added), the bf16 weight, F.linear; all freed on return.
+        absmax = [t.alloc(fan_in * fan_out / 64 * 4) for _ in range(2)] if s.double_quant else []
+        weight = t.alloc(fan_in * fan_out * 2)
+        out = t.alloc(rows * fan_out * s.c)
+        t.free(*absmax, weight)
+        return out
+    if quantized and s.quant == "int8":
+        a16 = t.alloc(rows * fan_in * 2)  # the input cast to fp16 (bf16 inputs too)
+        a8 = t.alloc(rows * fan_in)
+        t.free(a16)
+        acc = t.alloc(rows * fan_out * 4)
+        t.free(a8)
+        o16 = t.alloc(rows * fan_out * 2)
+        t.free(acc)
+        out = t.alloc(rows * fan_out * s.c)
+        t.free(o16)
+        return out
+    return t.alloc(rows * fan_out * s.c)
+
+
+def _rope(t: Tape, s: Shapes, elements: int) -> int | None:
+    """q * cos + rotate_half(q) * sin: the embedded tensor (its input is freed with the layer's)."""
+    a = t.alloc(elements * s.c)
+    neg = t.alloc(elements / 2 * s.c)
+    rot = t.alloc(elements * s.c)
+    t.free(neg)
+    b = t.alloc(elements * s.c)
+    t.free(rot)
+    out = t.alloc(elements * s.c)
+    t.free(a, b)
+    return out
+
+
+class _Cache:
+    """DynamicCache: per layer, the keys' and values' handles and the positions they hold."""
+
+    def __init__(self, layers: int) -> None:
+        self.k: list = [None] * layers
+        self.v: list = [None] * layers
+
+
+def forward(t: Tape, s: Shapes, batch: int, new: int, total: int, cache: _Cache | None, window: int | None,
+            carried: dict) -> None:
+    """One model forward of `new` tokens per sequence with `total` positions after it (`cache`: the
+    KV cache to update, None without one), then generate()'s fp32 copy of the last logits."""
+    rows = batch * new
+    d = s.hidden
+    hidden = t.alloc(rows * d * s.c)  # the embedding
+    kept = [hidden]  # the model's forward keeps `inputs_embeds` (and GPT-2's position embeddings) to the end
+    if s.gemma_norm:  # Gemma scales the embedding by sqrt(hidden)
+        scaled = t.alloc(rows * d * s.c)
+        t.free(hidden)
+        hidden = scaled
+        kept = [hidden]
+    if not s.rope:  # learned positions (GPT-2): wpe(position_ids), then inputs_embeds + position_embeds
+        kept.append(t.alloc(new * d * s.c))
+        hidden = t.alloc(rows * d * s.c)
+    embedding = hidden if s.rope else None
+    rotary = []
+    if s.rope:  # the rotary embedding: freqs, cat(freqs, freqs), cos and sin in fp32 (each scaled), cast
+        freqs = t.alloc(rows * s.head_dim / 2 * 4)
+        emb = t.alloc(rows * s.head_dim * 4)
+        scaled = []
+        for _ in range(2):
+            raw = t.alloc(rows * s.head_dim * 4)
+            scaled.append(t.alloc(rows * s.head_dim * 4))
+            t.free(raw)
+        rotary = [t.alloc(rows * s.head_dim * s.c) for _ in range(2)]
+        t.free(freqs, emb, *scaled)
+    for i, (attn, mlp, gated, sliding) in enumerate(s.layers):
+        x = _norm(t, s, rows, d)  # alive until the attention module returns
+        q_el, k_el = rows * s.heads * s.head_dim, rows * s.kv_heads * s.k_dim
+        if len(attn) == 2:  # one fused qkv projection; q, k and v are views of it
+            fused = _linear(t, s, rows, attn[0])
+            q = k = v = fused
+            drop = {fused}
+        else:
+            q = _linear(t, s, rows, attn[0])
+            if s.qk_norm:  # q_norm(q_proj(x)): the projection dies once normed
+                q, raw = _norm(t, s, rows * s.heads, s.head_dim), q
+                t.free(raw)
+            k = _linear(t, s, rows, attn[1])
+            if s.qk_norm:
+                k, raw = _norm(t, s, rows * s.kv_heads, s.k_dim), k
+                t.free(raw)
+            v = _linear(t, s, rows, attn[2])
+            drop = {q, k, v}
+        if s.rope:  # q_embed, k_embed = apply_rotary_pos_emb(q, k, ...): the inputs die after both
+            qe, ke = _rope(t, s, q_el), _rope(t, s, k_el)
+            if len(attn) != 2:
+                t.free(q, k)
+                drop -= {q, k}
+            q, k = qe, ke
+            drop |= {q, k}
+        if cache is not None:
+            held = min(total, window) if (sliding and window) else total
+            # torch.cat onto the layer's keys and values (empty before the first update); the old
+            # ones are freed as the attributes are rebound, and this step's k and v as
+            # `key_states, value_states = past_key_values.update(...)` rebinds them.
+            nk = t.alloc(batch * s.kv_heads * held * s.k_dim * s.c)
+            t.free(cache.k[i])
+            nv = t.alloc(batch * s.kv_heads * held * s.v_dim * s.c)
+            if cache.v[i] != cache.k[i]:
+                t.free(cache.v[i])
+            cache.k[i], cache.v[i] = nk, nv
+            if len(attn) != 2:
+                t.free(*({k, v} & drop))
+                drop -= {k, v}
+        # SDPA's flash and efficient kernels write [B, T, H, D] memory, so transformers'
+        # transpose(1, 2).contiguous() copies nothing.
+        o = t.alloc(rows * s.heads * s.v_dim * s.c)
+        proj = _linear(t, s, rows, attn[-1])
+        t.free(o, x, *(drop - {None}))
+        h2 = t.alloc(rows * d * s.c)  # the residual add; the layer's input lives until it returns
+        t.free(proj)
+        x = _norm(t, s, rows, d)
+        if gated and len(mlp) == 3:
+            gate = _linear(t, s, rows, mlp[0])
+            act = t.alloc(rows * mlp[0][1] * s.c)
+            t.free(gate)
+            up = _linear(t, s, rows, mlp[1])
+            prod = t.alloc(rows * mlp[1][1] * s.c)
+            t.free(act, up)
+            down = _linear(t, s, rows, mlp[2])
+            t.free(prod)
+        elif gated and len(mlp) == 2:  # one fused gate_up projection
+            gu = _linear(t, s, rows, mlp[0])
+            act = t.alloc(rows * mlp[0][1] / 2 * s.c)
+            prod = t.alloc(rows * mlp[0][1] / 2 * s.c)
+            t.free(gu, act)
+            down = _linear(t, s, rows, mlp[1])
+            t.free(prod)
+        elif mlp and s.gelu_new:
+            # GPT-2's NewGELUActivation, op by op: 0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x**3)))
+            up = _linear(t, s, rows, mlp[0])
+            n = rows * mlp[0][1] * s.c
+            half = t.alloc(n)
+            prev = t.alloc(n)  # x ** 3
+            for _ in range(4):  # * 0.044715, x +, * sqrt(2/pi), tanh
+                nxt = t.alloc(n)
+                t.free(prev)
+                prev = nxt
+            one = t.alloc(n)  # 1 + tanh
+            t.free(prev)
+            act = t.alloc(n)
+            t.free(half, one, up)
+            down = _linear(t, s, rows, mlp[-1])
+            t.free(act)
+        elif mlp:
+            up = _linear(t, s, rows, mlp[0])
+            act = t.alloc(rows * mlp[0][1] * s.c)
+            t.free(up)
+            down = _linear(t, s, rows, mlp[-1])
+            t.free(act)
+        else:
+            down = t.alloc(rows * d * s.c)
+        t.free(x)
+        h3 = t.alloc(rows * d * s.c)
+        t.free(down, h2)
+        if hidden != embedding:  # the model's forward keeps `inputs_embeds` to the end
+            t.free(hidden)
+        hidden = h3
+    final = _norm(t, s, rows, d)
+    t.free(*({hidden} | set(kept)), *rotary)
+    logits = t.alloc(batch * s.vocab * s.c)  # lm_head on the last position
+    if s.softcap:  # logits / cap, tanh, * cap
+        for _ in range(3):
+            nxt = t.alloc(batch * s.vocab * s.c)
+            t.free(logits)
+            logits = nxt
+    t.free(final)
+    # generate(): the fp32 copy of the last logits, then its logits processors. SPEC's generate
+    # (min_new_tokens = max_new_tokens) runs two that each clone the scores and write an
+    # EOS-masked copy (MinNewTokensLengthLogitsProcessor: `scores.clone()`, then `torch.where`);
+    # both appear in the allocator history of every step of a measured decode. The copy and the
+    # processed scores are loop variables (`next_token_logits`, `next_token_scores`): they live
+    # until the next step rebinds them.
+    copy = t.alloc(batch * s.vocab * 4)
+    t.free(carried.pop("copy", None))
+    scores = copy
+    for _ in range(2):
+        clone = t.alloc(batch * s.vocab * 4)
+        masked = t.alloc(batch * s.vocab * 4)
+        t.free(clone)
+        if scores != copy:
+            t.free(scores)
+        scores = masked
+    t.free(carried.pop("scores", None), logits)  # `del outputs` drops the step's logits
+    carried.update(copy=copy, scores=scores)
+
+
+@lru_cache(maxsize=256)
+def generate_reserve(inv: Inventory, regime: Regime, sizes: Sizes, capacity_bytes: int = 1 << 50) -> tuple[int, int]:
+    """(peak reserved, peak allocated) of generate()'s dynamic requests (the weights are not in the
+    stream), replayed through the caching allocator."""
+    s = shapes_of(inv, regime)
+    allocator = Allocator(capacity_bytes=capacity_bytes)
+    t = Tape(allocator)
+    b, p, n = sizes.batch, sizes.prompt_len, sizes.new_tokens
+    window = inv.sliding_window
+    if inv.use_cache:
+        cache = _Cache(inv.num_layers)
+        carried: dict = {}
+        forward(t, s, b, p, p, cache, window, carried)
+        for step in range(1, n):
+            forward(t, s, b, 1, p + step, cache, window, carried)
+    else:
+        carried = {}
+        for step in range(n):
+            forward(t, s, b, p + step, p + step, None, window, carried)
+    return allocator.peak_reserved_bytes, allocator.peak_allocated_bytes
