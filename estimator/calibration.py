@@ -71,13 +71,8 @@ AUTOGRAD_THREAD_BYTES = _ref.autograd_thread_bytes
 BNB_INT8_KERNELS_BYTES = _ref.bnb_int8_kernels_bytes
 
 # The caching allocator reserves more than it hands out: freed blocks that later requests of other
-# sizes cannot reuse stay cached. Beyond the logits' block (modelled in estimate.py), the holes
-# grow with the memory that comes and goes during the step: this fraction of the peak's dynamic
-# bytes (peak allocated less weights, adapters and optimizer state).
+# sizes cannot reuse stay cached. In training, beyond the logits' block (modelled in estimate.py),
+# the holes grow with the memory that comes and goes during the step: this fraction of the peak's
+# dynamic bytes (peak allocated less weights, adapters and optimizer state). Inference replays
+# generate()'s requests instead (estimator/stream.py) and uses no constant.
 ALLOCATOR_FRAGMENTATION = 0.05
-
-# generate() grows each layer's keys and values with torch.cat, one token longer every step, so a
-# freed block is always slightly too small for the next request and the allocator keeps
-# reserving; the blocks it cannot reuse scale with the cache. Median of (reserved − allocated) /
-# final KV cache over the 14 calibration inference cases (validation/results/h100-calibration-*).
-KV_CAT_FRAGMENTATION = 0.38
