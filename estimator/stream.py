@@ -95,6 +95,7 @@ class Shapes:
     gelu_new: bool  # GPT-2's composite tanh GELU
     quant: str | None  # "4bit", "int8" or None
     double_quant: bool
+    kernel: str  # the attention kernel (terms/activations.attention_kernel)
 
 
 def shapes_of(inv: Inventory, regime: Regime) -> Shapes:
@@ -106,6 +107,9 @@ def shapes_of(inv: Inventory, regime: Regime) -> Shapes:
         mlp = tuple((lin.in_features, lin.out_features, lin.bnb_quantized) for lin in lins if lin.role in ("mlp_in", "mlp_out"))
         sliding = i < len(inv.layer_types) and inv.layer_types[i] != "full_attention" and bool(inv.sliding_window)
         layers.append((attn, mlp, inv.mlp_gated, sliding))
+    from estimator.terms.activations import attention_kernel
+
+    kernel = attention_kernel(regime.attn, FP32 if c == 4 else BF16, inv.head_dim, False, inv.num_kv_heads != inv.num_heads)
     quant = None
     if regime.quantizer is not None:
         quant = "4bit" if regime.quantizer.is_4bit else "int8"
@@ -114,7 +118,7 @@ def shapes_of(inv: Inventory, regime: Regime) -> Shapes:
         k_dim=inv.kv_head_dim, v_dim=inv.v_head_dim, c=c, upcast_norm=c < 4,
         gemma_norm=inv.norm_style == "gemma", layer_norm=inv.norm_kind == "layer", qk_norm=inv.qk_norm,
         rope=not inv.learned_positions, layers=tuple(layers), vocab=inv.vocab_size,
-        softcap=inv.final_logit_softcapping is not None, gelu_new=inv.hidden_act == "gelu_new", quant=quant, double_quant=regime.double_quant,
+        softcap=inv.final_logit_softcapping is not None, gelu_new=inv.hidden_act == "gelu_new", quant=quant, double_quant=regime.double_quant, kernel=kernel,
     )
 
 
@@ -299,8 +303,27 @@ def forward(t: Tape, s: Shapes, batch: int, new: int, total: int, cache: _Cache 
                 t.free(*({k, v} & drop))
                 drop -= {k, v}
         # SDPA's flash and efficient kernels write [B, T, H, D] memory, so transformers'
-        # transpose(1, 2).contiguous() copies nothing.
-        o = t.alloc(rows * s.heads * s.v_dim * s.c)
+        # transpose(1, 2).contiguous() copies nothing. Its math fallback (fp32 with GQA) repeats k
+        # and v to every head and materializes the scores and the probabilities; eager attention
+        # (repeat_kv, q @ kᵀ · scale, an fp32 softmax cast back) likewise.
+        kv_len = min(total, window) if (sliding and window and cache is not None) else total
+        if s.kernel in ("math", "eager"):
+            reps = [t.alloc(batch * s.heads * kv_len * dim * s.c) for dim in (s.k_dim, s.v_dim)] if s.kv_heads != s.heads else []
+            scores = t.alloc(batch * s.heads * new * kv_len * s.c)
+            if s.kernel == "eager":
+                probs32 = t.alloc(batch * s.heads * new * kv_len * 4)
+                t.free(scores)
+                scores = probs32
+            probs = t.alloc(batch * s.heads * new * kv_len * s.c)
+            t.free(scores)
+            o = t.alloc(rows * s.heads * s.v_dim * s.c)
+            t.free(probs, *reps)
+            if s.kernel == "eager":  # attn_output.transpose(1, 2).contiguous() copies
+                ctg = t.alloc(rows * s.heads * s.v_dim * s.c)
+                t.free(o)
+                o = ctg
+        else:
+            o = t.alloc(rows * s.heads * s.v_dim * s.c)
         proj = _linear(t, s, rows, attn[-1])
         t.free(o, x, *(drop - {None}))
         h2 = t.alloc(rows * d * s.c)  # the residual add; the layer's input lives until it returns

@@ -335,16 +335,21 @@ class Trace:
         return bool(w) and self.seq_len > w and self.layer_type != "full_attention"
 
     def kernel(self, dtype: float, mask: bool, gqa: bool) -> str:
-        if self.f.attn is Attention.EAGER:
-            return "eager"
-        if self.f.attn is Attention.FLASH_ATTENTION_2:
-            return "flash"
-        half = dtype in (BF16, FP16)
-        if half and not mask and self.inv.head_dim <= FLASH_MAX_HEAD_DIM:
-            return "flash"
-        if (mask or not gqa) and self.inv.head_dim <= FLASH_MAX_HEAD_DIM:
-            return "efficient"
-        return "math"
+        return attention_kernel(self.f.attn, dtype, self.inv.head_dim, mask, gqa)
+
+
+def attention_kernel(attn: Attention, dtype: float, head_dim: int, mask: bool, gqa: bool) -> str:
+    """Which attention kernel runs: "eager", "flash", "efficient" or SDPA's "math" fallback."""
+    if attn is Attention.EAGER:
+        return "eager"
+    if attn is Attention.FLASH_ATTENTION_2:
+        return "flash"
+    half = dtype in (BF16, FP16)
+    if half and not mask and head_dim <= FLASH_MAX_HEAD_DIM:
+        return "flash"
+    if (mask or not gqa) and head_dim <= FLASH_MAX_HEAD_DIM:
+        return "efficient"
+    return "math"
 
 
 # -------------------------------------------------------------------------------------------------
