@@ -104,6 +104,12 @@ def cached_estimate(model: Model, job: Job) -> Estimate:
 
 
 @functools.lru_cache(maxsize=4096)
+def cached_lower_bound(model: Model, job: Job) -> Estimate:
+    """The estimate without inference's replayed allocator reserve: the solvers' cheap bound."""
+    return estimate(model.inventory, job, replay=False)
+
+
+@functools.lru_cache(maxsize=4096)
 def fit_job(model: Model, job: Job, gpu, strategy: Strategy | None = None, num_gpus: int | None = None) -> Fit:
     """`estimator.fit.fit` on the cached estimate (cached too: a rerun that changes nothing recomputes nothing)."""
     return fitting.fit(cached_estimate(model, job), gpu, strategy or fitting.default_strategy(job), num_gpus)
@@ -165,7 +171,8 @@ def suggestions(model: Model, job: Job, gpu_name: str) -> tuple:
 @functools.lru_cache(maxsize=512)
 def largest_fitting(model: Model, job: Job, field_name: str, gpu_name: str, strategy: Strategy, num_gpus: int) -> Limit:
     """`estimator.limits.largest_fitting` for this model, with the app's cached estimates."""
-    return limits.largest_fitting(lambda j: cached_estimate(model, j), job, field_name, gpu_db.find_gpu(gpu_name), strategy, num_gpus)
+    return limits.largest_fitting(lambda j: cached_estimate(model, j), job, field_name, gpu_db.find_gpu(gpu_name), strategy, num_gpus,
+                                  lower_bound_of=lambda j: cached_lower_bound(model, j))
 
 
 # -------------------------------------------------------------------------------------------------

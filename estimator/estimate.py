@@ -88,6 +88,7 @@ class Estimate:
     notes: tuple[str, ...] = field(default=())
     phase_parts: dict[str, Parts] = field(default_factory=dict, repr=False)  # allocated components per phase
     inventory: Inventory | None = field(default=None, repr=False, compare=False)
+    replayed: bool = field(default=True, repr=False)  # False: inference's allocator reserve left out (a lower bound)
 
     @functools.cached_property
     def regime(self) -> Regime:
@@ -108,8 +109,11 @@ class Estimate:
         }
 
 
-def estimate(model: Inventory | dict, job: Job) -> Estimate:
-    """Estimate `job` on `model` (an `Inventory`, or a config.json dict)."""
+def estimate(model: Inventory | dict, job: Job, *, replay: bool = True) -> Estimate:
+    """Estimate `job` on `model` (an `Inventory`, or a config.json dict).
+
+    `replay=False` leaves inference's allocator reserve out (it is replayed, the costly part): a
+    lower bound of the device total, which the solvers use to bracket their searches."""
     inv = model if isinstance(model, Inventory) else inventory_from_config(model)
     regime, sizes = regime_of(job), sizes_of(job)
     placed = weights.placements(inv, regime)
@@ -121,7 +125,7 @@ def estimate(model: Inventory | dict, job: Job) -> Estimate:
         phases, paged = _inference_phases(inv, regime, sizes, base), 0
     peak_phase = max(phases, key=lambda name: sum(phases[name].values()))
     at_peak = phases[peak_phase]
-    reserve, context = device_overheads(inv, regime, sizes, at_peak)
+    reserve, context = device_overheads(inv, regime, sizes, at_peak, replay=replay)
     breakdown = {c: 0 for c in Component}
     breakdown.update(at_peak)
     breakdown.update({Component.CUDA_CONTEXT: context, Component.ALLOCATOR_RESERVE: reserve,
@@ -138,6 +142,7 @@ def estimate(model: Inventory | dict, job: Job) -> Estimate:
         notes=tuple(inv.notes) + _notes(inv, regime, sizes),
         phase_parts={name: dict(row) for name, row in phases.items()},
         inventory=inv,
+        replayed=replay,
     )
 
 
@@ -166,10 +171,13 @@ def _notes(inv: Inventory, regime: Regime, sizes: Sizes) -> tuple[str, ...]:
     return tuple(notes)
 
 
-def device_overheads(inv: Inventory, regime: Regime, sizes: Sizes, at_peak: Parts) -> tuple[int, int]:
+def device_overheads(inv: Inventory, regime: Regime, sizes: Sizes, at_peak: Parts, *, replay: bool = True) -> tuple[int, int]:
     """(allocator reserve, CUDA context and libraries) for a phase's allocated components."""
     static = at_peak[Component.WEIGHTS] + at_peak[Component.LORA_ADAPTERS] + at_peak[Component.OPTIMIZER_STATE]
-    reserve = _allocator_reserve(inv, regime, sizes, sum(at_peak.values()) - static)
+    if replay or regime.training or regime.expandable_segments:
+        reserve = _allocator_reserve(inv, regime, sizes, sum(at_peak.values()) - static)
+    else:
+        reserve = 0
     context = calibration.CUDA_CONTEXT_BYTES + calibration.CUBLAS_HANDLES_BYTES
     if regime.training:
         context += calibration.AUTOGRAD_THREAD_BYTES

@@ -147,7 +147,7 @@ class Fit:
 # -------------------------------------------------------------------------------------------------
 def _finish(result: Estimate, n: int, phases: list[Parts], paged: int) -> PerGPU:
     worst = max(phases, key=lambda row: sum(row.values()))
-    reserve, context = device_overheads(result.inventory, result.regime, sizes_of(result.job), worst)
+    reserve, context = device_overheads(result.inventory, result.regime, sizes_of(result.job), worst, replay=result.replayed)
     breakdown = {c: 0 for c in Component}
     breakdown.update({c: int(v) for c, v in worst.items()})
     breakdown.update({Component.CUDA_CONTEXT: context, Component.ALLOCATOR_RESERVE: reserve,

@@ -1,8 +1,10 @@
 """The largest batch, or the longest sequence or prompt, that still fits a GPU: exact, by search.
 
-Every estimate is monotone in the batch and the lengths (more never needs less memory; tests
-check it), so an exponential search from the job's own value, then bisection, finds the largest
-integer that fits in O(log n) estimates.
+Peak allocated memory is monotone in the batch and the lengths (more never needs less; tests check
+it), so an exponential search from the job's own value, then bisection, finds the largest integer
+that fits in O(log n) estimates. The device total is nearly so: the replayed caching allocator can
+jump where one more token makes a tensor outgrow its cached segment, and then the search stops at
+an edge where the size fits and the next one does not, as a real run would.
 """
 
 from __future__ import annotations
@@ -82,12 +84,16 @@ def fits_on(estimate_of: Callable[[Job], Estimate], gpu, strategy: Strategy, num
 
 
 def largest_fitting(estimate_of: Callable[[Job], Estimate], job: Job, field_name: str, gpu, strategy: Strategy,
-                    num_gpus: int = 1) -> Limit:
+                    num_gpus: int = 1, lower_bound_of: Callable[[Job], Estimate] | None = None) -> Limit:
     """The largest `field_name` (one of SOLVABLE) with which `job` fits `num_gpus` × `gpu`.
 
     `estimate_of(job)` gives a job's estimate on the model (the app passes a cached one). Starts
     from the job's own value. A GPU that cannot run the job at all (bf16, bitsandbytes) gives 0 and
     `fit`'s reason.
+
+    `lower_bound_of(job)`, when given, is a cheap estimate whose device total never exceeds
+    `estimate_of`'s (`estimate(..., replay=False)`): on one GPU the search then runs on the bound
+    and checks the few sizes below it with the full estimate (`_refine`); the answer is the same.
     """
     if field_name not in SOLVABLE:
         raise ValueError(f"can solve for {', '.join(SOLVABLE)}; not {field_name!r}")
@@ -96,5 +102,41 @@ def largest_fitting(estimate_of: Callable[[Job], Estimate], job: Job, field_name
     if reason:
         return Limit(field_name, 0, upper, gpu.name, num_gpus, strategy, reason)
     ok = fits_on(estimate_of, gpu, strategy, num_gpus)
-    value = largest_true(lambda n: ok(job.with_(**{field_name: n})), upper, start=getattr(job, field_name))
+    start = getattr(job, field_name)
+    if lower_bound_of is None or num_gpus != 1:
+        value = largest_true(lambda n: ok(job.with_(**{field_name: n})), upper, start=start)
+    else:
+        value = _refine(estimate_of, lower_bound_of, job, field_name, gpu, upper, start)
     return Limit(field_name, value, upper, gpu.name, num_gpus, strategy)
+
+
+def _refine(estimate_of, lower_bound_of, job: Job, field_name: str, gpu, upper: int, start: int) -> int:
+    """The largest size that fits one GPU, searched on the lower bound first: no size above the
+    bound's answer fits. If the full estimate fails there, its allocator reserve added to the bound
+    names a candidate below (the reserve grows with the size, so the candidate errs low); then
+    bisection between the largest size known to fit and the smallest known to fail, on the full
+    estimate. Without a candidate that fits, an exponential search on the full estimate."""
+    capacity = int(gpu.usable_by_default_bytes)
+    at = lambda n: job.with_(**{field_name: n})  # noqa: E731
+    single = lambda e: fit(e, gpu, Strategy.SINGLE).gpus_needed == 1  # noqa: E731
+    top = largest_true(lambda n: single(lower_bound_of(at(n))), upper, start=start)
+    if top == 0:
+        return 0
+    full = estimate_of(at(top))
+    if single(full):
+        return top
+    if top == 1:
+        return 0
+    extra = full.device_total_bytes - lower_bound_of(at(top)).device_total_bytes
+    candidate = largest_true(lambda m: lower_bound_of(at(m)).device_total_bytes + extra <= capacity
+                             and single(lower_bound_of(at(m))), top - 1, start=top - 1)
+    if candidate < 1 or not single(estimate_of(at(candidate))):
+        return largest_true(lambda n: single(estimate_of(at(n))), top - 1, start=max(candidate, 1))
+    lo, failed = candidate, top
+    while failed - lo > 1:
+        mid = (lo + failed) // 2
+        if single(estimate_of(at(mid))):
+            lo = mid
+        else:
+            failed = mid
+    return lo

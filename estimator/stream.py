@@ -404,23 +404,112 @@ def forward(t: Tape, s: Shapes, batch: int, new: int, total: int, cache: _Cache 
     carried.update(copy=copy, scores=scores)
 
 
+class _Recorder:
+    """A tape that records requests instead of making them: handles are names, sizes exact."""
+
+    def __init__(self) -> None:
+        self.ops: list[tuple[bool, object, int]] = []
+        self._n = 0
+
+    def alloc(self, nbytes: float) -> tuple:
+        self._n += 1
+        handle = ("t", self._n)
+        self.ops.append((True, handle, int(nbytes)))
+        return handle
+
+    def free(self, *handles) -> None:
+        self.ops.extend((False, h, 0) for h in handles if h is not None)
+
+
+def _record_step(s: Shapes, batch: int, total: int, cached: bool, layers: int, window: int | None):
+    """One generate() step at `total` positions, recorded with named persistent slots: the cache's
+    keys and values ("k", i) / ("v", i) and generate()'s carried copy and scores. Returns the ops and
+    the renames (this step's new names of the persistent slots)."""
+    rec = _Recorder()
+    carried = {"copy": ("copy",), "scores": ("scores",)}
+    if cached:
+        cache = _Cache(layers)
+        cache.k = [("k", i) for i in range(layers)]
+        cache.v = [("v", i) for i in range(layers)]
+        forward(rec, s, batch, 1, total, cache, window, carried)
+        renames = {cache.k[i]: ("k", i) for i in range(layers)} | {cache.v[i]: ("v", i) for i in range(layers)}
+    else:
+        forward(rec, s, batch, total, total, None, window, carried)
+        renames = {}
+    renames |= {carried["copy"]: ("copy",), carried["scores"]: ("scores",)}
+    return rec.ops, renames
+
+
+def _template(s: Shapes, batch: int, first: int, last: int, cached: bool, layers: int, window: int | None):
+    """The steps from `first` to `last` positions as one program whose sizes are polynomials of
+    degree two in the position count (they are products of at most two lengths), or None when the
+    steps differ in structure (a kernel choice that flips with the length): then each step is
+    written out. Requests that stay in the small pool through the last step are dropped."""
+    if last - first < 3:
+        return None
+    points = [first, first + 1, first + 2]
+    runs = [_record_step(s, batch, t, cached, layers, window) for t in points + [last]]
+    shape = [(a, h) for a, h, _ in runs[0][0]]
+    if any([(a, h) for a, h, _ in ops] != shape or ren != runs[0][1] for ops, ren in runs[1:]):
+        return None
+    program = []
+    for i, (is_alloc, handle, y0) in enumerate(runs[0][0]):
+        y1, y2, y_last = runs[1][0][i][2], runs[2][0][i][2], runs[3][0][i][2]
+        c2 = (y2 - 2 * y1 + y0) / 2  # exact: integer sizes of a quadratic
+        c1 = (y1 - y0) - c2 * (2 * first + 1)
+        c0 = y0 - c1 * first - c2 * first * first
+        if is_alloc and c0 + c1 * last + c2 * last * last != y_last:
+            return None
+        program.append((is_alloc, handle, c0, c1, c2, max(y0, y_last)))
+    small = {h for a, h, *_, top in program if a and top < _TINY}
+    program = [op for op in program if op[1] not in small]
+    return program, runs[0][1]
+
+
 @lru_cache(maxsize=256)
-def generate_reserve(inv: Inventory, regime: Regime, sizes: Sizes, capacity_bytes: int = 1 << 50) -> tuple[int, int]:
+def generate_reserve(inv: Inventory, regime: Regime, sizes: Sizes, capacity_bytes: int = 1 << 50,
+                     stepwise: bool = False) -> tuple[int, int]:
     """(peak reserved, peak allocated) of generate()'s dynamic requests (the weights are not in the
-    stream), replayed through the caching allocator."""
+    stream), replayed through the caching allocator.
+
+    The decoding steps differ only in the lengths their tensors are sized by, so they are recorded
+    once as a program (`_template`) and replayed with each step's sizes: the same requests in the
+    same order as writing every step out (tests/test_stream.py checks both ways agree), at a
+    fraction of the cost. `stepwise` writes every step out instead."""
     s = shapes_of(inv, regime)
     allocator = Allocator(capacity_bytes=capacity_bytes)
     t = Tape(allocator)
     b, p, n = sizes.batch, sizes.prompt_len, sizes.new_tokens
     window = inv.sliding_window
-    if inv.use_cache:
-        cache = _Cache(inv.num_layers)
-        carried: dict = {}
+    layers = inv.num_layers
+    cached = inv.use_cache
+    cache = _Cache(layers) if cached else None
+    carried: dict = {}
+    if cached:
         forward(t, s, b, p, p, cache, window, carried)
-        for step in range(1, n):
-            forward(t, s, b, 1, p + step, cache, window, carried)
+        first, last = p + 1, p + n - 1
     else:
-        carried = {}
-        for step in range(n):
-            forward(t, s, b, p + step, p + step, None, window, carried)
+        first, last = p, p + n - 1
+    windowed = bool(window) and any(sliding for *_, sliding in s.layers) and last > window
+    program = None if (windowed or stepwise) else _template(s, b, first, last, cached, layers, window)
+    if program is None:
+        for total in range(first, last + 1):
+            forward(t, s, b, 1 if cached else total, total, cache, window, carried)
+        return allocator.peak_reserved_bytes, allocator.peak_allocated_bytes
+    ops, renames = program
+    slots: dict = {("copy",): carried.get("copy"), ("scores",): carried.get("scores")}
+    if cached:
+        slots |= {("k", i): cache.k[i] for i in range(layers)} | {("v", i): cache.v[i] for i in range(layers)}
+    malloc, free = allocator.malloc, allocator.free
+    for total in range(first, last + 1):
+        for is_alloc, handle, c0, c1, c2, _ in ops:
+            if is_alloc:
+                size = int(c0 + c1 * total + c2 * total * total)
+                slots[handle] = malloc(size) if size >= _TINY else None
+            else:
+                h = slots.pop(handle, None)
+                if h is not None:
+                    free(h)
+        for new, old in renames.items():
+            slots[old] = slots.pop(new, None)
     return allocator.peak_reserved_bytes, allocator.peak_allocated_bytes

@@ -115,3 +115,22 @@ def test_bitsandbytes_picks_its_fused_4bit_kernel_as_its_sm90_rule_says():
     assert stream.bnb_4bit_fused(32, 512, 2048) and not stream.bnb_4bit_fused(33, 512, 2048)
     assert stream.bnb_4bit_fused(4, 8192, 2048)
     assert not stream.bnb_4bit_fused(1537, 512, 2048)
+
+
+@pytest.mark.parametrize("repo, job", [
+    ("meta-llama/Llama-3.2-1B", dict(weights="nf4", batch_size=16, prompt_len=1024, new_tokens=64)),
+    ("meta-llama/Llama-3.2-1B", dict(weights="bf16", batch_size=3, prompt_len=300, new_tokens=40)),
+    ("Qwen/Qwen3-4B", dict(weights="nf4", batch_size=8, prompt_len=200, new_tokens=30)),  # no KV cache
+    ("Qwen/Qwen3-4B", dict(weights="fp32", batch_size=2, prompt_len=128, new_tokens=20)),  # math SDPA, no cache
+    ("openai-community/gpt2", dict(weights="fp32", batch_size=16, prompt_len=512, new_tokens=40)),
+    ("microsoft/Phi-3-mini-4k-instruct", dict(weights="bf16", batch_size=4, prompt_len=512, new_tokens=20, attn="eager")),
+    ("google/gemma-2-2b-it", dict(weights="bf16", batch_size=2, prompt_len=4000, new_tokens=200)),  # past the window
+    ("meta-llama/Llama-3.1-8B", dict(weights="int8", batch_size=8, prompt_len=512, new_tokens=16)),
+    ("Qwen/Qwen1.5-MoE-A2.7B-Chat", dict(weights="bf16", batch_size=8, prompt_len=256, new_tokens=16)),
+])
+def test_the_recorded_decoding_program_replays_exactly_what_writing_every_step_out_does(repo, job):
+    """generate_reserve records the decoding steps once, sized by polynomials of the length, and
+    replays them; it must give the same peaks as writing each step out (it falls back to that when
+    the steps differ in structure, or a sliding window is passed)."""
+    inv, regime, sizes = _case(repo, **job)
+    assert stream.generate_reserve(inv, regime, sizes) == stream.generate_reserve(inv, regime, sizes, stepwise=True)

@@ -73,7 +73,8 @@ def predicted_boundary(case: EdgeCase) -> int:
     from estimator.limits import largest_fitting
 
     inv = inventory_from_config(find_entry(case.model).config())
-    limit = largest_fitting(lambda j: estimate(inv, j), case.job, case.field, gpu_db.find_gpu(case.gpu), Strategy.SINGLE)
+    limit = largest_fitting(lambda j: estimate(inv, j), case.job, case.field, gpu_db.find_gpu(case.gpu), Strategy.SINGLE,
+                            lower_bound_of=lambda j: estimate(inv, j, replay=False))
     return limit.value
 
 
