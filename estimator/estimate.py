@@ -9,6 +9,9 @@ training step (SPEC: the maximum over three steps, so the optimizer state from s
 - backward start: the same activations with the loss's backward buffers instead;
 - backward through the top layer: the loss's buffers gone, lm_head's gradient made, the layer's
   gradients of its intermediates (and, with checkpointing, the layer recomputed);
+- the top layer's forward peak (LoRA's fp32 input casts and dropout outputs at an adapter's
+  matmul): with checkpointing when the backward recomputes it ("recompute_layer"), without in the
+  forward of the last layer ("forward_layers");
 - backward end: weights, optimizer state and every gradient (plus, for tied embeddings, the
   embedding's gradient before it is added to lm_head's);
 - optimizer step: weights, state, gradients and the step's temporaries.
@@ -320,6 +323,27 @@ def _training_phases(inv: Inventory, regime: Regime, sizes: Sizes, base: int, ad
         gradients=lm_grads,
         temporaries=int(recompute + act.backward_working_bytes(inv, regime) * tokens),
     )
+    # The forward's own peak inside a layer (the adapters' fp32 input casts and dropout outputs,
+    # Trace._lora_transient): with checkpointing it recurs when the backward recomputes the top
+    # layer (torch/utils/checkpoint.py, non-reentrant: the first unpack of a saved tensor reruns the
+    # layer's forward, whose saved tensors are kept for the backward as they are recomputed), on
+    # top of every layer's checkpointed input and the gradient of the layer's output (the head's
+    # and the final norm's saved tensors are freed by then); without it, it comes in the forward of
+    # the last layer with every earlier layer's activations saved.
+    layers_forward = None
+    head = saved.head_saved * tokens
+    if regime.gradient_checkpointing and inv.num_layers:
+        peak_layer = max(range(inv.num_layers), key=lambda i: saved.layers[i] + saved.layer_transients[i])
+        layer_forward = (saved.layers[peak_layer] + saved.layer_transients[peak_layer] + saved.layer_output) * tokens
+        layers_forward = ("recompute_layer", parts(
+            **static, activations=activations_total - head, autocast_weight_copies=copies_backward, gradients=lm_grads,
+            temporaries=int(layer_forward + saved.layer_weight_copies_bytes[peak_layer])))
+    elif inv.num_layers and any(saved.layer_transients):
+        so_far = [sum(saved.layers[:i + 1]) for i in range(inv.num_layers)]
+        above = max(so_far[i] + saved.layer_transients[i] for i in range(inv.num_layers)) - so_far[-1]
+        layers_forward = ("forward_layers", parts(
+            **static, activations=activations_total - head, autocast_weight_copies=copies_forward,
+            temporaries=int(above * tokens)))
     tied_transient = 0
     if inv.tied_embeddings:  # the embedding's gradient before it is added to lm_head's
         embeddings = {p.name for p in inv.params if p.kind == "embedding"}
@@ -330,6 +354,7 @@ def _training_phases(inv: Inventory, regime: Regime, sizes: Sizes, base: int, ad
         "forward_end": forward_end,
         "backward_start": backward_start,
         "backward_layers": layer_backward,
+        **dict([layers_forward] if layers_forward else []),
         "backward_end": backward_end,
         "optimizer_step": step,
     }
@@ -338,7 +363,9 @@ def _training_phases(inv: Inventory, regime: Regime, sizes: Sizes, base: int, ad
         # (accumulated in place), and each new gradient arrives as a temporary that AccumulateGrad
         # adds into the kept one: at the end of the backward, the largest trainable tensor's.
         largest = max((tensor_bytes(p.numel, p.dtype) for p in train), default=0)
-        for name in ("forward_end", "backward_start", "backward_layers"):
+        for name in ("forward_end", "backward_start", "backward_layers", "recompute_layer", "forward_layers"):
+            if name not in phases:
+                continue
             phases["accumulating_" + name] = {c: v + (grads if c is Component.GRADIENTS else 0) for c, v in phases[name].items()}
         phases["accumulating_backward_end"] = parts(**static, activations=inputs, gradients=grads,
                                                     temporaries=max(largest, tied_transient))

@@ -47,6 +47,19 @@ peft 0.21, bitsandbytes 0.50) and checked against the saved-tensor census that
   well: the final norm's output goes to `ChunkedLogProbFunction`, which saves its own gathered copy
   (the loss term counts it), so nothing of `lm_head` is traced here; `SavedActivations.head_input`
   is that output's dtype.
+- The forward's own peak inside a layer (`SavedActivations.layer_transients`), at an adapted
+  linear's `lora_A` matmul (`peft/tuners/lora/layer.py: Linear.forward`; `bnb.py: Linear4bit.forward`
+  skips the cast under autocast): the base layer's `result`, the input the caller still holds (for
+  down_proj the I-wide product `act(gate) * up`, which a frozen base does not save), its cast to
+  the fp32 adapter (`_cast_input_dtype`) and dropout's output, both locals until the branch
+  returns, and the layer's residual and normed MLP input (`Qwen2MLP.forward`/`LlamaMLP.forward`
+  hold `x` until `up_proj` has run), counted where the trace has not saved them. With
+  non-reentrant checkpointing (transformers 5.17 `gradient_checkpointing_enable` picks
+  `use_reentrant=False` when given no kwargs) the backward reruns the top layer's forward at the
+  first unpack of one of its saved tensors (`torch/utils/checkpoint.py: _checkpoint_hook`), so this
+  peak comes back then, on top of every checkpoint; `estimate._training_phases` "recompute_layer".
+  Checked against a CPU replay of SFTTrainer's step (peft, trl's fused head with CUDA's compact
+  path) that tracked every storage: the top layer's recompute at down_proj's `lora_A` is the peak.
 - SFTTrainer with PEFT and gradient checkpointing calls `model.enable_input_require_grads()`
   (`SFTTrainer.__init__`), so the embedding's output needs a gradient and layer 0 saves what the
   others save.
@@ -158,6 +171,9 @@ class Trace:
     sizes: dict[int, float] = field(default_factory=dict)  # a storage's bytes per token (views share it)
     weight_copies_saved: float = 0.0  # fp32 weights cast for a matmul whose input needs a gradient
     weight_copies_cached: float = 0.0  # trainable fp32 weights cast under autocast (cache until exit)
+    layer_start: float = 0.0  # saved bytes per token before the current layer
+    context: tuple = ()  # tensors the layer's forward holds while a sub-block runs (residual, normed input)
+    transient: float = 0.0  # the current layer's peak of live-but-unsaved bytes per token above what it saves
     _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
 
     # ---- primitives -------------------------------------------------------------------------
@@ -224,10 +240,23 @@ class Trace:
         d = self.dropout(xl, f.lora_dropout)
         a_in = self.autocast_in(d)
         self.save(a_in)  # lora_A's weight gradient
+        self._lora_transient(x, xl, d, out)
         a_out = self.new(f.lora_r, f.compute, True)
         self.save(a_out)  # lora_B's weight gradient
         b_out = self.new(lin.out_features, f.compute, True)
         return self.new(lin.out_features, promote(out.dtype, b_out.dtype) if quantized else out.dtype, True)
+
+    def _lora_transient(self, x: T, xl: T, d: T, out: T) -> None:
+        """What is alive, besides the saved tensors, while `lora_A` multiplies (peft/tuners/lora/layer.py
+        `Linear.forward`, bnb.py `Linear4bit.forward`): the base layer's `result`, the input `x` the
+        caller holds, its cast to the adapter's dtype (`_cast_input_dtype`) and dropout's output, both
+        kept as locals until the adapter's branch returns, and the layer's residual and normed input."""
+        live = {}
+        for t in (x, xl, d, out, *self.context):
+            if t.sid not in self.saved:
+                live[t.sid] = t.width * t.dtype
+        saved_in_layer = sum(self.saved.values()) - self.layer_start
+        self.transient = max(self.transient, saved_in_layer + sum(live.values()))
 
     def rms_norm(self, x: T, width: int | None = None, gemma: bool = False) -> T:
         w = width or x.width
@@ -468,10 +497,12 @@ def trace_layer(tr: Trace, x: T, layer: int) -> T:
     x = tr.add(residual, o)
     residual = x
     h = tr.norm(x)
+    tr.context = (residual, h)
     if inv.moe is not None and layer in inv.moe.layers:
         m = _moe(tr, h, groups)
     else:
         m = _gated_mlp(tr, h, groups["mlp_in"], groups["mlp_out"])
+    tr.context = ()
     if inv.sandwich_norms:
         m = tr.norm(m)
     m = tr.dropout(m, inv.hidden_dropout)
@@ -501,6 +532,10 @@ class SavedActivations:
     layer_weight_copies_bytes: tuple[float, ...]  # per layer, saved copies
     lm_head_copy_bytes: float
     head_input: DType = FP32  # the final norm's output, which lm_head (or a fused head) reads
+    # per decoder layer: the peak of its forward above what it saves, at an adapter's matmul (Trace._lora_transient)
+    layer_transients: tuple[float, ...] = ()
+    head_saved: float = 0.0  # of `outside`, what the final norm and lm_head save (freed before the layers' backward)
+    layer_output: float = 0.0  # bytes per token of a layer's output (and of the gradient the backward hands it)
 
 
 def saved_activations(inv: Inventory, regime: Regime, sizes: Sizes) -> SavedActivations:
@@ -549,6 +584,7 @@ def _saved_activations(inv: Inventory, regime: Regime, seq_len: int) -> SavedAct
     x = tr.dropout(x, inv.embedding_dropout)
     outside = sum(tr.saved.values())
     layers: list[float] = []
+    transients: list[float] = []
     layer_copies: list[float] = []
     input_widths = []
     seen: dict[tuple, tuple[float, float, float, T]] = {}
@@ -556,8 +592,9 @@ def _saved_activations(inv: Inventory, regime: Regime, seq_len: int) -> SavedAct
         # Layers with the same structure and input save the same: trace each kind once.
         signature = _layer_signature(inv, i, f, x)
         if signature in seen:
-            saved_bytes, copies, cached, out = seen[signature]
+            saved_bytes, copies, cached, out, transient = seen[signature]
             tr.saved[next(tr._ids)] = saved_bytes
+            transients.append(transient)
             tr.weight_copies_saved += copies
             tr.weight_copies_cached += cached
             layers.append(saved_bytes)
@@ -569,17 +606,20 @@ def _saved_activations(inv: Inventory, regime: Regime, seq_len: int) -> SavedAct
         copies_before = tr.weight_copies_saved
         cached_before = tr.weight_copies_cached
         input_widths.append(x.width * x.dtype)
+        tr.layer_start, tr.transient = before, 0.0
         x = trace_layer(tr, x, i)
         layers.append(sum(tr.saved.values()) - before)
+        transients.append(max(tr.transient - layers[-1], 0.0))
         layer_copies.append(tr.weight_copies_saved - copies_before)
-        seen[signature] = (layers[-1], layer_copies[-1], tr.weight_copies_cached - cached_before, x)
+        seen[signature] = (layers[-1], layer_copies[-1], tr.weight_copies_cached - cached_before, x, transients[-1])
     before = sum(tr.saved.values())
     copies_before = tr.weight_copies_saved
     h = tr.norm(x)
     lm_head = inv.lm_head
     if lm_head is not None and not f.head_replaced:  # a fused loss replaces lm_head (terms/logits.py)
         tr.linear(h, lm_head)
-    outside += sum(tr.saved.values()) - before
+    head_saved = sum(tr.saved.values()) - before
+    outside += head_saved
     return SavedActivations(
         layers=tuple(layers),
         checkpointed_input=max(input_widths[1:] or input_widths or [0.0]),
@@ -589,6 +629,9 @@ def _saved_activations(inv: Inventory, regime: Regime, seq_len: int) -> SavedAct
         layer_weight_copies_bytes=tuple(layer_copies),
         lm_head_copy_bytes=tr.weight_copies_saved - copies_before,
         head_input=h.dtype if isinstance(h.dtype, DType) else f.compute,
+        layer_transients=tuple(transients),
+        head_saved=head_saved,
+        layer_output=x.width * x.dtype,
     )
 
 

@@ -47,8 +47,9 @@ turns it into the logits' gradient in place, and accumulates in fp32: `grad_hidd
 buffer and casts; at its end they are converted to the hidden state's and the weight's dtype
 (`grad_hidden.to(hidden.dtype)`, `grad_weight.to(weight.dtype)`: a copy each unless fp32) while
 the fp32 ones are alive. What follows (the hidden gradient scattered back to [B, S, H] by the
-indexing's and the slice's backward) is hidden-wide, below the layer backward's intermediate-wide
-gradients that the estimate already holds then.
+indexing's and the slice's backward) is hidden-wide; the step's peak comes after, when the
+checkpointed top layer is recomputed (`terms/activations.py`, `Trace._lora_transient`), by which
+time the head's saved tensors and buffers are freed.
 
 Inference: `generate` asks for the last position only (`logits_to_keep=1`) and copies it to fp32
 (`outputs.logits[:, -1, :].to(copy=True, dtype=torch.float32)`).
