@@ -61,7 +61,7 @@ def allocation_size(size: int) -> int:
     return -(-size // ROUND_LARGE) * ROUND_LARGE
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Block:
     segment: int
     offset: int
@@ -70,9 +70,6 @@ class _Block:
     free: bool = True
     prev: _Block | None = None
     next: _Block | None = None
-
-    def key(self) -> tuple[int, int, int]:
-        return (self.size, self.segment, self.offset)
 
 
 @dataclass
@@ -95,15 +92,14 @@ class Allocator:
 
     # ---- the pools ----------------------------------------------------------------------------
     def _insert(self, b: _Block) -> None:
-        bisect.insort(self._free[b.small], (*b.key(), id(b), b))
+        bisect.insort(self._free[b.small], (b.size, b.segment, b.offset, id(b), b))
 
     def _remove(self, b: _Block) -> None:
         pool = self._free[b.small]
-        i = bisect.bisect_left(pool, (*b.key(), id(b)))
-        assert pool[i][4] is b
-        pool.pop(i)
+        pool.pop(bisect.bisect_left(pool, (b.size, b.segment, b.offset, id(b))))
 
     def _best_fit(self, size: int, small: bool) -> _Block | None:
+        """The smallest free block that serves `size`, taken out of its pool (None: there is none)."""
         pool = self._free[small]
         i = bisect.bisect_left(pool, (size,))
         if i == len(pool):
@@ -114,6 +110,7 @@ class Allocator:
                 return None  # an oversize block never serves a smaller request
             if size >= self.max_split_size and b.size >= size + LARGE_BUFFER:
                 return None
+        del pool[i]
         return b
 
     def _should_split(self, b: _Block, size: int) -> bool:
@@ -130,8 +127,6 @@ class Allocator:
         b = self._best_fit(size, small)
         if b is None:
             b = self._reserve(size, small)
-        else:
-            self._remove(b)
         if self._should_split(b, size):
             rest = _Block(b.segment, b.offset + size, b.size - size, small, prev=b, next=b.next)
             if b.next is not None:
