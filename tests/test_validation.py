@@ -256,3 +256,22 @@ def test_snapshot_replay_feeds_the_allocator_in_order():
     alloc = replay(events)
     assert alloc.peak_reserved_bytes == 20 * mib + 30 * mib
     assert alloc.allocated_bytes == 3 * mib + 3 * mib + 30 * mib  # the reused 3 MiB block is not split (rest is 1 MiB)
+
+
+def test_profile_generate_runs_a_short_generate_under_the_profiler(monkeypatch):
+    """validation.measure.profile_generate on the CPU (a tiny random Llama, the harness's dry-run
+    device): the wall time and the profiler's kernel time of a short generate(); on the CPU there
+    are no CUDA kernels, so 0."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from validation import measure
+
+    monkeypatch.setattr(measure, "DEVICE", "cpu")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=256)).eval()
+    job = Job(mode="inference", batch_size=2, prompt_len=8, new_tokens=4)
+    out = measure.profile_generate(model, job, measure.spec_prompt(model, job, "cpu"), new_tokens=3)
+    assert "error" not in out, out
+    assert out["new_tokens"] == 3 and out["wall_seconds"] > 0 and out["kernel_seconds"] == 0

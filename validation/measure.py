@@ -462,6 +462,31 @@ def run_inference(case: Case, ckpt: Path, probe: DeviceProbe, result: dict) -> N
     if times:  # prefill: generate() to the first logits; decode: one interval per later token
         result["prefill_seconds"] = round(times[0] - t_generate, 6)
         result["decode_token_seconds"] = [round(b - a, 6) for a, b in zip(times, times[1:])]
+    if os.environ.get("CANIRUN_PROFILE_GENERATE"):  # after the memory figures: it allocates its own
+        result["generate_gpu"] = profile_generate(model, job, prompt)
+
+
+def profile_generate(model, job, prompt, new_tokens: int = 16) -> dict:
+    """The GPU's own time in a second, shorter generate() (issue 16): torch.profiler's CUDA kernel
+    time per step beside the wall time, so host overhead (Python, launches, the sandbox's
+    syscalls) can be told apart from the kernels the speed model predicts. CUPTI's activity trace,
+    not hardware counters: it needs no profiling permission."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    short = job.with_(new_tokens=new_tokens) if hasattr(job, "with_") else job
+    try:
+        _cuda().synchronize()
+        t0 = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            spec_generate(model, short, prompt, _StepProbe())
+            _cuda().synchronize()
+        wall = time.perf_counter() - t0
+        kernels_us = sum(e.self_device_time_total for e in prof.key_averages() if getattr(e, "self_device_time_total", 0))
+        return {"new_tokens": new_tokens, "wall_seconds": round(wall, 6), "kernel_seconds": round(kernels_us / 1e6, 6),
+                "kernels": int(sum(e.count for e in prof.key_averages() if getattr(e, "self_device_time_total", 0)))}
+    except Exception as err:  # noqa: BLE001 - a failed profile must not lose the row
+        return {"error": f"{type(err).__name__}: {err}"[:300]}
 
 
 def _versions() -> dict:
@@ -698,6 +723,8 @@ def add_run_arguments(parser: argparse.ArgumentParser, cases: str, out: str) -> 
     )
     add_deadline_arguments(parser)
     parser.add_argument("--snapshot-dir", help="also dump each case's allocator history (torch.cuda.memory snapshots) here")
+    parser.add_argument("--profile-generate", action="store_true",
+                        help="after each inference case, time a 16-token generate() under torch.profiler (kernel time vs wall)")
     parser.add_argument("--run-one", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
 
@@ -708,6 +735,8 @@ def run_cases(cases: list, args: argparse.Namespace, *, measure_one, module: str
     --run-one in a fresh interpreter. `header(case)` is what a row says about its case before it ran.
     The parent never initialises CUDA."""
     out = Path(args.out)
+    if getattr(args, "profile_generate", False):  # read by run_inference in each case's process
+        os.environ["CANIRUN_PROFILE_GENERATE"] = "1"
     if args.snapshot_dir:  # read by record_case in each case's process
         Path(args.snapshot_dir).mkdir(parents=True, exist_ok=True)  # _dump_snapshot does not make it
         os.environ["CANIRUN_SNAPSHOT_DIR"] = str(Path(args.snapshot_dir).resolve())
