@@ -21,9 +21,9 @@ cp validation/results_h200/h200-edge.jsonl $R/h200-edge.jsonl
 python3 -m validation.edge --cases validation/cases_edge.yaml --out $R/h200-edge.jsonl --skip-done \
   --stop-at $((T0 + 430)) > $R/edge.log 2>&1
 cp validation/results_h200/h200-speed-calibration.jsonl validation/results_h200/h200-speed-calibration-b.jsonl $R/
-python3 -m validation.measure --cases validation/cases_h200_calibration.yaml --out $R/h200-speed-calibration.jsonl \
+python3 -m validation.measure --cases validation/cases_h200_calibration.yaml --out $R/h200-speed-calibration.jsonl --profile-generate \
   --skip-done --stop-at $((T0 + 510)) > $R/speed.log 2>&1
-python3 -m validation.measure --cases validation/cases_h200_speed_calibration.yaml --out $R/h200-speed-calibration-b.jsonl \
+python3 -m validation.measure --cases validation/cases_h200_speed_calibration.yaml --out $R/h200-speed-calibration-b.jsonl --profile-generate \
   --skip-done --stop-at $((T0 + 565)) >> $R/speed.log 2>&1
 echo "done in $(( $(date +%s) - T0 )) s"
 grep -h "^ok\|^oom\|^error\|^stop\|^edge" $R/*.log | tail -n 40
