@@ -10,6 +10,12 @@ model itself lives in `estimator/`. Every input is mirrored into the URL (never 
 from __future__ import annotations
 
 import dataclasses
+
+# pandas at the script's first run, not inside a function: a rerun that Streamlit stops while a
+# lazy `import pandas` is half done leaves a partially initialized module in sys.modules, and the
+# next run fails with "partially initialized module 'pandas' has no attribute 'Series'" (seen in
+# Chromium when the GPU was changed right after the mode).
+import pandas as pd
 import streamlit as st
 
 import app_support as S
@@ -332,7 +338,6 @@ def breakdown_chart(result, fit) -> dict:
 
 
 def show_grid(model, job, gpu, strategy) -> None:
-    import pandas as pd
 
     cells = S.grid(model, job, gpu, strategy)
     here = (job.mode.value, S.current_column(job))
@@ -391,7 +396,6 @@ def _rate(s) -> float | None:
 
 
 def show_gpu_table(model, job, pool, strategy) -> None:
-    import pandas as pd
 
     fits = S.fits_for_gpus(model, job, pool, strategy)
     by_name = {g.name: g for g in pool}
@@ -489,7 +493,6 @@ def estimate_page(pool: list, stage) -> None:
 # The accuracy page
 # -------------------------------------------------------------------------------------------------
 def accuracy_page() -> None:
-    import pandas as pd
     import plotly.graph_objects as go
 
     STAGE.text = "reading the validation runs"
