@@ -118,12 +118,22 @@ def catalog_config_file(model: str) -> dict:
     return catalog_config(model)
 
 
-def build_checkpoint(model: str, directory: Path) -> None:
-    """Save a random bf16 checkpoint of `model` (built on the GPU: fast), as users' checkpoints are."""
+def case_config(model: str, overrides: dict | None = None) -> dict:
+    """The config a case's checkpoint is built from: the catalog's, with the case's `config_overrides`
+    (fewer layers, the checkpoint's quantization_config dropped) applied and checked. validation.report
+    estimates the case from this same function's output."""
+    from validation.overrides import reduced_config
+
+    return reduced_config(catalog_config_file(model), overrides)
+
+
+def build_checkpoint(model: str, directory: Path, overrides: dict | None = None) -> None:
+    """Save a random bf16 checkpoint of `model` (built on the GPU: fast), as users' checkpoints are,
+    from `case_config(model, overrides)`."""
     import torch
     import transformers
 
-    raw = catalog_config_file(model)
+    raw = case_config(model, overrides)
     config = transformers.AutoConfig.for_model(**raw)
     torch.manual_seed(0)
     with torch.device(DEVICE):
@@ -516,7 +526,7 @@ def measure_context(probe: DeviceProbe, result: dict) -> None:
 def measure_case(case: Case, ckpt: Path, diag: bool) -> dict:
     """Run one case in this (fresh) process and return its result row."""
     apply_allocator_settings(case.job)
-    result: dict = {"case": case.id, "model": case.model, "holdout": case.holdout, "job": case.job.to_dict(),
+    result: dict = {**case.header(),
                     "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or "default"}
 
     def body(probe: DeviceProbe) -> None:
@@ -630,11 +640,13 @@ def _in_subprocess(case, ckpt: Path, diag: bool, timeout_s: float, module: str =
         return {"status": "error", "error": f"exit code {proc.returncode}: {proc.stderr[-2000:]}"}
 
 
-def _checkpoint(model: str, work: Path) -> Path:
-    directory = work / "ckpt" / model
+def _checkpoint(model: str, work: Path, overrides: dict | None = None) -> Path:
+    from validation.overrides import id_suffix
+
+    directory = work / "ckpt" / (f"{model}-{id_suffix(overrides)}" if overrides else model)
     if not (directory / "READY").exists():
         directory.mkdir(parents=True, exist_ok=True)
-        out = _in_child(lambda: (build_checkpoint(model, directory), {"status": "ok"})[1], (), 1800)
+        out = _in_child(lambda: (build_checkpoint(model, directory, overrides), {"status": "ok"})[1], (), 1800)
         if out.get("status") != "ok":
             raise RuntimeError(f"could not build a checkpoint for {model}: {out.get('error')}")
     return directory
@@ -732,16 +744,18 @@ def run_cases(cases: list, args: argparse.Namespace, *, measure_one, module: str
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    by_model: dict[str, list] = {}
+    by_model: dict[tuple, list] = {}  # one checkpoint per model and config_overrides
     for case in cases:
-        by_model.setdefault(case.model, []).append(case)
+        overrides = getattr(case, "config_overrides", None) or {}
+        by_model.setdefault((case.model, json.dumps(overrides, sort_keys=True)), []).append(case)
     deadline = Deadline(args.stop_at, args.reserve_s, args.case_timeout)
-    for model, group in by_model.items():
+    for (model, overrides), group in by_model.items():
         if not deadline.may_start():
             print(f"stop   --stop-at is near; a later call with --skip-done resumes at {group[0].id}", flush=True)
             break
+        ckpt = None
         try:
-            ckpt = _checkpoint(model, work)
+            ckpt = _checkpoint(model, work, json.loads(overrides))
         except Exception as err:  # noqa: BLE001
             for case in group:
                 _append(out, dict(header(case), status="error", error=str(err)))
@@ -767,13 +781,42 @@ def run_cases(cases: list, args: argparse.Namespace, *, measure_one, module: str
         if not args.keep_checkpoints:
             import shutil
 
-            shutil.rmtree(work / "ckpt" / model, ignore_errors=True)
+            shutil.rmtree(ckpt, ignore_errors=True)
     return 0
 
 
 def _append(out: Path, row: dict) -> None:
     with out.open("a") as handle:
         handle.write(json.dumps(row) + "\n")
+
+
+def estimator_trainable(case: Case) -> dict:
+    """The estimator's trainable-parameter count for a training case, from the config the checkpoint
+    is built from, recorded beside PEFT's (`params_trainable`, counted on the real model) so that every
+    LoRA row carries both (issue 13). The report recomputes it with the estimator of its day."""
+    if not case.job.is_training:
+        return {}
+    from estimator import estimate, inventory_from_config
+
+    try:
+        inv = inventory_from_config(case_config(case.model, case.config_overrides))
+        return {"estimator_params_trainable": estimate(inv, case.job).params_trainable}
+    except Exception as err:  # noqa: BLE001 - an estimator that refuses the job must not stop the measurement
+        return {"estimator_params_trainable": None, "estimator_error": f"{type(err).__name__}: {err}"[:500]}
+
+
+def check_case_configs(cases: list[Case]) -> None:
+    """Build each distinct (model, config_overrides) config once, before any GPU time is spent: an
+    override that is invalid or drops a layer kind stops the run with its one-line reason."""
+    seen = set()
+    for case in cases:
+        key = (case.model, json.dumps(case.config_overrides, sort_keys=True))
+        if case.config_overrides and key not in seen:
+            seen.add(key)
+            try:
+                case_config(case.model, case.config_overrides)
+            except ValueError as err:
+                raise ValueError(f"{case.id}: {err}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -786,9 +829,16 @@ def main(argv: list[str] | None = None) -> int:
         row = measure_case(Case.from_dict(spec["case"]), Path(spec["ckpt"]), spec["diag"])
         Path(args.result).write_text(json.dumps(row))
         return 0
-    return run_cases(select(load_cases(args.cases), args.only), args, module="validation.measure",
+    try:
+        cases = select(load_cases(args.cases), args.only)
+        if not args.list:
+            check_case_configs(cases)
+    except ValueError as err:  # one line, before any checkpoint is built
+        print(f"{args.cases}: {err}", file=sys.stderr)
+        return 2
+    return run_cases(cases, args, module="validation.measure",
                      measure_one=lambda case, ckpt, work: measure_case(case, ckpt, args.diag),
-                     header=lambda case: {"case": case.id, "model": case.model, "holdout": case.holdout, "job": case.job.to_dict()})
+                     header=lambda case: {**case.header(), **estimator_trainable(case)})
 
 
 if __name__ == "__main__":
