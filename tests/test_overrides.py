@@ -111,6 +111,28 @@ def test_a_bad_override_in_a_cases_file_stops_the_harness_in_one_line(tmp_path):
     assert len(lines) == 1 and "gemma-3-4b-it-inference-L4" in lines[0] and "drops 1" in lines[0], proc.stderr
 
 
+def test_the_families_file_is_all_holdouts_on_new_families():
+    """Issue 13's bar: at least 20 cases (24 written) over at least 8 families (9) with no case yet,
+    LoRA on an MLA MoE model and QLoRA on an MoE model among them; every one a holdout."""
+    cases = load_cases(ROOT / "validation" / "cases_h200_families.yaml")
+    assert len(cases) >= 24 and all(c.holdout for c in cases)
+    type_of = {c.id: measure.case_config(c.model, c.config_overrides).get("model_type") for c in cases}
+    measured = {json.loads(line)["model"] for d in ("results", "results_h200", "results_trainer")
+                for path in (ROOT / "validation" / d).glob("*.jsonl") for line in path.read_text().splitlines() if line.strip()}
+    measured_types = {find_entry(m).config().get("model_type") for m in measured}
+    # DeepSeek-V2-Lite has one inference row; its LoRA case is here for the MLA MoE mechanism.
+    assert set(type_of.values()) & measured_types == {"deepseek_v2"}
+    new = [c for c in cases if type_of[c.id] not in measured_types]
+    assert len(new) >= 24 and len({type_of[c.id] for c in new}) >= 9
+    assert {c.job.mode.value for c in cases} == {"inference", "full", "lora", "qlora"}
+    mla_moe = {"deepseek_v2", "deepseek_v3"}
+    assert any(c.job.mode.value == "lora" and type_of[c.id] in mla_moe for c in cases)
+    moe = {"qwen3_moe", "mixtral", "llama4", "deepseek_v3", "qwen3_next", "gpt_oss"}
+    assert any(c.job.mode.value == "qlora" and type_of[c.id] in moe for c in cases)
+    # PEFT's ParamWrapper (all-linear on 3-D experts) refuses dropout: every MoE LoRA case sets 0
+    assert all(c.job.lora_dropout == 0 for c in cases if c.job.uses_lora and type_of[c.id] in moe | mla_moe)
+
+
 def test_every_training_row_carries_both_trainable_counts():
     case = Case("c", "HuggingFaceTB/SmolLM2-135M", Job(mode="lora", lora_r=4), True, {"num_hidden_layers": 2})
     ours = measure.estimator_trainable(case)["estimator_params_trainable"]
