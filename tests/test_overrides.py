@@ -159,3 +159,14 @@ def test_the_families_report_shows_the_trainable_counts(monkeypatch):
     assert "ours equal PEFT's on 1 of 2." in text
     other = report.render_h200([("plain loop: calibration reruns", rows)], "cmd")
     assert "trainable" not in other  # the committed sets render as before
+
+
+def test_the_parent_leaves_torch_idle_the_counts_come_from_a_child():
+    """The harness forks its cases; the estimator's counts and the override checks run in forked
+    children, so the parent never starts OpenMP (a forked child of a parent that has deadlocks)."""
+    case = Case("c", "HuggingFaceTB/SmolLM2-135M", Job(mode="lora", lora_r=4), True, {"num_hidden_layers": 2})
+    counts = measure.estimator_trainable_by_case([case, Case("i", "HuggingFaceTB/SmolLM2-135M", Job())])
+    assert set(counts) == {"c"} and counts["c"] == measure.estimator_trainable(case)
+    bad = Case("g", "google/gemma-3-4b-it", Job(), True, {"num_hidden_layers": 4})
+    assert "drops 1 of the model's 2 layer kinds" in measure._checked_in_child([bad])
+    assert measure._checked_in_child([case]) is None

@@ -714,11 +714,12 @@ def add_run_arguments(parser: argparse.ArgumentParser, cases: str, out: str) -> 
     parser.add_argument("--result", help=argparse.SUPPRESS)
 
 
-def run_cases(cases: list, args: argparse.Namespace, *, measure_one, module: str, header) -> int:
+def run_cases(cases: list, args: argparse.Namespace, *, measure_one, module: str, header, before_group=None) -> int:
     """Run `cases`, one process each, grouped by model (one random checkpoint per model), appending
     a row per case to --out: `measure_one(case, ckpt, work)` in a forked child, or `module`'s hidden
-    --run-one in a fresh interpreter. `header(case)` is what a row says about its case before it ran.
-    The parent never initialises CUDA."""
+    --run-one in a fresh interpreter. `header(case)` is what a row says about its case before it ran;
+    `before_group(cases)`, if given, runs once per checkpoint's cases before them (it must leave the
+    parent's torch idle: do its work in a child). The parent never initialises CUDA."""
     out = Path(args.out)
     if args.snapshot_dir:  # read by record_case in each case's process
         Path(args.snapshot_dir).mkdir(parents=True, exist_ok=True)  # _dump_snapshot does not make it
@@ -753,6 +754,8 @@ def run_cases(cases: list, args: argparse.Namespace, *, measure_one, module: str
         if not deadline.may_start():
             print(f"stop   --stop-at is near; a later call with --skip-done resumes at {group[0].id}", flush=True)
             break
+        if before_group is not None:
+            before_group(group)
         ckpt = None
         try:
             ckpt = _checkpoint(model, work, json.loads(overrides))
@@ -819,6 +822,32 @@ def check_case_configs(cases: list[Case]) -> None:
                 raise ValueError(f"{case.id}: {err}") from None
 
 
+def _checked_in_child(cases: list[Case]) -> str | None:
+    """check_case_configs in a forked child: the meta builds run torch ops, and a parent whose
+    OpenMP pool has started deadlocks the children it forks later (libgomp is not fork-safe: a CPU
+    dry run hung in gomp_team_barrier_wait_end). The parent forks cases, so it computes nothing."""
+    def check():
+        try:
+            check_case_configs(cases)
+        except ValueError as err:
+            return {"status": "refused", "error": str(err)}
+        return {"status": "ok"}
+
+    out = _in_child(check, (), 600)
+    return None if out.get("status") == "ok" else str(out.get("error"))
+
+
+def estimator_trainable_by_case(cases: list) -> dict[str, dict]:
+    """estimator_trainable for a group of cases, in one forked child (see _checked_in_child)."""
+    training = [c for c in cases if isinstance(c, Case) and c.job.is_training]
+    if not training:
+        return {}
+    out = _in_child(lambda: {"status": "ok", "counts": {c.id: estimator_trainable(c) for c in training}}, (), 600)
+    if out.get("status") != "ok":
+        return {c.id: {"estimator_params_trainable": None, "estimator_error": str(out.get("error"))[:500]} for c in training}
+    return out["counts"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m validation.measure", description=__doc__.split("\n\n")[0])
     add_run_arguments(parser, "validation/cases.yaml", "validation/results/measured.jsonl")
@@ -831,14 +860,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         cases = select(load_cases(args.cases), args.only)
-        if not args.list:
-            check_case_configs(cases)
-    except ValueError as err:  # one line, before any checkpoint is built
+    except ValueError as err:
         print(f"{args.cases}: {err}", file=sys.stderr)
         return 2
+    refused = None if args.list else _checked_in_child(cases)
+    if refused:  # one line, before any checkpoint is built
+        print(f"{args.cases}: {refused}", file=sys.stderr)
+        return 2
+    counts: dict[str, dict] = {}
     return run_cases(cases, args, module="validation.measure",
                      measure_one=lambda case, ckpt, work: measure_case(case, ckpt, args.diag),
-                     header=lambda case: {**case.header(), **estimator_trainable(case)})
+                     header=lambda case: {**case.header(), **counts.get(case.id, {})},
+                     before_group=lambda group: counts.update(estimator_trainable_by_case(group)))
 
 
 if __name__ == "__main__":
