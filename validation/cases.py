@@ -10,6 +10,9 @@ job fields are exactly `estimator.Job`'s, so the harness measures what the estim
       batch_size: 4
       seq_len: 1024
       holdout: true                   # kept back: never used to choose a mechanism's constant
+    - model: Qwen/Qwen3-30B-A3B       # id gets "-L4": the harness builds, and the report
+      config_overrides: {num_hidden_layers: 4}   # estimates, 4 of its 48 layers (validation/overrides.py)
+      mode: inference
     - grid:
         model: [Qwen2.5-0.5B]
         mode: [full]
@@ -20,12 +23,13 @@ from __future__ import annotations
 
 import itertools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from estimator.job import Job
+from validation.overrides import check_shape, id_suffix
 
 # Short labels for the id derived from a case's fields, in this order.
 _ID_FIELDS = (
@@ -54,13 +58,27 @@ class Case:
     model: str
     job: Job
     holdout: bool = False
+    # Changes to the catalog config, made identically when the checkpoint is built and when the
+    # report estimates the case (validation/overrides.py); empty for the catalog config as it is.
+    config_overrides: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"id": self.id, "model": self.model, "holdout": self.holdout, "job": self.job.to_dict()}
+        out = {"id": self.id, "model": self.model, "holdout": self.holdout, "job": self.job.to_dict()}
+        if self.config_overrides:
+            out["config_overrides"] = dict(self.config_overrides)
+        return out
+
+    def header(self) -> dict:
+        """What a result row says about its case before it ran (the row's own keys follow)."""
+        out = {"case": self.id, "model": self.model, "holdout": self.holdout, "job": self.job.to_dict()}
+        if self.config_overrides:
+            out["config_overrides"] = dict(self.config_overrides)
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> "Case":
-        return cls(id=data["id"], model=data["model"], job=Job.from_dict(data["job"]), holdout=data.get("holdout", False))
+        return cls(id=data["id"], model=data["model"], job=Job.from_dict(data["job"]), holdout=data.get("holdout", False),
+                   config_overrides=dict(data.get("config_overrides") or {}))
 
 
 def _derive_id(model: str, fields: dict) -> str:
@@ -88,6 +106,9 @@ def _one(item: dict, where: str) -> Case:
         raise ValueError(f"{where}: a case needs a model (a catalog name)")
     case_id = item.pop("id", None)
     holdout = bool(item.pop("holdout", False))
+    overrides = item.pop("config_overrides", None)
+    if overrides is not None:
+        overrides = check_shape(overrides, f"{where}: config_overrides")
     job_fields = dict(item)
     if "lora_targets" in job_fields and isinstance(job_fields["lora_targets"], list):
         job_fields["lora_targets"] = tuple(job_fields["lora_targets"])
@@ -95,7 +116,12 @@ def _one(item: dict, where: str) -> Case:
         job = Job.from_dict(job_fields)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{where}: {err}") from None
-    return Case(id=case_id or _derive_id(model, job_fields), model=model, job=job, holdout=holdout)
+    case_id = case_id or _derive_id(model, job_fields)
+    if overrides:  # the id says the config is not the catalog's: "-L4", "-L2-noquant"
+        suffix = id_suffix(overrides)
+        if not case_id.endswith(suffix):
+            case_id = f"{case_id}-{suffix}"
+    return Case(id=case_id, model=model, job=job, holdout=holdout, config_overrides=overrides or {})
 
 
 def expand(items: list) -> list[Case]:

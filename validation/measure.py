@@ -118,12 +118,22 @@ def catalog_config_file(model: str) -> dict:
     return catalog_config(model)
 
 
-def build_checkpoint(model: str, directory: Path) -> None:
-    """Save a random bf16 checkpoint of `model` (built on the GPU: fast), as users' checkpoints are."""
+def case_config(model: str, overrides: dict | None = None) -> dict:
+    """The config a case's checkpoint is built from: the catalog's, with the case's `config_overrides`
+    (fewer layers, the checkpoint's quantization_config dropped) applied and checked. validation.report
+    estimates the case from this same function's output."""
+    from validation.overrides import reduced_config
+
+    return reduced_config(catalog_config_file(model), overrides)
+
+
+def build_checkpoint(model: str, directory: Path, overrides: dict | None = None) -> None:
+    """Save a random bf16 checkpoint of `model` (built on the GPU: fast), as users' checkpoints are,
+    from `case_config(model, overrides)`."""
     import torch
     import transformers
 
-    raw = catalog_config_file(model)
+    raw = case_config(model, overrides)
     config = transformers.AutoConfig.for_model(**raw)
     torch.manual_seed(0)
     with torch.device(DEVICE):
@@ -541,7 +551,7 @@ def measure_context(probe: DeviceProbe, result: dict) -> None:
 def measure_case(case: Case, ckpt: Path, diag: bool) -> dict:
     """Run one case in this (fresh) process and return its result row."""
     apply_allocator_settings(case.job)
-    result: dict = {"case": case.id, "model": case.model, "holdout": case.holdout, "job": case.job.to_dict(),
+    result: dict = {**case.header(),
                     "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or "default"}
 
     def body(probe: DeviceProbe) -> None:
@@ -655,11 +665,13 @@ def _in_subprocess(case, ckpt: Path, diag: bool, timeout_s: float, module: str =
         return {"status": "error", "error": f"exit code {proc.returncode}: {proc.stderr[-2000:]}"}
 
 
-def _checkpoint(model: str, work: Path) -> Path:
-    directory = work / "ckpt" / model
+def _checkpoint(model: str, work: Path, overrides: dict | None = None) -> Path:
+    from validation.overrides import id_suffix
+
+    directory = work / "ckpt" / (f"{model}-{id_suffix(overrides)}" if overrides else model)
     if not (directory / "READY").exists():
         directory.mkdir(parents=True, exist_ok=True)
-        out = _in_child(lambda: (build_checkpoint(model, directory), {"status": "ok"})[1], (), 1800)
+        out = _in_child(lambda: (build_checkpoint(model, directory, overrides), {"status": "ok"})[1], (), 1800)
         if out.get("status") != "ok":
             raise RuntimeError(f"could not build a checkpoint for {model}: {out.get('error')}")
     return directory
@@ -729,11 +741,12 @@ def add_run_arguments(parser: argparse.ArgumentParser, cases: str, out: str) -> 
     parser.add_argument("--result", help=argparse.SUPPRESS)
 
 
-def run_cases(cases: list, args: argparse.Namespace, *, measure_one, module: str, header) -> int:
+def run_cases(cases: list, args: argparse.Namespace, *, measure_one, module: str, header, before_group=None) -> int:
     """Run `cases`, one process each, grouped by model (one random checkpoint per model), appending
     a row per case to --out: `measure_one(case, ckpt, work)` in a forked child, or `module`'s hidden
-    --run-one in a fresh interpreter. `header(case)` is what a row says about its case before it ran.
-    The parent never initialises CUDA."""
+    --run-one in a fresh interpreter. `header(case)` is what a row says about its case before it ran;
+    `before_group(cases)`, if given, runs once per checkpoint's cases before them (it must leave the
+    parent's torch idle: do its work in a child). The parent never initialises CUDA."""
     out = Path(args.out)
     if getattr(args, "profile_generate", False):  # read by run_inference in each case's process
         os.environ["CANIRUN_PROFILE_GENERATE"] = "1"
@@ -761,16 +774,20 @@ def run_cases(cases: list, args: argparse.Namespace, *, measure_one, module: str
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    by_model: dict[str, list] = {}
+    by_model: dict[tuple, list] = {}  # one checkpoint per model and config_overrides
     for case in cases:
-        by_model.setdefault(case.model, []).append(case)
+        overrides = getattr(case, "config_overrides", None) or {}
+        by_model.setdefault((case.model, json.dumps(overrides, sort_keys=True)), []).append(case)
     deadline = Deadline(args.stop_at, args.reserve_s, args.case_timeout)
-    for model, group in by_model.items():
+    for (model, overrides), group in by_model.items():
         if not deadline.may_start():
             print(f"stop   --stop-at is near; a later call with --skip-done resumes at {group[0].id}", flush=True)
             break
+        if before_group is not None:
+            before_group(group)
+        ckpt = None
         try:
-            ckpt = _checkpoint(model, work)
+            ckpt = _checkpoint(model, work, json.loads(overrides))
         except Exception as err:  # noqa: BLE001
             for case in group:
                 _append(out, dict(header(case), status="error", error=str(err)))
@@ -796,13 +813,68 @@ def run_cases(cases: list, args: argparse.Namespace, *, measure_one, module: str
         if not args.keep_checkpoints:
             import shutil
 
-            shutil.rmtree(work / "ckpt" / model, ignore_errors=True)
+            shutil.rmtree(ckpt, ignore_errors=True)
     return 0
 
 
 def _append(out: Path, row: dict) -> None:
     with out.open("a") as handle:
         handle.write(json.dumps(row) + "\n")
+
+
+def estimator_trainable(case: Case) -> dict:
+    """The estimator's trainable-parameter count for a training case, from the config the checkpoint
+    is built from, recorded beside PEFT's (`params_trainable`, counted on the real model) so that every
+    LoRA row carries both (issue 13). The report recomputes it with the estimator of its day."""
+    if not case.job.is_training:
+        return {}
+    from estimator import estimate, inventory_from_config
+
+    try:
+        inv = inventory_from_config(case_config(case.model, case.config_overrides))
+        return {"estimator_params_trainable": estimate(inv, case.job).params_trainable}
+    except Exception as err:  # noqa: BLE001 - an estimator that refuses the job must not stop the measurement
+        return {"estimator_params_trainable": None, "estimator_error": f"{type(err).__name__}: {err}"[:500]}
+
+
+def check_case_configs(cases: list[Case]) -> None:
+    """Build each distinct (model, config_overrides) config once, before any GPU time is spent: an
+    override that is invalid or drops a layer kind stops the run with its one-line reason."""
+    seen = set()
+    for case in cases:
+        key = (case.model, json.dumps(case.config_overrides, sort_keys=True))
+        if case.config_overrides and key not in seen:
+            seen.add(key)
+            try:
+                case_config(case.model, case.config_overrides)
+            except ValueError as err:
+                raise ValueError(f"{case.id}: {err}") from None
+
+
+def _checked_in_child(cases: list[Case]) -> str | None:
+    """check_case_configs in a forked child: the meta builds run torch ops, and a parent whose
+    OpenMP pool has started deadlocks the children it forks later (libgomp is not fork-safe: a CPU
+    dry run hung in gomp_team_barrier_wait_end). The parent forks cases, so it computes nothing."""
+    def check():
+        try:
+            check_case_configs(cases)
+        except ValueError as err:
+            return {"status": "refused", "error": str(err)}
+        return {"status": "ok"}
+
+    out = _in_child(check, (), 600)
+    return None if out.get("status") == "ok" else str(out.get("error"))
+
+
+def estimator_trainable_by_case(cases: list) -> dict[str, dict]:
+    """estimator_trainable for a group of cases, in one forked child (see _checked_in_child)."""
+    training = [c for c in cases if isinstance(c, Case) and c.job.is_training]
+    if not training:
+        return {}
+    out = _in_child(lambda: {"status": "ok", "counts": {c.id: estimator_trainable(c) for c in training}}, (), 600)
+    if out.get("status") != "ok":
+        return {c.id: {"estimator_params_trainable": None, "estimator_error": str(out.get("error"))[:500]} for c in training}
+    return out["counts"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -815,9 +887,20 @@ def main(argv: list[str] | None = None) -> int:
         row = measure_case(Case.from_dict(spec["case"]), Path(spec["ckpt"]), spec["diag"])
         Path(args.result).write_text(json.dumps(row))
         return 0
-    return run_cases(select(load_cases(args.cases), args.only), args, module="validation.measure",
+    try:
+        cases = select(load_cases(args.cases), args.only)
+    except ValueError as err:
+        print(f"{args.cases}: {err}", file=sys.stderr)
+        return 2
+    refused = None if args.list else _checked_in_child(cases)
+    if refused:  # one line, before any checkpoint is built
+        print(f"{args.cases}: {refused}", file=sys.stderr)
+        return 2
+    counts: dict[str, dict] = {}
+    return run_cases(cases, args, module="validation.measure",
                      measure_one=lambda case, ckpt, work: measure_case(case, ckpt, args.diag),
-                     header=lambda case: {"case": case.id, "model": case.model, "holdout": case.holdout, "job": case.job.to_dict()})
+                     header=lambda case: {**case.header(), **counts.get(case.id, {})},
+                     before_group=lambda group: counts.update(estimator_trainable_by_case(group)))
 
 
 if __name__ == "__main__":

@@ -36,7 +36,10 @@ H200_SETS = (
     ("plain loop: device-total holdouts, round b", Path(__file__).resolve().parent / "results_h200" / "h200-device-b.jsonl"),
     ("Trainer holdouts", Path(__file__).resolve().parent / "results_trainer" / "h200-trainer.jsonl"),
     ("TRL SFTTrainer holdouts", Path(__file__).resolve().parent / "results_trainer" / "h200-sft.jsonl"),
+    ("plain loop: new families (issue 13)", Path(__file__).resolve().parent / "results_h200" / "h200-families.jsonl"),
 )
+# The sets whose table also shows the trainable-parameter counts, PEFT's against ours (issue 13).
+TRAINABLE_SETS = ("plain loop: new families (issue 13)",)
 GIB = 1024**3
 
 
@@ -52,6 +55,17 @@ class Comparison:
     measured_device: int | None
     estimated_device: int
     peers: dict[str, int | None] = field(default_factory=dict)
+    # Trainable parameters: PEFT's (or the Trainer's) count on the real model, as the harness
+    # recorded it, and the estimator's. None where the row has no count.
+    measured_trainable: int | None = None
+    estimated_trainable: int | None = None
+
+    @property
+    def trainable_equal(self) -> bool | None:
+        """Whether our trainable-parameter count is PEFT's, on a training row that recorded one."""
+        if self.mode == "inference" or self.measured_trainable is None:
+            return None
+        return self.measured_trainable == self.estimated_trainable
 
     @property
     def peak_error(self) -> float | None:
@@ -100,11 +114,19 @@ def job_of(row: dict) -> Job:
 
 
 def compare(row: dict) -> Comparison:
+    """Today's estimate of a measured row, from the very config its checkpoint was built from: the
+    catalog's, with the row's `config_overrides` applied by the harness's own function."""
+    from validation.measure import case_config
+
     job = job_of(row)
     entry = find_entry(row["model"])
     if entry is None:
         raise ValueError(f"{row['case']}: model {row['model']!r} is not in the catalog")
-    inv = inventory_from_config(entry.config())
+    try:
+        config = case_config(row["model"], row.get("config_overrides"))
+    except ValueError as err:
+        raise ValueError(f"{row['case']}: {err}") from None
+    inv = inventory_from_config(config)
     result = estimate(inv, job)
     peers = peer_figures(inv, job)
     return Comparison(
@@ -118,6 +140,8 @@ def compare(row: dict) -> Comparison:
         measured_device=row.get("device_total_bytes"),
         estimated_device=result.device_total_bytes,
         peers={name: getattr(peers, name) for name in PEERS},
+        measured_trainable=row.get("params_trainable"),
+        estimated_trainable=result.params_trainable,
     )
 
 
@@ -303,18 +327,33 @@ def render_h200(sets: list[tuple[str, list[Comparison]]], command: str) -> str:
         peak, device = summarize([c.peak_error for c in ok]), summarize([c.device_error for c in ok])
         lines.append(f"| {name} | {len(ok)} | {_pct(peak[1])} / {_pct(peak[2])} | {_pct(device[1])} / {_pct(device[2])} |")
     for name, group in sets:
+        trainable = name in TRAINABLE_SETS
         lines += ["", f"## {name} (GiB)", "",
-                  "| case | measured peak | estimated | error | measured device | estimated | error |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
+                  "| case | measured peak | estimated | error | measured device | estimated | error |"
+                  + (" trainable: PEFT / ours |" if trainable else ""),
+                  "|---|---:|---:|---:|---:|---:|---:|" + ("---|" if trainable else "")]
         for c in group:
+            extra = f" {_trainable_cell(c)} |" if trainable else ""
             if c.status != "ok":
-                lines.append(f"| {c.case} | {c.status} | {_gib(c.estimated_peak)} | | | {_gib(c.estimated_device)} | |")
+                lines.append(f"| {c.case} | {c.status} | {_gib(c.estimated_peak)} | | | {_gib(c.estimated_device)} | |{extra}")
                 continue
             lines.append(f"| {c.case} | {_gib(c.measured_peak)} | {_gib(c.estimated_peak)} | {_pct(c.peak_error, True)} | "
-                         f"{_gib(c.measured_device)} | {_gib(c.estimated_device)} | {_pct(c.device_error, True)} |")
+                         f"{_gib(c.measured_device)} | {_gib(c.estimated_device)} | {_pct(c.device_error, True)} |{extra}")
+        if trainable:
+            checked = [c for c in group if c.trainable_equal is not None and c.mode in ("lora", "qlora")]
+            equal = sum(1 for c in checked if c.trainable_equal)
+            lines += ["", f"Trainable parameters on the LoRA and QLoRA rows: ours equal PEFT's on {equal} of {len(checked)}."]
     lines += render_edges(edge_rows())
     lines.append("")
     return "\n".join(lines)
+
+
+def _trainable_cell(c: Comparison) -> str:
+    """PEFT's count / ours, and whether they are equal; blank for inference."""
+    if c.trainable_equal is None:
+        return ""
+    mark = "equal" if c.trainable_equal else f"**differ** ({c.estimated_trainable - c.measured_trainable:+,})"
+    return f"{c.measured_trainable:,} / {c.estimated_trainable:,} {mark}"
 
 
 def h200_sets() -> list[tuple[str, list[Comparison]]]:
@@ -379,6 +418,8 @@ def accuracy_data(comparisons: list[Comparison]) -> dict:
     rows = []
     for c in comparisons:
         row = dataclasses.asdict(c)
+        # The page shows memory; the trainable-count check is REPORT_H200's (TRAINABLE_SETS).
+        row.pop("measured_trainable"), row.pop("estimated_trainable")
         row.update(peak_error=c.peak_error, device_error=c.device_error,
                    peer_errors={p: c.peer_error(p) for p in PEERS})
         rows.append(row)
