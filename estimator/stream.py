@@ -37,6 +37,9 @@ the allocator history of a measured decode (tests/test_stream.py):
   fp16, quantizes it to int8, multiplies into int32 and dequantizes to fp16, then casts back (its
   outlier columns are not written yet).
 
+Gemma 2 and 3 add a norm after attention and after the MLP (`post_attention_layernorm`,
+`post_feedforward_layernorm`), each on the sublayer's output before the residual add.
+
 Only large-pool requests (over 1 MiB) are written: the small pool's 2 MiB segments never serve
 them, and its own reserve is a few MiB. Mixture-of-experts and MLA layers are written with the
 shapes the inventory gives (an approximation: their routing and latent projections are not).
@@ -51,6 +54,7 @@ from estimator.allocator import Allocator
 from estimator.dtypes import BF16, FP32
 from estimator.inventory_types import Inventory
 from estimator.regime import Regime, Sizes
+from estimator.terms.activations import attention_kernel
 
 _TINY = (1 << 20) + 1  # bytes: small-pool requests (up to 1 MiB) are left out (see the module docstring)
 
@@ -88,6 +92,7 @@ class Shapes:
     gemma_norm: bool
     layer_norm: bool
     qk_norm: bool
+    sandwich: bool  # Gemma 2/3: norms after attention and after the MLP too
     rope: bool
     layers: tuple[tuple, ...]  # per layer: (attention linears, MLP linears, gated, sliding)
     vocab: int
@@ -107,8 +112,6 @@ def shapes_of(inv: Inventory, regime: Regime) -> Shapes:
         mlp = tuple((lin.in_features, lin.out_features, lin.bnb_quantized) for lin in lins if lin.role in ("mlp_in", "mlp_out"))
         sliding = i < len(inv.layer_types) and inv.layer_types[i] != "full_attention" and bool(inv.sliding_window)
         layers.append((attn, mlp, inv.mlp_gated, sliding))
-    from estimator.terms.activations import attention_kernel
-
     kernel = attention_kernel(regime.attn, FP32 if c == 4 else BF16, inv.head_dim, False, inv.num_kv_heads != inv.num_heads)
     quant = None
     if regime.quantizer is not None:
@@ -118,7 +121,8 @@ def shapes_of(inv: Inventory, regime: Regime) -> Shapes:
         k_dim=inv.kv_head_dim, v_dim=inv.v_head_dim, c=c, upcast_norm=c < 4,
         gemma_norm=inv.norm_style == "gemma", layer_norm=inv.norm_kind == "layer", qk_norm=inv.qk_norm,
         rope=not inv.learned_positions, layers=tuple(layers), vocab=inv.vocab_size,
-        softcap=inv.final_logit_softcapping is not None, gelu_new=inv.hidden_act == "gelu_new", quant=quant, double_quant=regime.double_quant, kernel=kernel,
+        sandwich=inv.sandwich_norms, softcap=inv.final_logit_softcapping is not None, gelu_new=inv.hidden_act == "gelu_new",
+        quant=quant, double_quant=regime.double_quant, kernel=kernel,
     )
 
 
@@ -326,6 +330,10 @@ def forward(t: Tape, s: Shapes, batch: int, new: int, total: int, cache: _Cache 
             o = t.alloc(rows * s.heads * s.v_dim * s.c)
         proj = _linear(t, s, rows, attn[-1])
         t.free(o, x, *(drop - {None}))
+        if s.sandwich:  # post_attention_layernorm on the attention's output
+            normed = _norm(t, s, rows, d)
+            t.free(proj)
+            proj = normed
         h2 = t.alloc(rows * d * s.c)  # the residual add; the layer's input lives until it returns
         t.free(proj)
         x = _norm(t, s, rows, d)
@@ -370,6 +378,10 @@ def forward(t: Tape, s: Shapes, batch: int, new: int, total: int, cache: _Cache 
         else:
             down = t.alloc(rows * d * s.c)
         t.free(x)
+        if s.sandwich:  # post_feedforward_layernorm on the MLP's output
+            normed = _norm(t, s, rows, d)
+            t.free(down)
+            down = normed
         h3 = t.alloc(rows * d * s.c)
         t.free(down, h2)
         if hidden != embedding:  # the model's forward keeps `inputs_embeds` to the end
