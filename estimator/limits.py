@@ -112,14 +112,16 @@ def largest_fitting(estimate_of: Callable[[Job], Estimate], job: Job, field_name
 
 def _refine(estimate_of, lower_bound_of, job: Job, field_name: str, gpu, upper: int, start: int) -> int:
     """The largest size that fits one GPU, searched on the lower bound first: no size above the
-    bound's answer fits. If the full estimate fails there, its allocator reserve added to the bound
-    names a candidate below (the reserve grows with the size, so the candidate errs low); then
-    bisection between the largest size known to fit and the smallest known to fail, on the full
-    estimate. Without a candidate that fits, an exponential search on the full estimate."""
+    bound's answer fits. Below it the full estimate is bracketed (a size that fits, one that
+    fails), and each next size to try is where the bound plus the allocator reserve, interpolated
+    between the bracket's ends, meets the capacity, alternating with plain bisection so the bracket
+    always halves at least every other step. The reserve changes slowly with the size, so this
+    usually needs two or three full estimates."""
     capacity = int(gpu.usable_by_default_bytes)
     at = lambda n: job.with_(**{field_name: n})  # noqa: E731
     single = lambda e: fit(e, gpu, Strategy.SINGLE).gpus_needed == 1  # noqa: E731
-    top = largest_true(lambda n: single(lower_bound_of(at(n))), upper, start=start)
+    bound = lambda n: lower_bound_of(at(n))  # noqa: E731
+    top = largest_true(lambda n: single(bound(n)), upper, start=start)
     if top == 0:
         return 0
     full = estimate_of(at(top))
@@ -127,16 +129,30 @@ def _refine(estimate_of, lower_bound_of, job: Job, field_name: str, gpu, upper: 
         return top
     if top == 1:
         return 0
-    extra = full.device_total_bytes - lower_bound_of(at(top)).device_total_bytes
-    candidate = largest_true(lambda m: lower_bound_of(at(m)).device_total_bytes + extra <= capacity
-                             and single(lower_bound_of(at(m))), top - 1, start=top - 1)
-    if candidate < 1 or not single(estimate_of(at(candidate))):
-        return largest_true(lambda n: single(estimate_of(at(n))), top - 1, start=max(candidate, 1))
-    lo, failed = candidate, top
-    while failed - lo > 1:
-        mid = (lo + failed) // 2
-        if single(estimate_of(at(mid))):
-            lo = mid
+    reserve = lambda n, e: e.device_total_bytes - bound(n).device_total_bytes  # noqa: E731
+    hi, r_hi = top, reserve(top, full)
+    guess = largest_true(lambda m: bound(m).device_total_bytes + r_hi <= capacity and single(bound(m)), top - 1, start=top - 1)
+    lo = r_lo = None
+    if guess >= 1:
+        e = estimate_of(at(guess))
+        if single(e):
+            lo, r_lo = guess, reserve(guess, e)
         else:
-            failed = mid
+            hi, r_hi = guess, reserve(guess, e)
+    if lo is None:  # nothing known to fit: search the full estimate below the smallest failure
+        return largest_true(lambda n: single(estimate_of(at(n))), hi - 1, start=max(min(guess, hi - 1), 1))
+    interpolate = True
+    while hi - lo > 1:
+        if interpolate:
+            slope = (r_hi - r_lo) / (hi - lo)
+            m = largest_true(lambda n: bound(n).device_total_bytes + r_lo + slope * (n - lo) <= capacity, hi - 1, start=lo)
+            m = min(max(m, lo + 1), hi - 1)
+        else:
+            m = (lo + hi) // 2
+        interpolate = not interpolate
+        e = estimate_of(at(m))
+        if single(e):
+            lo, r_lo = m, reserve(m, e)
+        else:
+            hi, r_hi = m, reserve(m, e)
     return lo

@@ -478,9 +478,16 @@ def _template(s: Shapes, batch: int, first: int, last: int, cached: bool, layers
     return program, runs[0][1]
 
 
-@lru_cache(maxsize=256)
 def generate_reserve(inv: Inventory, regime: Regime, sizes: Sizes, capacity_bytes: int = 1 << 50,
                      stepwise: bool = False) -> tuple[int, int]:
+    """(peak reserved, peak allocated) of generate()'s dynamic requests; see `_generate_reserve`.
+    Cached by what generate() is sized by (the training fields of the job do not enter)."""
+    return _generate_reserve(inv, regime, sizes.batch, sizes.prompt_len, sizes.new_tokens, capacity_bytes, stepwise)
+
+
+@lru_cache(maxsize=512)
+def _generate_reserve(inv: Inventory, regime: Regime, b: int, p: int, n: int, capacity_bytes: int,
+                      stepwise: bool) -> tuple[int, int]:
     """(peak reserved, peak allocated) of generate()'s dynamic requests (the weights are not in the
     stream), replayed through the caching allocator.
 
@@ -491,7 +498,6 @@ def generate_reserve(inv: Inventory, regime: Regime, sizes: Sizes, capacity_byte
     s = shapes_of(inv, regime)
     allocator = Allocator(capacity_bytes=capacity_bytes)
     t = Tape(allocator)
-    b, p, n = sizes.batch, sizes.prompt_len, sizes.new_tokens
     window = inv.sliding_window
     layers = inv.num_layers
     cached = inv.use_cache
