@@ -57,7 +57,7 @@ from pathlib import Path
 
 import yaml
 
-from estimator.dtypes import BF16, FP16, FP32, DType, tensor_bytes
+from estimator.dtypes import BF16, FP16, FP32, DType
 from estimator.inventory_types import Inventory
 from estimator.job import Attention, Job
 from estimator.optimizers import OptimizerMemory

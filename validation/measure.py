@@ -481,10 +481,9 @@ def profile_generate(model, job, prompt, new_tokens: int = 16) -> dict:
     time per step beside the wall time, so host overhead (Python, launches, the sandbox's
     syscalls) can be told apart from the kernels the speed model predicts. CUPTI's activity trace,
     not hardware counters: it needs no profiling permission."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
-    short = job.with_(new_tokens=new_tokens) if hasattr(job, "with_") else job
+    short = job.with_(new_tokens=new_tokens)
     try:
         _cuda().synchronize()
         t0 = time.perf_counter()
