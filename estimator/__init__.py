@@ -10,7 +10,7 @@ built from a config (the offline catalog ships prebuilt inventories).
 
 from estimator.estimate import Component, Estimate, estimate
 from estimator.inventory import Inventory, UnsupportedModelError, inventory_from_config
-from estimator.job import Attention, BaseDtype, Job, Loss, Mode, Optimizer, Precision, Quant, Weights
+from estimator.job import Attention, BaseDtype, Job, Loss, Mode, Mxfp4, Optimizer, Precision, Quant, Weights
 
 __all__ = [
     "Attention",
@@ -21,6 +21,7 @@ __all__ = [
     "Job",
     "Loss",
     "Mode",
+    "Mxfp4",
     "Optimizer",
     "Precision",
     "Quant",

@@ -159,12 +159,21 @@ def _config_load_dtype(config: dict) -> str:
     return BY_SAFETENSORS[checkpoint_dtype(config)].name
 
 
-def not_applied(args: argparse.Namespace, job: Job) -> list[str]:
-    """A note for each option given that does not apply to the job (it is ignored, not an error)."""
+def not_applied(args: argparse.Namespace, job: Job, inv=None) -> list[str]:
+    """A note for each option given that does not apply to the job (it is ignored, not an error).
+
+    `--mxfp4` depends on the model rather than the mode: it applies to MXFP4 checkpoints
+    (`inv.quant_method`), and only to inference (training is always the dequantized path)."""
     defaults = {f.name: f.default for f in fields(Job)}
     flag = lambda name: ("--no-" if defaults.get(name) is True else "--") + name.replace("_", "-")  # noqa: E731
+    given = given_job_fields(args)
     notes = [f"{flag(name)} does not apply to --mode {job.mode.value}; ignored"
-             for name in given_job_fields(args) if name not in job.relevant_fields() and name != "mode"]
+             for name in given if name not in job.relevant_fields() and name not in ("mode", "mxfp4")]
+    if "mxfp4" in given and inv is not None:
+        if inv.quant_method != "mxfp4":
+            notes.append("--mxfp4 applies only to checkpoints stored in MXFP4 (gpt-oss); ignored")
+        elif job.is_training and job.mxfp4.value == "kernels":
+            notes.append(f"--mxfp4 kernels does not apply to --mode {job.mode.value}: MXFP4 trains dequantized; ignored")
     if not (args.gpu or args.which_gpus):
         notes += [f"{flag(name)} applies only with --gpu or --which-gpus; ignored"
                   for name in ("strategy", "num_gpus") if getattr(args, name) is not None]
@@ -226,8 +235,14 @@ def main(argv: list[str] | None = None) -> int:
         source = resolve(reference, token=token)
         if args.training_args:
             job, job_notes = job_from_args(args, source.config)
-        result = estimate(source.config, job)
-        ignored = not_applied(args, job)
+        from estimator.estimate import sdpa_refusal
+        from estimator.inventory import inventory_from_config
+
+        inventory = inventory_from_config(source.config)
+        if str(given_job_fields(args).get("attn", "")) == "sdpa" and not inventory.supports_sdpa:
+            raise UsageError(sdpa_refusal(inventory))  # the default falls back to eager; an explicit sdpa is refused
+        result = estimate(inventory, job)
+        ignored = not_applied(args, job, inventory)
         for note in ignored:
             print(f"note: {note}", file=sys.stderr)
         job_notes = list(job_notes) + ignored

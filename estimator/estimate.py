@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from estimator import calibration, stream
 from estimator.dtypes import FP32, tensor_bytes
 from estimator.inventory import Inventory, inventory_from_config
-from estimator.job import Job, Loss
+from estimator.job import Attention, Job, Loss
 from estimator.regime import Regime, Sizes, regime_of, sizes_of
 from estimator.terms import activations as act
 from estimator.terms import kv_cache, logits, optimizer, weights
@@ -118,6 +118,7 @@ def estimate(model: Inventory | dict, job: Job, *, replay: bool = True) -> Estim
     `replay=False` leaves inference's allocator reserve out (it is replayed, the costly part): a
     lower bound of the device total, which the solvers use to bracket their searches."""
     inv = model if isinstance(model, Inventory) else inventory_from_config(model)
+    job = attention_as_loaded(inv, job)
     regime, sizes = regime_of(job), sizes_of(job)
     placed = weights.placements(inv, regime)
     base = weights.weights_bytes(placed) + inv.buffer_bytes
@@ -149,9 +150,55 @@ def estimate(model: Inventory | dict, job: Job, *, replay: bool = True) -> Estim
     )
 
 
+def attention_as_loaded(inv: Inventory, job: Job) -> Job:
+    """The job with the attention transformers actually runs for this model.
+
+    transformers 5.17 tries sdpa, its default, and falls back to eager when the class does not
+    support it (`PreTrainedModel.get_correct_attn_implementation`: `_sdpa_can_dispatch` raises for
+    `_supports_sdpa = False`, as on GptOssForCausalLM, whose attention sinks SDPA cannot take).
+    A `Job` cannot tell the default from an explicit sdpa, so the library follows the default's
+    fallback; the CLI refuses an explicit `--attn sdpa` as transformers does (`sdpa_refusal`)."""
+    if job.attn is Attention.SDPA and not inv.supports_sdpa:
+        return job.with_(attn=Attention.EAGER)
+    return job
+
+
+def sdpa_refusal(inv: Inventory) -> str:
+    """transformers' refusal of attn_implementation="sdpa" for a class without SDPA, on one line."""
+    return (f"transformers 5.17 refuses attn_implementation=sdpa for {inv.architecture}: it does not support an attention "
+            "implementation through torch.nn.functional.scaled_dot_product_attention yet (_supports_sdpa is False, "
+            "PreTrainedModel._sdpa_can_dispatch); leave --attn out (transformers then runs eager) or give --attn eager")
+
+
+def _mxfp4_notes(inv: Inventory, regime: Regime) -> list[str]:
+    """Which MXFP4 path is estimated, and what the other one needs (see Job.mxfp4)."""
+    if inv.quant_method != "mxfp4" or not inv.prequantized:
+        return []
+    if regime.training:
+        return ["MXFP4 cannot be trained as stored (transformers' Mxfp4HfQuantizer.is_trainable is False), so training "
+                "is sized on the dequantized path (Mxfp4Config(dequantize=True)): experts unquantized at the training dtype"]
+    from dataclasses import replace
+
+    other = replace(regime, mxfp4_dequantized=not regime.mxfp4_dequantized)
+    here_gib = weights.weights_bytes(weights.placements(inv, regime)) / 2**30
+    there_gib = weights.weights_bytes(weights.placements(inv, other)) / 2**30
+    needs = ("a CUDA GPU of compute capability >= 7.5, Triton >= 3.4, the kernels package (0.16 <= version < 0.17) "
+             "and the Hub, from which transformers fetches kernels-community/gpt-oss-triton-kernels")
+    if regime.mxfp4_dequantized:
+        return [f"MXFP4 dequantized (--mxfp4 dequantized): transformers' path without its MXFP4 kernels, or with "
+                f"Mxfp4Config(dequantize=True): the experts are dequantized to bf16 on load, {here_gib:.1f} GiB of weights; "
+                f"with the kernels ({needs}) they stay MXFP4: {there_gib:.1f} GiB (--mxfp4 kernels)"]
+    return [f"MXFP4 as stored (--mxfp4 kernels): the experts' 4-bit blocks and E8M0 scales, {here_gib:.1f} GiB of weights, "
+            f"run by Triton's matmul_ogs with no dequantized copy; this needs {needs}; without any of them transformers "
+            f"warns and dequantizes the experts to bf16 on load: {there_gib:.1f} GiB (--mxfp4 dequantized)"]
+
+
 def _notes(inv: Inventory, regime: Regime, sizes: Sizes) -> tuple[str, ...]:
     """What in this answer would surprise, said where it applies."""
-    notes = []
+    notes = _mxfp4_notes(inv, regime)
+    if regime.attn is Attention.EAGER and not inv.supports_sdpa:
+        notes.append(f"{inv.architecture} has no sdpa in transformers 5.17 (_supports_sdpa is False), so its default "
+                     "attention is eager, which is estimated (its S x S scores are materialized)")
     length = sizes.seq_len if regime.training else sizes.prompt_len + sizes.new_tokens
     if inv.max_positions and length > inv.max_positions:
         scaling = f"; its RoPE scaling is {inv.rope_scaling}" if inv.rope_scaling else "; its config names no RoPE scaling"

@@ -287,6 +287,7 @@ def _build_locked(raw: dict) -> Inventory:
         max_positions=_positive_or_none(getattr(text_cfg, "max_position_embeddings", None) or getattr(text_cfg, "n_positions", None)),
         rope_scaling=_rope_scaling(text_cfg),
         peft_param_targets=param_targets,
+        supports_sdpa=bool(getattr(type(model), "_supports_sdpa", True)),
         text_only_of=multimodal_type,
         notes=tuple(notes),
     )
@@ -566,6 +567,7 @@ def _with_prequantized(inv: Inventory, raw: dict) -> Inventory:
     description = prequantized.describe_quantization(raw)
     if description is None:
         return inv
+    inv = dataclasses.replace(inv, quant_method=prequantized.quant_method(raw))
     tensors = prequantized.prequantized_linear_tensors(raw, inv)
     if tensors is None:
         return dataclasses.replace(inv, quantization=description, notes=inv.notes + (description,))

@@ -120,6 +120,11 @@ class Inventory:
     # DeepSeek V2/V3…): the parameters it adapts besides linears. Empty elsewhere.
     peft_param_targets: tuple[ParamAdapter, ...] = ()
     quantization: str | None = None
+    quant_method: str | None = None  # the checkpoint's quantization_config quant_method (gptq, fp8, mxfp4…), if any
+    # transformers' `_supports_sdpa` for the class AutoModelForCausalLM builds: without it, the
+    # default attention falls back to eager and an explicit sdpa is refused
+    # (modeling_utils.PreTrainedModel.get_correct_attn_implementation, _sdpa_can_dispatch)
+    supports_sdpa: bool = True
     text_only_of: str | None = None  # set when a multimodal config was sized by its text model
     notes: tuple[str, ...] = field(default=())
     # Values derived from this inventory and hashable inputs (a regime, sizes): see `derived`.

@@ -84,6 +84,21 @@ class Attention(str, enum.Enum):
     FLASH_ATTENTION_2 = "flash_attention_2"
 
 
+class Mxfp4(str, enum.Enum):
+    """How transformers 5.17 loads a checkpoint stored in MXFP4 (gpt-oss' experts).
+
+    `kernels`: as stored, 4.25 bits a weight, run by the Triton `matmul_ogs` kernels that
+    `Mxfp4HfQuantizer` fetches from the Hub (`kernels-community/gpt-oss-triton-kernels`); what
+    transformers does on a CUDA GPU of compute capability >= 7.5 with Triton >= 3.4 and the
+    `kernels` package installed (`quantizer_mxfp4.py: validate_environment`). `dequantized`: the
+    experts dequantized to bf16 on load, transformers' fallback when any of those is missing (it
+    warns "We will default to dequantizing the model to bf16") or with
+    `Mxfp4Config(dequantize=True)`. Other checkpoints ignore it."""
+
+    KERNELS = "kernels"
+    DEQUANTIZED = "dequantized"
+
+
 # Sizes beyond these are not a memory question any GPU can answer; they are almost surely typos.
 MAX_BATCH_SIZE = 1 << 16
 MAX_TOKENS = 1 << 24
@@ -140,6 +155,8 @@ class Job:
     sft: bool = _option(False, "train as TRL 1.16's SFTTrainer runs it (a Trainer; its chunked LM head and metrics)")
     attn: Attention = _option(Attention.SDPA, "attention implementation")
     expandable_segments: bool = _option(False, "PyTorch's allocator with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
+    mxfp4: Mxfp4 = _option(Mxfp4.KERNELS, "MXFP4 checkpoints (gpt-oss): kernels = as stored, with the Hub's Triton "
+                                           "kernels; dequantized = experts in bf16, transformers' fallback without them")
 
     def __post_init__(self) -> None:
         coerce = {
@@ -151,6 +168,7 @@ class Job:
             "optimizer": Optimizer,
             "loss": Loss,
             "attn": Attention,
+            "mxfp4": Mxfp4,
         }
         for name, kind in coerce.items():
             value = getattr(self, name)

@@ -26,6 +26,18 @@ quantized linear stores, from the formats as their libraries write them:
   `weight_shape` int64 [2], zero points packed along the output dim when asymmetric),
   `float-quantized` stores fp8 weights, `int-quantized`/`naive-quantized` int8 ones,
   `nvfp4-pack-quantized` two fp4 codes per byte with an fp8 scale per 16 weights.
+- **MXFP4** (`quant_method: mxfp4`, gpt-oss; transformers 5.17 `integrations/mxfp4.py`,
+  `quantizers/quantizer_mxfp4.py`): `replace_with_mxfp4_linear` swaps every `GptOssExperts`
+  outside `modules_to_not_convert` (and `_keep_in_fp32_modules`) for `Mxfp4GptOssExperts`, whose
+  `gate_up_proj` / `down_proj` are `<proj>_blocks` uint8 [experts, out, in/32, 16] (two 4-bit e2m1
+  codes per byte) and `<proj>_scales` uint8 [experts, out, in/32] (one E8M0 exponent per 32
+  weights): 4.25 bits a weight, kept as loaded (`Mxfp4Deserialize`, swizzled for the Triton
+  `matmul_ogs` kernel). Its biases are allocated fp32 (`Mxfp4GptOssExperts.__init__`) and the
+  loader keeps the empty parameter's dtype (`core_model_loading.convert_and_load_state_dict_in_model`,
+  "Handle dtype casting"), so they load as fp32 from the bf16 checkpoint. Attention, router,
+  embeddings and `lm_head` stay at the load dtype. This is the path with the kernels; without them
+  transformers dequantizes the experts to bf16 on load (`Mxfp4HfQuantizer.validate_environment`
+  sets `dequantize=True`), which `Regime.mxfp4_dequantized` selects (estimator/terms/weights.py).
 
 Which linears a format quantizes follows the library that loads it; `modules_to_not_convert`,
 `llm_int8_skip_modules`, `ignore` and `ignored_layers` are honoured with transformers' matching
@@ -55,6 +67,7 @@ SAFETENSORS_DTYPE_BYTES: dict[str, float] = {code: float(d) for code, d in BY_SA
 _TORCH_TO_SAFETENSORS = {name: d.safetensors for name, d in {**TORCH_NAMES, **{d.name: d for d in (BF16, FP16, FP32)}}.items()}
 
 AWQ_PACK = 32  # AWQ and GPTQ pack 32/bits codes into each int32
+MXFP4_GROUP = 32  # OCP microscaling: one E8M0 scale per 32 fp4 values (transformers' Mxfp4GptOssExperts: hidden // 32)
 
 
 @dataclass(frozen=True)
@@ -451,6 +464,9 @@ class _Plan:
     pick: Callable[[Linear], Layout | None]  # the layout of a linear, None when it stays unquantized
     pick_expert: Callable[[Param], Layout | None]  # the same for a 3-D MoE expert parameter
     default_dtype: str = "BF16"
+    # A format that stores expert parameters in its own layout (MXFP4): every expert parameter's
+    # tensors as loaded, or None where it stays as it is. Used instead of pick_expert.
+    expert_tensors: Callable[[Param], tuple[StoredTensor, ...] | None] | None = None
 
 
 def _in_layers(lin: Linear) -> bool:
@@ -614,9 +630,32 @@ def _plan(config: dict) -> _Plan | str | None:
 
             text = "compressed-tensors " + "; ".join(sorted({s[2] for s in schemes}))
             return _Plan(text, lambda lin: choose(lin.name, True), lambda p: choose(p.name, True), dtype)
+        if method == "mxfp4":
+            if str(config.get("model_type") or "") != "gpt_oss":
+                return ("MXFP4 in transformers 5.17 converts only gpt-oss' experts (GptOssExperts), "
+                        f"not a {config.get('model_type')!r} model's, so the stored weights cannot be sized")
+            skip = _names(block, "modules_to_not_convert")
+            never_linear: Callable[[Linear], Layout | None] = lambda lin: None  # noqa: E731
+
+            def expert_tensors(p: Param) -> tuple[StoredTensor, ...] | None:
+                module, _, leaf = p.name.rpartition(".")
+                if not module.endswith(".experts") or _skipped(module, skip):
+                    return None
+                if leaf in ("gate_up_proj", "down_proj") and len(p.shape) == 3:
+                    experts, n_in, n_out = p.shape  # GptOssExperts holds them transposed: [experts, in, out]
+                    groups = math.ceil(n_in / MXFP4_GROUP)
+                    return (StoredTensor(f"{p.name}_blocks", (experts, n_out, groups, MXFP4_GROUP // 2), "U8"),
+                            StoredTensor(f"{p.name}_scales", (experts, n_out, groups), "U8"))
+                if leaf in ("gate_up_proj_bias", "down_proj_bias"):
+                    return (StoredTensor(p.name, p.shape, "F32"),)
+                return None
+
+            return _Plan("MXFP4 experts (gpt-oss): two e2m1 codes per byte, one E8M0 scale per 32 weights (4.25 bits), "
+                         "fp32 expert biases; attention, router, embeddings and lm_head unquantized",
+                         never_linear, never, dtype, expert_tensors)
     except _Malformed as err:
         return f"the {method} quantization_config is malformed ({err}), so the stored weights cannot be sized"
-    return f"quant_method {method!r} is not one the estimator can size (it knows gptq, awq, bitsandbytes, fp8, fbgemm_fp8, compressed-tensors)"
+    return f"quant_method {method!r} is not one the estimator can size (it knows gptq, awq, bitsandbytes, fp8, fbgemm_fp8, compressed-tensors, mxfp4)"
 
 
 # -------------------------------------------------------------------------------------------------
@@ -655,6 +694,12 @@ def prequantized_linear_tensors(config: dict, inv: Inventory) -> dict[str, tuple
         layout = plan.pick(lin)
         if layout is not None:
             out[lin.name] = tuple(layout(lin.name, lin.in_features, lin.out_features, lin.bias))
+    if plan.expert_tensors is not None:
+        for p in inv.params:
+            group = plan.expert_tensors(p) if p.kind == "expert" and p.layer is not None else None
+            if group:
+                out[p.name] = group
+        return out
     for p in _expert_params(inv):
         layout = plan.pick_expert(p)
         if layout is None:
@@ -686,8 +731,9 @@ def quantized_param_names(config: dict, inv: Inventory) -> frozenset[str] | None
     if tensors is None:
         return None
     names: set[str] = set()
+    param_names = {p.name for p in inv.params}
     for key in tensors:
-        if any(p.name == key for p in _expert_params(inv)):
+        if key in param_names:
             names.add(key)
         else:
             names.update((key + ".weight", key + ".bias"))

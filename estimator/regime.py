@@ -33,7 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from estimator.dtypes import BF16, DTYPES, FP16, FP32, DType
-from estimator.job import Attention, Job, Loss, Mode, Precision
+from estimator.job import Attention, Job, Loss, Mode, Mxfp4, Precision
 from estimator.optimizers import OPTIMIZERS, OptimizerEntry
 from estimator.quantizers import QUANTIZERS, Quantizer
 
@@ -70,6 +70,9 @@ class Regime:
     sft: bool = False  # TRL 1.16's SFTTrainer (a Trainer): its collator, metrics and QLoRA adapters
     liger_kernels: bool = False  # Liger's norm, gated-activation and RoPE kernels
     expandable_segments: bool = False  # PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+    # An MXFP4 checkpoint's experts dequantized to bf16 on load (Job.mxfp4, and always for training:
+    # transformers' Mxfp4HfQuantizer.is_trainable is False, so a trainable gpt-oss is the dequantized one)
+    mxfp4_dequantized: bool = False
 
     @property
     def training(self) -> bool:
@@ -142,7 +145,8 @@ def regime_of(job: Job) -> Regime:
         loss = Loss.CHUNKED if sft else job.loss  # SFTTrainer: Liger's kernels, its own chunked head
     common = dict(optimizer=optimizer, gradient_checkpointing=job.gradient_checkpointing and job.is_training,
                   attn=job.attn, adapter=adapter, loss=loss, trainer=job.trainer and job.is_training, sft=sft,
-                  liger_kernels=liger_kernels, expandable_segments=job.expandable_segments)
+                  liger_kernels=liger_kernels, expandable_segments=job.expandable_segments,
+                  mxfp4_dequantized=job.mxfp4 is Mxfp4.DEQUANTIZED or job.is_training)
     if job.mode is Mode.INFERENCE:
         quantizer = QUANTIZERS.get(job.weights.value)
         storage = BF16 if quantizer is not None else DTYPES[job.weights.value]

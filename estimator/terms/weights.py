@@ -8,8 +8,16 @@ Mechanisms, each from the libraries' source:
   `nn.Linear` and GPT-2's `Conv1D` outside its skip list (output embeddings, tied weights, the last
   parameter's module, `_keep_in_fp32_modules`); the inventory records that decision per linear.
   MoE experts stored as 3-D `nn.Parameter`s are not linears, so they stay in bf16.
-- Pre-quantized checkpoints (GPTQ, AWQ, FP8, compressed-tensors, bitsandbytes-saved): inference
-  loads them as stored; `estimator/prequantized.py` gives each replaced tensor's stored bytes.
+- Pre-quantized checkpoints (GPTQ, AWQ, FP8, compressed-tensors, bitsandbytes-saved, MXFP4):
+  inference loads them as stored; `estimator/prequantized.py` gives each replaced tensor's stored
+  bytes.
+- MXFP4 dequantized (`Regime.mxfp4_dequantized`: transformers without its MXFP4 kernels, or
+  training): `Mxfp4Dequantize` turns each expert's blocks and scales into a bf16 tensor
+  (`integrations/mxfp4.py: _convert_moe_packed_tensors`, `dtype=torch.bfloat16`), whatever dtype
+  the model loads in, since the loader passes renamed (deserialized) keys through with
+  `_dtype = None`; the experts' biases and every other parameter load at the load dtype. Training
+  keeps today's sizing at the regime's storage dtype (the bf16 dequantization under an fp32 load
+  is not modelled there).
 - QLoRA: `peft.prepare_model_for_kbit_training` casts every parameter that is not `Params4bit`
   from fp16/bf16 to fp32 (embeddings, norms, `lm_head`, biases, unquantized experts).
 - LoRA (`peft/tuners/lora/layer.py`): A is r × in and B is out × r per adapted linear; with
@@ -20,7 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from estimator.dtypes import DType, block, tensor_bytes
+from estimator.dtypes import BF16, DType, block, tensor_bytes
 from estimator.inventory_types import Inventory, Linear
 from estimator.regime import Regime
 
@@ -65,14 +73,19 @@ def _placements(inv: Inventory, regime: Regime) -> tuple[Placed, ...]:
     storage = regime.storage
     quantizer = regime.quantizer
     rows_of = {lin.name + ".weight": lin.out_features for lin in inv.linears}
-    # A pre-quantized checkpoint loads as stored for inference, whatever --weights says.
-    stored = dict(inv.prequantized) if not regime.training else {}
+    # A pre-quantized checkpoint loads as stored for inference, whatever --weights says; MXFP4's
+    # experts only when its kernels run (else they are dequantized to bf16 on load).
+    mxfp4_dequantized = inv.quant_method == "mxfp4" and regime.mxfp4_dequantized
+    stored = dict(inv.prequantized) if not regime.training and not mxfp4_dequantized else {}
+    dequantized = {name for name, _ in inv.prequantized} if mxfp4_dequantized and not regime.training else set()
     replaced_bias = {name.removesuffix(".weight") + ".bias" for name in stored}
     out: list[Placed] = []
     for p in inv.params:
         if stored and (p.name in stored or p.name in replaced_bias):
             size = stored.get(p.name, 0)  # its bias is in the weight's sum
             out.append(Placed(p.name, p.numel, PREQUANTIZED, block(size) if size else 0, False, "quantized"))
+        elif p.name in dequantized and len(p.shape) == 3:  # Mxfp4Dequantize's bf16 output
+            out.append(Placed(p.name, p.numel, BF16, tensor_bytes(p.numel, BF16), False, "base"))
         elif quantizer is not None and p.in_quantized_linear:
             size = quantizer.stored_bytes(p.numel, rows_of.get(p.name, p.shape[0]), regime.double_quant)
             out.append(Placed(p.name, p.numel, quantizer.storage, size, False, "quantized"))
