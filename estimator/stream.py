@@ -50,13 +50,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from estimator.allocator import Allocator
+from estimator.allocator import SMALL_SIZE, Allocator
 from estimator.dtypes import BF16, FP32
 from estimator.inventory_types import Inventory
 from estimator.regime import Regime, Sizes
 from estimator.terms.activations import attention_kernel
 
-_TINY = (1 << 20) + 1  # bytes: small-pool requests (up to 1 MiB) are left out (see the module docstring)
 
 
 class Tape:
@@ -67,7 +66,7 @@ class Tape:
 
     def alloc(self, nbytes: float) -> int | None:
         nbytes = int(nbytes)
-        if nbytes < _TINY:
+        if nbytes <= SMALL_SIZE:  # the small pool's requests are left out (see the module docstring)
             return None
         return self.allocator.malloc(nbytes)
 
@@ -255,7 +254,6 @@ def forward(t: Tape, s: Shapes, batch: int, new: int, total: int, cache: _Cache 
     if not s.rope:  # learned positions (GPT-2): wpe(position_ids), then inputs_embeds + position_embeds
         kept.append(t.alloc(new * d * s.c))
         hidden = t.alloc(rows * d * s.c)
-    embedding = hidden if s.rope else None
     rotary = []
     if s.rope:  # the rotary embedding: freqs, cat(freqs, freqs), cos and sin in fp32 (each scaled), cast
         freqs = t.alloc(rows * s.head_dim / 2 * 4)
@@ -384,7 +382,7 @@ def forward(t: Tape, s: Shapes, batch: int, new: int, total: int, cache: _Cache 
             down = normed
         h3 = t.alloc(rows * d * s.c)
         t.free(down, h2)
-        if hidden != embedding:  # the model's forward keeps `inputs_embeds` to the end
+        if hidden not in kept:  # the model's forward keeps `inputs_embeds` to the end
             t.free(hidden)
         hidden = h3
     final = _norm(t, s, rows, d)
@@ -473,7 +471,7 @@ def _template(s: Shapes, batch: int, first: int, last: int, cached: bool, layers
         if is_alloc and c0 + c1 * last + c2 * last * last != y_last:
             return None
         program.append((is_alloc, handle, c0, c1, c2, max(y0, y_last)))
-    small = {h for a, h, *_, top in program if a and top < _TINY}
+    small = {h for a, h, *_, top in program if a and top <= SMALL_SIZE}
     program = [op for op in program if op[1] not in small]
     return program, runs[0][1]
 
@@ -523,7 +521,7 @@ def _generate_reserve(inv: Inventory, regime: Regime, b: int, p: int, n: int, ca
         for is_alloc, handle, c0, c1, c2, _ in ops:
             if is_alloc:
                 size = int(c0 + c1 * total + c2 * total * total)
-                slots[handle] = malloc(size) if size >= _TINY else None
+                slots[handle] = malloc(size) if size > SMALL_SIZE else None
             else:
                 h = slots.pop(handle, None)
                 if h is not None:
