@@ -224,10 +224,7 @@ def _notes(inv: Inventory, regime: Regime, sizes: Sizes) -> tuple[str, ...]:
 def device_overheads(inv: Inventory, regime: Regime, sizes: Sizes, at_peak: Parts, *, replay: bool = True) -> tuple[int, int]:
     """(allocator reserve, CUDA context and libraries) for a phase's allocated components."""
     static = at_peak[Component.WEIGHTS] + at_peak[Component.LORA_ADAPTERS] + at_peak[Component.OPTIMIZER_STATE]
-    if replay or regime.training or regime.expandable_segments:
-        reserve = _allocator_reserve(inv, regime, sizes, sum(at_peak.values()) - static)
-    else:
-        reserve = 0
+    reserve = _allocator_reserve(inv, regime, sizes, sum(at_peak.values()) - static, replay=replay)
     context = calibration.CUDA_CONTEXT_BYTES + calibration.CUBLAS_HANDLES_BYTES
     if regime.training:
         context += calibration.AUTOGRAD_THREAD_BYTES
@@ -256,7 +253,7 @@ def _expandable_reserve(dynamic: int) -> int:
     return int(rounding + 2 * 1024**2)
 
 
-def _allocator_reserve(inv: Inventory, regime: Regime, sizes: Sizes, dynamic: int) -> int:
+def _allocator_reserve(inv: Inventory, regime: Regime, sizes: Sizes, dynamic: int, *, replay: bool = True) -> int:
     """Reserved-but-free memory at the peak (the caching allocator keeps freed blocks cached).
 
     Inference: generate()'s requests, tensor by tensor in the order the libraries make them, are
@@ -274,6 +271,8 @@ def _allocator_reserve(inv: Inventory, regime: Regime, sizes: Sizes, dynamic: in
     if regime.expandable_segments:
         return _expandable_reserve(dynamic)
     if not regime.training:
+        if not replay:  # the lower bound the solvers search first
+            return 0
         reserved, allocated = stream.generate_reserve(inv, regime, sizes)
         return max(reserved - allocated, 0)
     hole = 0
