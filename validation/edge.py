@@ -64,15 +64,17 @@ def load_edge_cases(path: str | Path) -> list[EdgeCase]:
     return out
 
 
-def predicted_boundary(case: EdgeCase) -> int:
-    """The estimator's largest fitting size on the case's GPU (one GPU, no strategy)."""
+def predicted_boundary(case: EdgeCase, inv=None) -> int:
+    """The estimator's largest fitting size on the case's GPU (one GPU, no strategy); `inv`: the
+    model's inventory when the caller has built it."""
     import gpu_db
     from estimator import estimate, inventory_from_config
     from estimator.catalog import find_entry
     from estimator.fit import Strategy
     from estimator.limits import largest_fitting
 
-    inv = inventory_from_config(find_entry(case.model).config())
+    if inv is None:
+        inv = inventory_from_config(find_entry(case.model).config())
     limit = largest_fitting(lambda j: estimate(inv, j), case.job, case.field, gpu_db.find_gpu(case.gpu), Strategy.SINGLE,
                             lower_bound_of=lambda j: estimate(inv, j, replay=False))
     return limit.value

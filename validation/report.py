@@ -257,10 +257,10 @@ def edge_rows(path: Path = EDGE_PATH) -> list[dict]:
     for row in rows.values():
         job = Job.from_dict(row["job"])
         case = EdgeCase(row["case"], row["model"], job, row["search"], row["gpu"])
-        estimated = predicted_boundary(case)
+        inv = inventory_from_config(find_entry(row["model"]).config())
+        estimated = predicted_boundary(case, inv)
         ran, failed_at = row.get("largest_ok"), row.get("smallest_failed")
         error = (estimated - ran) / ran if ran else None
-        inv = inventory_from_config(find_entry(row["model"]).config())
         gpu = gpu_db.find_gpu(row["gpu"])
 
         def verdict(size):
