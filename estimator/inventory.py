@@ -31,7 +31,8 @@ from typing import Callable
 
 # The inventory's data types live in inventory_types (prequantized.py reads them too); they are
 # re-exported here, where callers have always found them.
-from estimator.inventory_types import Inventory, Linear, LinearRole, MoE, Param, ParamAdapter, ParamKind, UnsupportedModelError
+from estimator.inventory_types import (POST_ATTN, POST_MLP, PRE_ATTN, PRE_MLP, Inventory, Linear, LinearRole, MoE, Param, ParamAdapter,
+                                       ParamKind, UnsupportedModelError)
 
 # Inventories of every catalog config, built with the pinned transformers by
 # `python -m estimator.catalog.prebuild`; tests check each against a fresh build.
@@ -77,7 +78,7 @@ def inventory_from_dict(data: dict) -> Inventory:
         moe = dict(data["moe"])
         moe["layers"] = tuple(moe["layers"])
         data["moe"] = MoE(**moe)
-    for name in ("layer_types", "notes"):
+    for name in ("layer_types", "notes", "norm_places"):
         data[name] = tuple(data.get(name) or ())
     data["prequantized"] = tuple((n, int(b)) for n, b in data.get("prequantized") or ())
     data["peft_param_targets"] = tuple(ParamAdapter(*row) for row in data.get("peft_param_targets") or ())
@@ -257,6 +258,8 @@ def _build_locked(raw: dict) -> Inventory:
         return 0.0
 
     layer_types, sliding = _layer_types(text_cfg, num_layers)
+    buffer_bytes = int(sum(b.numel() * b.element_size() for _, b in model.named_buffers()))
+    block = _block(model, num_layers, params)  # runs layer 0 (and casts the meta model): last to read it
     act = str(getattr(text_cfg, "hidden_act", None) or getattr(text_cfg, "activation_function", None)
               or getattr(text_cfg, "hidden_activation", "") or "")
     inventory = Inventory(
@@ -264,7 +267,7 @@ def _build_locked(raw: dict) -> Inventory:
         architecture=type(model).__name__,
         params=tuple(params),
         linears=tuple(linears),
-        buffer_bytes=int(sum(b.numel() * b.element_size() for _, b in model.named_buffers())),
+        buffer_bytes=buffer_bytes,
         tied_embeddings=bool(getattr(model, "all_tied_weights_keys", None)),
         num_layers=num_layers,
         **shapes,
@@ -272,6 +275,7 @@ def _build_locked(raw: dict) -> Inventory:
         mlp_gated=bool(gated),
         hidden_act=act,
         **norms,
+        **block,
         layer_types=layer_types,
         sliding_window=int(sliding) if sliding else None,
         moe=_moe(text_cfg, params, num_layers),
@@ -353,18 +357,23 @@ def _meta_model(raw: dict, text_raw: dict, multimodal_type: str | None):
     return model, False
 
 
-def _layer_index(model, num_layers: int) -> Callable[[str], int | None]:
-    """A function from a parameter or module name to its decoder layer (None outside the stack):
-    the stack is the ModuleList with one entry per hidden layer."""
+def _layer_stack(model, num_layers: int):
+    """(name, ModuleList) of the decoder layers: the list with one entry per hidden layer, or None."""
     import torch
 
-    stack_prefix = None
     for name, module in model.named_modules():
         if "vision" in name or "visual" in name:
             continue  # a multimodal model's vision encoder has a layer list of its own
         if isinstance(module, torch.nn.ModuleList) and len(module) == num_layers and name.split(".")[-1] in _LAYER_LIST_NAMES:
-            stack_prefix = name + "."
-            break
+            return name, module
+    return None
+
+
+def _layer_index(model, num_layers: int) -> Callable[[str], int | None]:
+    """A function from a parameter or module name to its decoder layer (None outside the stack):
+    the stack is the ModuleList with one entry per hidden layer."""
+    stack = _layer_stack(model, num_layers)
+    stack_prefix = stack[0] + "." if stack else None
 
     def layer_of(name: str) -> int | None:
         if stack_prefix and name.startswith(stack_prefix):
@@ -556,8 +565,107 @@ def _norms(model, params: list[Param], hidden: int) -> dict:
         norm_style = "gemma"  # (x.float() normalized) * (1 + weight.float()), then .type_as(x)
     else:
         norm_style = "llama"  # weight * normalized.to(input_dtype)
-    return {"norm_kind": "layer" if norm_layer else "rms", "norm_style": norm_style, "norms_per_layer": len(norm_params),
-            "sandwich_norms": any("post_feedforward_layernorm" in p.name for p in norm_params)}
+    return {"norm_kind": "layer" if norm_layer else "rms", "norm_style": norm_style, "norms_per_layer": len(norm_params)}
+
+
+class _StopForward(Exception):
+    """Raised by a hook when layer 0 has returned: the probe needs nothing after it."""
+
+
+def _block(model, num_layers: int, params: list[Param]) -> dict:
+    """The decoder layer's plan as its forward runs it: which norms sit where (before or after the
+    attention and the MLP) and whether the MLP reads the attention's input (a parallel block, as
+    Cohere's). Layer 0 of the meta model runs on a meta batch, with hooks on the layer's children
+    recording which tensor each one reads; nothing is allocated. OLMo-2 has only the two norms after
+    its sub-blocks, Gemma 2/3 all four, Llama the two before. A model whose forward does not run on
+    the meta device (OPT's decoder reshapes its input itself) falls back to the names: two norms
+    before, and Gemma's post_feedforward_layernorm meaning norms after as well."""
+    import torch
+
+    names = {p.name.rsplit(".", 2)[-2] for p in params if p.kind == "norm" and p.layer == 0}
+    fallback = {"norm_places": (PRE_ATTN, POST_ATTN, PRE_MLP, POST_MLP) if "post_feedforward_layernorm" in names
+                else (PRE_ATTN, PRE_MLP), "parallel_block": False}
+    stack = _layer_stack(model, num_layers)
+    if stack is None:
+        return fallback
+    layer = stack[1][0]
+    calls: list[tuple[str, str, object]] = []  # (child, "in"/"out", tensor), in call order
+    seen: dict = {}
+
+    def first_tensor(value):
+        while isinstance(value, (tuple, list)) and value:
+            value = value[0]
+        return value if isinstance(value, torch.Tensor) else None
+
+    def before(name):
+        def hook(module, args, kwargs):
+            calls.append((name, "in", first_tensor(args) if args else first_tensor(kwargs.get("hidden_states"))))
+        return hook
+
+    def after(name):
+        def hook(module, args, kwargs, output):
+            calls.append((name, "out", first_tensor(output)))
+        return hook
+
+    def layer_done(module, args, kwargs, output):
+        raise _StopForward
+
+    handles = []
+    kinds = {}
+    for name, child in layer.named_children():
+        cls = type(child).__name__.lower()
+        if "norm" in cls:
+            kinds[name] = "norm"
+        elif any(h in name.lower() for h in _ATTN_HINTS):
+            kinds[name] = "attn"
+        elif any(h in name.lower() for h in _MLP_HINTS):
+            kinds[name] = "mlp"
+        else:
+            continue
+        handles.append(child.register_forward_pre_hook(before(name), with_kwargs=True))
+        handles.append(child.register_forward_hook(after(name), with_kwargs=True))
+    handles.append(layer.register_forward_hook(layer_done, with_kwargs=True))
+    length = 8
+    try:
+        model.to(torch.bfloat16)  # grouped_mm (gpt-oss, MiniMax) takes bf16 only; the model is not used after
+        ids = torch.zeros((1, length), dtype=torch.long, device="meta")
+        mask = torch.ones((1, 1, length, length), dtype=torch.bool, device="meta")  # 4-D: used as given
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+    except _StopForward:
+        pass
+    except Exception:  # noqa: BLE001 - any failure of the meta forward: the names decide
+        return fallback
+    finally:
+        for handle in handles:
+            handle.remove()
+    produced: dict[int, str] = {}  # id of a live output tensor -> the child that produced it
+    places: list[str] = []
+    attn_in = mlp_in = None
+    done: set[str] = set()
+    for name, direction, tensor in calls:
+        kind = kinds[name]
+        if direction == "out":
+            if tensor is not None:
+                produced[id(tensor)] = kind
+                seen[id(tensor)] = tensor  # kept alive, so that no later tensor reuses its id
+            done.add(kind)
+            continue
+        source = produced.get(id(tensor)) if tensor is not None else None
+        if kind == "attn" and attn_in is None:
+            attn_in = tensor
+        elif kind == "mlp" and mlp_in is None:
+            mlp_in = tensor
+        elif kind == "norm":
+            if source in ("attn", "mlp"):
+                places.append(POST_ATTN if source == "attn" else POST_MLP)
+            elif "attn" not in done:
+                places.append(PRE_ATTN)
+            elif "mlp" not in done:
+                places.append(PRE_MLP)
+    if attn_in is None or mlp_in is None:
+        return fallback
+    return {"norm_places": tuple(places), "parallel_block": mlp_in is attn_in}
 
 
 def _with_prequantized(inv: Inventory, raw: dict) -> Inventory:

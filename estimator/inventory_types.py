@@ -18,6 +18,11 @@ class UnsupportedModelError(ValueError):
     """The config names a model the estimator cannot size (not a causal LM, unknown to transformers…)."""
 
 
+# Where a decoder layer's hidden-size norms sit (Inventory.norm_places): read by running layer 0 of
+# the meta model (inventory._block).
+PRE_ATTN, POST_ATTN, PRE_MLP, POST_MLP = "pre_attn", "post_attn", "pre_mlp", "post_mlp"
+
+
 @dataclass(frozen=True)
 class Param:
     """One parameter tensor, counted once even when tied."""
@@ -99,7 +104,10 @@ class Inventory:
     norm_kind: Literal["rms", "layer"]
     norm_style: Literal["llama", "gemma", "layer"]  # how the norm casts: see terms/activations.py
     norms_per_layer: int  # hidden-size norms in one decoder layer (q/k norms are per head, not counted)
-    sandwich_norms: bool  # Gemma 2/3: norms after attention and after the MLP as well as before
+    # Where layer 0's hidden-size norms sit, in call order ("pre_attn", "post_attn", "pre_mlp",
+    # "post_mlp"): Llama (pre_attn, pre_mlp), OLMo-2 (post_attn, post_mlp), Gemma 2/3 all four.
+    norm_places: tuple[str, ...]
+    parallel_block: bool  # the MLP reads the attention's input and both add to the residual (Cohere)
     layer_types: tuple[str, ...]  # "full_attention" / "sliding_attention" per layer
     sliding_window: int | None
     moe: MoE | None

@@ -52,7 +52,7 @@ from functools import lru_cache
 
 from estimator.allocator import SMALL_SIZE, Allocator
 from estimator.dtypes import BF16, FP32
-from estimator.inventory_types import Inventory
+from estimator.inventory_types import POST_ATTN, POST_MLP, PRE_ATTN, PRE_MLP, Inventory
 from estimator.regime import Regime, Sizes
 from estimator.terms.activations import attention_kernel
 
@@ -91,7 +91,8 @@ class Shapes:
     gemma_norm: bool
     layer_norm: bool
     qk_norm: bool
-    sandwich: bool  # Gemma 2/3: norms after attention and after the MLP too
+    norms: tuple[str, ...]  # where each layer's norms sit (Inventory.norm_places)
+    parallel: bool  # Cohere: the MLP reads the attention's normed input; both add to the residual
     rope: bool
     layers: tuple[tuple, ...]  # per layer: (attention linears, MLP linears, gated, sliding)
     vocab: int
@@ -120,7 +121,7 @@ def shapes_of(inv: Inventory, regime: Regime) -> Shapes:
         k_dim=inv.kv_head_dim, v_dim=inv.v_head_dim, c=c, upcast_norm=c < 4,
         gemma_norm=inv.norm_style == "gemma", layer_norm=inv.norm_kind == "layer", qk_norm=inv.qk_norm,
         rope=not inv.learned_positions, layers=tuple(layers), vocab=inv.vocab_size,
-        sandwich=inv.sandwich_norms, softcap=inv.final_logit_softcapping is not None, gelu_new=inv.hidden_act == "gelu_new",
+        norms=inv.norm_places, parallel=inv.parallel_block, softcap=inv.final_logit_softcapping is not None, gelu_new=inv.hidden_act == "gelu_new",
         quant=quant, double_quant=regime.double_quant, kernel=kernel,
     )
 
@@ -266,7 +267,9 @@ def forward(t: Tape, s: Shapes, batch: int, new: int, total: int, cache: _Cache 
         rotary = [t.alloc(rows * s.head_dim * s.c) for _ in range(2)]
         t.free(freqs, emb, *scaled)
     for i, (attn, mlp, gated, sliding) in enumerate(s.layers):
-        x = _norm(t, s, rows, d)  # alive until the attention module returns
+        # the attention's input, alive until the attention module returns (None: it reads the
+        # layer's input itself, as OLMo-2's does)
+        x = _norm(t, s, rows, d) if PRE_ATTN in s.norms else None
         q_el, k_el = rows * s.heads * s.head_dim, rows * s.kv_heads * s.k_dim
         if len(attn) == 2:  # one fused qkv projection; q, k and v are views of it
             fused = _linear(t, s, rows, attn[0])
@@ -327,14 +330,19 @@ def forward(t: Tape, s: Shapes, batch: int, new: int, total: int, cache: _Cache 
         else:
             o = t.alloc(rows * s.heads * s.v_dim * s.c)
         proj = _linear(t, s, rows, attn[-1])
-        t.free(o, x, *(drop - {None}))
-        if s.sandwich:  # post_attention_layernorm on the attention's output
+        t.free(o, *(drop - {None}))
+        if not s.parallel:
+            t.free(x)
+        if POST_ATTN in s.norms:  # a norm on the attention's output (Gemma 2/3, OLMo-2)
             normed = _norm(t, s, rows, d)
             t.free(proj)
             proj = normed
-        h2 = t.alloc(rows * d * s.c)  # the residual add; the layer's input lives until it returns
-        t.free(proj)
-        x = _norm(t, s, rows, d)
+        if s.parallel:  # the MLP reads the attention's input; the attention's output waits for it
+            h2 = None
+        else:
+            h2 = t.alloc(rows * d * s.c)  # the residual add; the layer's input lives until it returns
+            t.free(proj)
+            x = _norm(t, s, rows, d) if PRE_MLP in s.norms else None  # None: the MLP reads h2
         if gated and len(mlp) == 3:
             gate = _linear(t, s, rows, mlp[0])
             act = t.alloc(rows * mlp[0][1] * s.c)
@@ -376,10 +384,13 @@ def forward(t: Tape, s: Shapes, batch: int, new: int, total: int, cache: _Cache 
         else:
             down = t.alloc(rows * d * s.c)
         t.free(x)
-        if s.sandwich:  # post_feedforward_layernorm on the MLP's output
+        if POST_MLP in s.norms:  # a norm on the MLP's output
             normed = _norm(t, s, rows, d)
             t.free(down)
             down = normed
+        if s.parallel:  # residual + attention output, then + the MLP's
+            h2 = t.alloc(rows * d * s.c)
+            t.free(proj)
         h3 = t.alloc(rows * d * s.c)
         t.free(down, h2)
         if hidden not in kept:  # the model's forward keeps `inputs_embeds` to the end

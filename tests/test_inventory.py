@@ -95,12 +95,12 @@ def test_sliding_window_layers():
     inv = inv_of("google/gemma-2-2b-it")
     assert inv.sliding_window == 4096
     assert set(inv.layer_types) == {"sliding_attention", "full_attention"}
-    assert inv.sandwich_norms and inv.norm_style == "gemma"
+    assert inv.norm_places == ("pre_attn", "post_attn", "pre_mlp", "post_mlp") and inv.norm_style == "gemma"
 
 
 def test_qk_norm_is_not_a_sandwich():
     inv = inv_of("Qwen/Qwen3-8B")
-    assert inv.qk_norm and not inv.sandwich_norms
+    assert inv.qk_norm and inv.norm_places == ("pre_attn", "pre_mlp")
 
 
 def test_a_multimodal_config_is_sized_as_auto_model_for_causal_lm_builds_it():

@@ -71,7 +71,7 @@ import itertools
 from dataclasses import dataclass, field
 
 from estimator.dtypes import BF16, BOOL, FP16, FP32, INT64, DType
-from estimator.inventory_types import Inventory, Linear
+from estimator.inventory_types import POST_ATTN, POST_MLP, PRE_ATTN, PRE_MLP, Inventory, Linear
 from estimator.job import Attention, Loss
 from estimator.regime import Regime, Sizes
 from estimator.terms import weights
@@ -463,7 +463,7 @@ def trace_layer(tr: Trace, x: T, layer: int) -> T:
     groups = _split(inv.layer_linears[layer] if layer < len(inv.layer_linears) else ())
     tr.layer_type = inv.layer_types[layer] if layer < len(inv.layer_types) else "full_attention"
     residual = x
-    h = tr.norm(x)
+    h = tr.norm(x) if PRE_ATTN in inv.norm_places else x  # OLMo-2's attention reads the residual itself
     attn_in = groups["attn_in"]
     if len(attn_in) == 1:  # fused qkv: q, k, v are views of one output
         qkv = tr.linear(h, attn_in[0])
@@ -491,21 +491,25 @@ def trace_layer(tr: Trace, x: T, layer: int) -> T:
     o = tr.attention(q, k, v)
     for lin in groups["attn_out"][:1]:
         o = tr.linear(o, lin)
-    if inv.sandwich_norms:  # Gemma 2/3: post_attention_layernorm on the attention output
+    if POST_ATTN in inv.norm_places:  # Gemma 2/3, OLMo-2: a norm on the attention's output
         o = tr.norm(o)
     o = tr.dropout(o, inv.hidden_dropout)
-    x = tr.add(residual, o)
-    residual = x
-    h = tr.norm(x)
-    tr.context = (residual, h)
+    if not inv.parallel_block:
+        x = tr.add(residual, o)
+        residual = x
+        h = tr.norm(x) if PRE_MLP in inv.norm_places else x
+    # a parallel block (Cohere) feeds the attention's normed input to the MLP as well
+    tr.context = (residual, h, o) if inv.parallel_block else (residual, h)
     if inv.moe is not None and layer in inv.moe.layers:
         m = _moe(tr, h, groups)
     else:
         m = _gated_mlp(tr, h, groups["mlp_in"], groups["mlp_out"])
     tr.context = ()
-    if inv.sandwich_norms:
+    if POST_MLP in inv.norm_places:
         m = tr.norm(m)
     m = tr.dropout(m, inv.hidden_dropout)
+    if inv.parallel_block:  # residual + attention + mlp
+        return tr.add(tr.add(residual, o), m)
     return tr.add(residual, m)
 
 
