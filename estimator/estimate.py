@@ -53,6 +53,8 @@ class Component(enum.StrEnum):
     OPTIMIZER_STATE = "optimizer_state"
     ACTIVATIONS = "activations"
     AUTOCAST_WEIGHT_COPIES = "autocast_weight_copies"
+    # lora.ParamWrapper's merged experts and routers (W + the adapter's update, rebuilt per forward)
+    MERGED_ADAPTER_WEIGHTS = "merged_adapter_weights"
     LOGITS = "logits"
     KV_CACHE = "kv_cache"
     TEMPORARIES = "temporaries"
@@ -216,8 +218,8 @@ def _notes(inv: Inventory, regime: Regime, sizes: Sizes) -> tuple[str, ...]:
                      "keeps a KV cache instead")
     if weights.param_targets(inv, regime):
         notes.append("PEFT's all-linear adapts this model's routed experts and router as parameters (lora.ParamWrapper): "
-                     "their adapters, gradients and optimizer state are counted; the delta weights ParamWrapper "
-                     "builds in each forward are not modelled yet")
+                     "their adapters, gradients and optimizer state are counted, and so is the merged copy of each "
+                     "wrapped parameter that ParamWrapper builds in every forward and the backward keeps")
     return tuple(notes)
 
 
@@ -328,6 +330,11 @@ def _training_phases(inv: Inventory, regime: Regime, sizes: Sizes, base: int, ad
         layers = sum(saved.layers) * tokens
         recompute = 0
         copies_backward = saved.weight_copies_saved_bytes
+    # lora.ParamWrapper's merged parameters (terms/activations.Flow.merged_by_layer): saved by every
+    # layer's forward, or with checkpointing rebuilt by the layer being recomputed only
+    merged_layers = saved.layer_merged_bytes or (0.0,)
+    top_merged = max(merged_layers) if regime.gradient_checkpointing else 0
+    merged = int(top_merged if regime.gradient_checkpointing else sum(merged_layers))
     # autocast's cache holds every trainable fp32 weight's copy until the forward ends
     copies_forward = max(saved.weight_copies_cached_bytes, copies_backward)
     activations_total = int(layers + outside)
@@ -353,10 +360,11 @@ def _training_phases(inv: Inventory, regime: Regime, sizes: Sizes, base: int, ad
 
     static = dict(weights=base + calibration.CUBLAS_WORKSPACE_BYTES, lora_adapters=adapters, optimizer_state=opt.state_bytes)
     activations_total += inputs
+    saved_merged = 0 if regime.gradient_checkpointing else merged
     forward_end = parts(**static, activations=activations_total, autocast_weight_copies=copies_forward,
-                        logits=lg.forward_peak_bytes)
+                        merged_adapter_weights=saved_merged, logits=lg.forward_peak_bytes)
     backward_start = parts(**static, activations=activations_total, autocast_weight_copies=copies_backward,
-                           logits=lg.backward_peak_bytes)
+                           merged_adapter_weights=saved_merged, logits=lg.backward_peak_bytes)
     # The top layer's backward: the loss's buffers are gone, the lm_head's gradient exists, and the
     # layer's gradients of its intermediates (three of the widest, as the gated product's backward
     # holds them) are alive; with checkpointing, the recomputed layer's activations too.
@@ -366,8 +374,9 @@ def _training_phases(inv: Inventory, regime: Regime, sizes: Sizes, base: int, ad
         **static,
         activations=activations_total,
         autocast_weight_copies=copies_backward,
+        merged_adapter_weights=merged,
         gradients=lm_grads,
-        temporaries=int(recompute + act.backward_working_bytes(inv, regime) * tokens),
+        temporaries=int(recompute + act.backward_working_bytes(inv, regime) * tokens + act.largest_merged_weight(inv, regime)),
     )
     # The forward's own peak inside a layer (the adapters' fp32 input casts and dropout outputs,
     # Trace._lora_transient): with checkpointing it recurs when the backward recomputes the top
@@ -383,13 +392,14 @@ def _training_phases(inv: Inventory, regime: Regime, sizes: Sizes, base: int, ad
         layer_forward = (saved.layers[peak_layer] + saved.layer_transients[peak_layer] + saved.layer_output) * tokens
         layers_forward = ("recompute_layer", parts(
             **static, activations=activations_total - head, autocast_weight_copies=copies_backward, gradients=lm_grads,
+            merged_adapter_weights=int(saved.layer_merged_bytes[peak_layer]) if saved.layer_merged_bytes else 0,
             temporaries=int(layer_forward + saved.layer_weight_copies_bytes[peak_layer])))
     elif inv.num_layers and any(saved.layer_transients):
         so_far = [sum(saved.layers[:i + 1]) for i in range(inv.num_layers)]
         above = max(so_far[i] + saved.layer_transients[i] for i in range(inv.num_layers)) - so_far[-1]
         layers_forward = ("forward_layers", parts(
             **static, activations=activations_total - head, autocast_weight_copies=copies_forward,
-            temporaries=int(above * tokens)))
+            merged_adapter_weights=merged, temporaries=int(above * tokens)))
     tied_transient = 0
     if inv.tied_embeddings:  # the embedding's gradient before it is added to lm_head's
         embeddings = {p.name for p in inv.params if p.kind == "embedding"}

@@ -106,3 +106,49 @@ def test_a_forward_that_fails_on_meta_falls_back_to_the_names():
     are taken as Llama's (before the attention and the MLP), which is where OPT puts them."""
     inv = inventory_from_config(find_entry("facebook/opt-1.3b").config())
     assert (inv.norm_places, inv.parallel_block) == ((PRE_ATTN, PRE_MLP), False)
+
+
+# ---- lora.ParamWrapper on MoE experts ----------------------------------------------------------
+MOE = {
+    "qwen3_moe": dict(model_type="qwen3_moe", head_dim=64, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128,
+                      torch_dtype="bfloat16", **BASE),
+    "mixtral": dict(model_type="mixtral", num_local_experts=8, num_experts_per_tok=2, torch_dtype="bfloat16", **BASE),
+}
+
+
+@pytest.mark.parametrize("family", sorted(MOE))
+def test_param_wrapper_saves_a_merged_copy_of_each_expert_stack(family):
+    """PEFT 0.21.2's all-linear wraps the 3-D expert stacks (lora.ParamWrapper); each forward folds
+    the update into a new tensor the size of the stack (baddbmm) and grouped_mm saves it for the
+    backward. The trace's merged bytes for layer 0 are exactly the 3-D non-parameter storages
+    autograd keeps, plus the router's merged 2-D weight."""
+    peft = pytest.importorskip("peft")
+    cfg = MOE[family]
+    config = transformers.AutoConfig.for_model(**cfg)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
+    model.train()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    layer = next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == cfg["num_hidden_layers"])[0]
+    inside = [False]
+    layer.register_forward_pre_hook(lambda *args: inside.__setitem__(0, True))
+    layer.register_forward_hook(lambda *args: inside.__setitem__(0, False))
+    # matched by their dimensions in any order: grouped_mm and linear save transposed views
+    wrapped = {tuple(sorted(p.shape)) for n, p in model.named_parameters()
+               if "lora" not in n and (p.dim() == 3 or n.endswith("gate.base_layer.weight"))}
+    merged: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if inside[0] and storage.data_ptr() not in params and tuple(sorted(t.shape)) in wrapped:
+            merged[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    ids = torch.randint(0, cfg["vocab_size"], (2, 32))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=ids)
+    inv = inventory_from_config(cfg)
+    job = Job.from_dict({"mode": "lora", "batch_size": 2, "seq_len": 32, "lora_r": 4, "lora_dropout": 0.0})
+    assert len(merged) == 3  # gate_up, down and the router
+    assert dict(act.merged_weights(inv, regime_of(job)))[0] == sum(merged.values())

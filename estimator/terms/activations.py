@@ -153,6 +153,16 @@ class Flow:
         return self.regime.loss is Loss.CHUNKED or (self.regime.loss is Loss.LIGER and self.liger)
 
     liger_supported: bool = False  # the model type is one liger-kernel patches
+    # The experts' weights as they sit in training (3-D parameters, never 4-bit: QLoRA's
+    # preparation upcasts them to fp32). transformers' grouped_mm is not autocast-enabled: it casts
+    # the tokens to the weights' dtype (integrations/moe.py, _grouped_mm), so the expert path runs
+    # in it. None: the compute dtype (no 3-D experts).
+    expert_dtype: DType | None = None
+    # lora.ParamWrapper (PEFT 0.21.2) folds each wrapped parameter's update into a fresh tensor the
+    # size of the parameter in every forward (_LoraFactorsProxy: baddbmm(W, lhs, rhs) for an expert
+    # stack; W + B@A for a 2-D router), and the matmul that reads it saves it for the backward
+    # (its gradient flows to the adapters). Bytes per layer, and the largest single one.
+    merged_by_layer: tuple[tuple[int, float], ...] = ()
 
     @property
     def lora_dropout(self) -> float:
@@ -171,6 +181,7 @@ class Trace:
     sizes: dict[int, float] = field(default_factory=dict)  # a storage's bytes per token (views share it)
     weight_copies_saved: float = 0.0  # fp32 weights cast for a matmul whose input needs a gradient
     weight_copies_cached: float = 0.0  # trainable fp32 weights cast under autocast (cache until exit)
+    merged_saved: float = 0.0  # ParamWrapper's merged parameters saved for backward (Flow.merged_by_layer)
     layer_start: float = 0.0  # saved bytes per token before the current layer
     context: tuple = ()  # tensors the layer's forward holds while a sub-block runs (residual, normed input)
     transient: float = 0.0  # the current layer's peak of live-but-unsaved bytes per token above what it saves
@@ -427,19 +438,22 @@ def _gated_mlp(tr: Trace, x: T, ins: list[Linear], outs: list[Linear]) -> T:
     return tr.linear(p, outs[0])
 
 
-def _moe(tr: Trace, x: T, groups: dict[str, list[Linear]]) -> T:
+def _moe(tr: Trace, x: T, groups: dict[str, list[Linear]], layer: int) -> T:
     """transformers 5's fused experts (grouped_mm): top-k copies of each token through gate_up/down."""
     inv, f = tr.inv, tr.f
     moe = inv.moe
     assert moe is not None
     k, width = moe.top_k, moe.expert_intermediate_size
+    ed = f.expert_dtype or f.compute
     if x.grad:
         tr.save_bytes(moe.num_experts * FP32)  # router probabilities (softmax in fp32)
-        tr.save_bytes(k * inv.hidden_size * f.compute)  # tokens gathered per expert
-        tr.save_bytes(k * 2 * width * f.compute)  # gate_up output (the activation reads the gate half)
-        tr.save_bytes(k * width * f.compute)  # activation output
+        tr.save_bytes(k * inv.hidden_size * ed)  # tokens gathered per expert, cast to the experts' dtype
+        tr.save_bytes(k * 2 * width * ed)  # gate_up output (the activation reads the gate half)
+        tr.save_bytes(k * width * ed)  # activation output
         if f.base_trainable:
-            tr.save_bytes(k * width * f.compute)  # down's input, for the experts' weight gradient
+            tr.save_bytes(k * width * ed)  # down's input, for the experts' weight gradient
+    if f.training:
+        tr.merged_saved += dict(f.merged_by_layer).get(layer, 0.0)
     out = tr.new(inv.hidden_size, f.compute if f.autocast else x.dtype, True)
     shared = groups["shared"]
     if shared:
@@ -501,7 +515,7 @@ def trace_layer(tr: Trace, x: T, layer: int) -> T:
     # a parallel block (Cohere) feeds the attention's normed input to the MLP as well
     tr.context = (residual, h, o) if inv.parallel_block else (residual, h)
     if inv.moe is not None and layer in inv.moe.layers:
-        m = _moe(tr, h, groups)
+        m = _moe(tr, h, groups, layer)
     else:
         m = _gated_mlp(tr, h, groups["mlp_in"], groups["mlp_out"])
     tr.context = ()
@@ -540,6 +554,7 @@ class SavedActivations:
     layer_transients: tuple[float, ...] = ()
     head_saved: float = 0.0  # of `outside`, what the final norm and lm_head save (freed before the layers' backward)
     layer_output: float = 0.0  # bytes per token of a layer's output (and of the gradient the backward hands it)
+    layer_merged_bytes: tuple[float, ...] = ()  # per layer, ParamWrapper's merged parameters (not per token)
 
 
 def saved_activations(inv: Inventory, regime: Regime, sizes: Sizes) -> SavedActivations:
@@ -552,7 +567,41 @@ def flow_of(inv: Inventory, regime: Regime) -> Flow:
     adapted = frozenset(lin.name for lin in weights.lora_targets(inv, regime))
     placed = weights.placements(inv, regime)
     quantized = frozenset(p.name.removesuffix(".weight") for p in placed if p.kind == "quantized")
-    return Flow(regime, adapted, quantized, liger_supported=liger_patches(inv))
+    experts = [p for p in placed if p.kind == "base" and p.name in _expert_params(inv)]
+    return Flow(regime, adapted, quantized, liger_supported=liger_patches(inv),
+                expert_dtype=experts[0].dtype if experts else None, merged_by_layer=merged_weights(inv, regime))
+
+
+def _expert_params(inv: Inventory) -> frozenset[str]:
+    return inv.derived("expert_params", lambda: frozenset(p.name for p in inv.params if len(p.shape) == 3))
+
+
+def merged_weights(inv: Inventory, regime: Regime) -> tuple[tuple[int, float], ...]:
+    """Per layer, the bytes of the parameters lora.ParamWrapper re-materializes in each forward
+    (each wrapped parameter's full size at its training dtype; see Flow.merged_by_layer)."""
+    targets = {t.name for t in weights.param_targets(inv, regime)}
+    if not regime.training or not targets:
+        return ()
+    placed = {p.name: p for p in weights.placements(inv, regime)}
+    layer_of = {p.name: p.layer for p in inv.params}
+    out: dict[int, float] = {}
+    for name in targets:
+        p = placed.get(name) or placed.get(name + ".weight")
+        layer = layer_of.get(p.name) if p is not None else None
+        if p is not None and layer is not None:
+            out[layer] = out.get(layer, 0.0) + p.numel * p.dtype
+    return tuple(sorted(out.items()))
+
+
+def largest_merged_weight(inv: Inventory, regime: Regime) -> float:
+    """The largest single parameter ParamWrapper re-materializes: its gradient (as large, in its
+    dtype) exists while the layer's backward reaches it, before baddbmm's backward turns it into
+    the adapters' gradients."""
+    targets = {t.name for t in weights.param_targets(inv, regime)}
+    if not regime.training or not targets:
+        return 0.0
+    return max((p.numel * p.dtype for p in weights.placements(inv, regime)
+                if p.name in targets or p.name.removesuffix(".weight") in targets), default=0.0)
 
 
 # The model types liger-kernel 0.8.5 patches (liger_kernel/transformers/monkey_patch.py,
@@ -590,13 +639,18 @@ def _saved_activations(inv: Inventory, regime: Regime, seq_len: int) -> SavedAct
     layers: list[float] = []
     transients: list[float] = []
     layer_copies: list[float] = []
+    layer_merged: list[float] = []
     input_widths = []
     seen: dict[tuple, tuple[float, float, float, T]] = {}
     for i in range(inv.num_layers):
-        # Layers with the same structure and input save the same: trace each kind once.
+        # Layers with the same structure and input save the same: trace each kind once (the merged
+        # parameters are traced per layer: they are not part of the signature).
         signature = _layer_signature(inv, i, f, x)
+        merged_before = tr.merged_saved
         if signature in seen:
             saved_bytes, copies, cached, out, transient = seen[signature]
+            tr.merged_saved += dict(f.merged_by_layer).get(i, 0.0)
+            layer_merged.append(tr.merged_saved - merged_before)
             tr.saved[next(tr._ids)] = saved_bytes
             transients.append(transient)
             tr.weight_copies_saved += copies
@@ -612,6 +666,7 @@ def _saved_activations(inv: Inventory, regime: Regime, seq_len: int) -> SavedAct
         input_widths.append(x.width * x.dtype)
         tr.layer_start, tr.transient = before, 0.0
         x = trace_layer(tr, x, i)
+        layer_merged.append(tr.merged_saved - merged_before)
         layers.append(sum(tr.saved.values()) - before)
         transients.append(max(tr.transient - layers[-1], 0.0))
         layer_copies.append(tr.weight_copies_saved - copies_before)
@@ -636,6 +691,7 @@ def _saved_activations(inv: Inventory, regime: Regime, seq_len: int) -> SavedAct
         layer_transients=tuple(transients),
         head_saved=head_saved,
         layer_output=x.width * x.dtype,
+        layer_merged_bytes=tuple(layer_merged),
     )
 
 
