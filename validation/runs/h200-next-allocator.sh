@@ -1,4 +1,7 @@
 #!/usr/bin/env bash
+# Superseded on 2026-12-01 by calls d and e (validation/runs/h200-2026-12-01-{d,e}.sh), which ran its
+# snapshots, one edge search and the speed cases. What is left is the 1B bf16 decode's two edge
+# searches: rerun h200-2026-12-01-e.sh (its --skip-done starts at them). Kept as it was run.
 # For the next H200 session (issue 12): allocator histories of training steps, for writing the
 # training step's request stream as generate()'s was (estimator/stream.py), then the three edge
 # searches left, then the ten speed-calibration cases left. Every case here is already written
