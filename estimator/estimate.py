@@ -333,8 +333,7 @@ def _training_phases(inv: Inventory, regime: Regime, sizes: Sizes, base: int, ad
     # lora.ParamWrapper's merged parameters (terms/activations.Flow.merged_by_layer): saved by every
     # layer's forward, or with checkpointing rebuilt by the layer being recomputed only
     merged_layers = saved.layer_merged_bytes or (0.0,)
-    top_merged = max(merged_layers) if regime.gradient_checkpointing else 0
-    merged = int(top_merged if regime.gradient_checkpointing else sum(merged_layers))
+    merged = int(max(merged_layers) if regime.gradient_checkpointing else sum(merged_layers))
     # autocast's cache holds every trainable fp32 weight's copy until the forward ends
     copies_forward = max(saved.weight_copies_cached_bytes, copies_backward)
     activations_total = int(layers + outside)

@@ -589,8 +589,8 @@ def _block(model, num_layers: int, params: list[Param]) -> dict:
     if stack is None:
         return fallback
     layer = stack[1][0]
-    calls: list[tuple[str, str, object]] = []  # (child, "in"/"out", tensor), in call order
-    seen: dict = {}
+    # (child, "in"/"out", tensor), in call order; holding the tensors keeps every id unique
+    calls: list[tuple[str, str, object]] = []
 
     def first_tensor(value):
         while isinstance(value, (tuple, list)) and value:
@@ -639,7 +639,7 @@ def _block(model, num_layers: int, params: list[Param]) -> dict:
     finally:
         for handle in handles:
             handle.remove()
-    produced: dict[int, str] = {}  # id of a live output tensor -> the child that produced it
+    produced: dict[int, str] = {}  # id of an output tensor -> the kind of child that produced it
     places: list[str] = []
     attn_in = mlp_in = None
     done: set[str] = set()
@@ -648,7 +648,6 @@ def _block(model, num_layers: int, params: list[Param]) -> dict:
         if direction == "out":
             if tensor is not None:
                 produced[id(tensor)] = kind
-                seen[id(tensor)] = tensor  # kept alive, so that no later tensor reuses its id
             done.add(kind)
             continue
         source = produced.get(id(tensor)) if tensor is not None else None

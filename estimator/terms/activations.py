@@ -164,6 +164,10 @@ class Flow:
     # (its gradient flows to the adapters). Bytes per layer, and the largest single one.
     merged_by_layer: tuple[tuple[int, float], ...] = ()
 
+    def merged_in(self, layer: int) -> float:
+        """ParamWrapper's merged bytes in `layer` (0 where it wraps nothing)."""
+        return dict(self.merged_by_layer).get(layer, 0.0)
+
     @property
     def lora_dropout(self) -> float:
         return self.regime.adapter.dropout if self.regime.adapter is not None else 0.0
@@ -453,7 +457,7 @@ def _moe(tr: Trace, x: T, groups: dict[str, list[Linear]], layer: int) -> T:
         if f.base_trainable:
             tr.save_bytes(k * width * ed)  # down's input, for the experts' weight gradient
     if f.training:
-        tr.merged_saved += dict(f.merged_by_layer).get(layer, 0.0)
+        tr.merged_saved += f.merged_in(layer)
     out = tr.new(inv.hidden_size, f.compute if f.autocast else x.dtype, True)
     shared = groups["shared"]
     if shared:
@@ -576,20 +580,22 @@ def _expert_params(inv: Inventory) -> frozenset[str]:
     return inv.derived("expert_params", lambda: frozenset(p.name for p in inv.params if len(p.shape) == 3))
 
 
-def merged_weights(inv: Inventory, regime: Regime) -> tuple[tuple[int, float], ...]:
-    """Per layer, the bytes of the parameters lora.ParamWrapper re-materializes in each forward
-    (each wrapped parameter's full size at its training dtype; see Flow.merged_by_layer)."""
+def _wrapped(inv: Inventory, regime: Regime) -> list[tuple[int, float]]:
+    """(layer, bytes at its training dtype) of each parameter lora.ParamWrapper re-materializes in
+    each forward (see Flow.merged_by_layer); none outside training."""
     targets = {t.name for t in weights.param_targets(inv, regime)}
     if not regime.training or not targets:
-        return ()
-    placed = {p.name: p for p in weights.placements(inv, regime)}
+        return []
     layer_of = {p.name: p.layer for p in inv.params}
+    return [(layer_of[p.name], p.numel * p.dtype) for p in weights.placements(inv, regime)
+            if (p.name in targets or p.name.removesuffix(".weight") in targets) and layer_of.get(p.name) is not None]
+
+
+def merged_weights(inv: Inventory, regime: Regime) -> tuple[tuple[int, float], ...]:
+    """Per layer, the bytes of the parameters lora.ParamWrapper re-materializes in each forward."""
     out: dict[int, float] = {}
-    for name in targets:
-        p = placed.get(name) or placed.get(name + ".weight")
-        layer = layer_of.get(p.name) if p is not None else None
-        if p is not None and layer is not None:
-            out[layer] = out.get(layer, 0.0) + p.numel * p.dtype
+    for layer, size in _wrapped(inv, regime):
+        out[layer] = out.get(layer, 0.0) + size
     return tuple(sorted(out.items()))
 
 
@@ -597,11 +603,7 @@ def largest_merged_weight(inv: Inventory, regime: Regime) -> float:
     """The largest single parameter ParamWrapper re-materializes: its gradient (as large, in its
     dtype) exists while the layer's backward reaches it, before baddbmm's backward turns it into
     the adapters' gradients."""
-    targets = {t.name for t in weights.param_targets(inv, regime)}
-    if not regime.training or not targets:
-        return 0.0
-    return max((p.numel * p.dtype for p in weights.placements(inv, regime)
-                if p.name in targets or p.name.removesuffix(".weight") in targets), default=0.0)
+    return max((size for _, size in _wrapped(inv, regime)), default=0.0)
 
 
 # The model types liger-kernel 0.8.5 patches (liger_kernel/transformers/monkey_patch.py,
@@ -649,7 +651,7 @@ def _saved_activations(inv: Inventory, regime: Regime, seq_len: int) -> SavedAct
         merged_before = tr.merged_saved
         if signature in seen:
             saved_bytes, copies, cached, out, transient = seen[signature]
-            tr.merged_saved += dict(f.merged_by_layer).get(i, 0.0)
+            tr.merged_saved += f.merged_in(i)
             layer_merged.append(tr.merged_saved - merged_before)
             tr.saved[next(tr._ids)] = saved_bytes
             transients.append(transient)
