@@ -42,11 +42,15 @@ PLANS = {
 }
 
 
-def _saved_by_layer0(cfg: dict, batch: int, seq: int) -> int:
-    """Bytes of the distinct non-parameter storages autograd saves while layer 0's forward runs."""
+def _model(cfg: dict):
     config = transformers.AutoConfig.for_model(**cfg)
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+
+
+def _layer0_saved(model, cfg: dict, batch: int, seq: int, keep=lambda t: True) -> dict[int, int]:
+    """{storage address: bytes} of the distinct non-parameter storages autograd saves while layer 0's
+    forward runs in one training forward (those `keep` accepts)."""
     model.train()
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     layer = next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == cfg["num_hidden_layers"])[0]
@@ -56,16 +60,15 @@ def _saved_by_layer0(cfg: dict, batch: int, seq: int) -> int:
     saved: dict[int, int] = {}
 
     def pack(t):
-        if inside[0]:
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in params:
-                saved[storage.data_ptr()] = storage.nbytes()
+        storage = t.untyped_storage()
+        if inside[0] and storage.data_ptr() not in params and keep(t):
+            saved[storage.data_ptr()] = storage.nbytes()
         return t
 
     ids = torch.randint(0, cfg["vocab_size"], (batch, seq))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(input_ids=ids, labels=ids)
-    return sum(saved.values())
+    return saved
 
 
 def _traced_layer0(cfg: dict, batch: int, seq: int) -> float:
@@ -85,7 +88,7 @@ def test_the_norm_plan_is_read_from_the_model(family):
 
 @pytest.mark.parametrize("family", sorted(CONFIGS))
 def test_layer0_saved_bytes_match_autograd(family):
-    measured = _saved_by_layer0(CONFIGS[family], batch=2, seq=64)
+    measured = sum(_layer0_saved(_model(CONFIGS[family]), CONFIGS[family], batch=2, seq=64).values())
     assert _traced_layer0(CONFIGS[family], batch=2, seq=64) == pytest.approx(measured, rel=0.05)
 
 
@@ -124,30 +127,11 @@ def test_param_wrapper_saves_a_merged_copy_of_each_expert_stack(family):
     autograd keeps, plus the router's merged 2-D weight."""
     peft = pytest.importorskip("peft")
     cfg = MOE[family]
-    config = transformers.AutoConfig.for_model(**cfg)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
-    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
-    model.train()
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    layer = next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == cfg["num_hidden_layers"])[0]
-    inside = [False]
-    layer.register_forward_pre_hook(lambda *args: inside.__setitem__(0, True))
-    layer.register_forward_hook(lambda *args: inside.__setitem__(0, False))
+    model = peft.get_peft_model(_model(cfg), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
     # matched by their dimensions in any order: grouped_mm and linear save transposed views
     wrapped = {tuple(sorted(p.shape)) for n, p in model.named_parameters()
                if "lora" not in n and (p.dim() == 3 or n.endswith("gate.base_layer.weight"))}
-    merged: dict[int, int] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if inside[0] and storage.data_ptr() not in params and tuple(sorted(t.shape)) in wrapped:
-            merged[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    ids = torch.randint(0, cfg["vocab_size"], (2, 32))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=ids, labels=ids)
+    merged = _layer0_saved(model, cfg, batch=2, seq=32, keep=lambda t: tuple(sorted(t.shape)) in wrapped)
     inv = inventory_from_config(cfg)
     job = Job.from_dict({"mode": "lora", "batch_size": 2, "seq_len": 32, "lora_r": 4, "lora_dropout": 0.0})
     assert len(merged) == 3  # gate_up, down and the router
