@@ -24,7 +24,7 @@ from estimator import inventory_from_config
 from estimator.catalog import find_entry
 from estimator.speed import PER_GPU, REFERENCE, speed
 from validation.peers import gpu_poor_speed, llmfit_speed
-from validation.report import job_of, load_rows
+from validation.report import job_of, load_rows, summarize
 from validation.speed_fit import calibration_ids
 
 HERE = Path(__file__).resolve().parent
@@ -112,13 +112,6 @@ def holdout_comparisons(dirs=HOLDOUT_DIRS) -> list[SpeedComparison]:
     return out
 
 
-def summary(errors: list[float | None]) -> tuple[int, float | None, float | None]:
-    values = [abs(e) for e in errors if e is not None]
-    if not values:
-        return 0, None, None
-    return len(values), statistics.median(values), max(values)
-
-
 def _pct(v: float | None, signed: bool = False) -> str:
     if v is None:
         return "—"
@@ -138,10 +131,10 @@ def summary_table(comparisons: list[SpeedComparison]) -> list[str]:
         if not rows:
             lines.append(f"| {span} | 0 | not measured yet | — | — |")
             continue
-        n, med, worst = summary([c.error for c in rows])
+        n, med, worst = summarize([c.error for c in rows])
         cells = []
         for peer in PEERS:
-            pn, pmed, pworst = summary([c.peer_error(peer) for c in rows])
+            pn, pmed, pworst = summarize([c.peer_error(peer) for c in rows])
             cells.append(f"{_pct(pmed)} / {_pct(pworst)} ({pn})" if pn else "no figure")
         lines.append(f"| {span} | {n} | **{_pct(med)} / {_pct(worst)}** | {cells[0]} | {cells[1]} |")
     return lines
