@@ -4,27 +4,19 @@ the estimator: they are skipped without it."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import json
 
 import pytest
 
 from estimator import Job
-from estimator.cli import main
 from estimator.dtypes import BF16, FP32
 from estimator.job import Loss
 from estimator.regime import regime_of
 from estimator.terms import logits
 from estimator.training_args import MAPPED, NEUTRAL, NO_MEMORY_EFFECT, SFT_ONLY, from_training_args, is_sft_config
 
-
-def _cli(*argv: str) -> tuple[int, dict | None, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([*argv, "--json"])
-    return code, (json.loads(out.getvalue()) if code == 0 else None), err.getvalue()
+from cli_json import assert_same_estimate, cli_json
 
 
 # ---- the job and its regime ----------------------------------------------------------------------
@@ -103,7 +95,7 @@ def test_sft_never_builds_the_logits():
     """The chunked head's buffers do not grow with the N×V logits: at 4× the tokens, standard
     cross-entropy's logits term grows 4×, the chunked head's far less."""
     def run(*flags):
-        code, out, err = _cli("Llama-3.2-1B", "--mode", "lora", "--seq-len", "1024", *flags)
+        code, out, err = cli_json("Llama-3.2-1B", "--mode", "lora", "--seq-len", "1024", *flags)
         assert code == 0, err
         return out
 
@@ -116,11 +108,11 @@ def test_sft_never_builds_the_logits():
 
 
 def test_loss_chunked_is_an_option_and_sft_liger_is_below_sft():
-    code, chunked, err = _cli("Qwen2.5-0.5B", "--mode", "lora", "--loss", "chunked", "--batch-size", "8", "--seq-len", "1024")
+    code, chunked, err = cli_json("Qwen2.5-0.5B", "--mode", "lora", "--loss", "chunked", "--batch-size", "8", "--seq-len", "1024")
     assert code == 0, err
     assert chunked["job"]["loss"] == "chunked" and chunked["job"]["sft"] is False
-    code, sft, _ = _cli("Qwen2.5-0.5B", "--mode", "lora", "--sft", "--batch-size", "8", "--seq-len", "1024")
-    code, sft_liger, _ = _cli("Qwen2.5-0.5B", "--mode", "lora", "--sft", "--loss", "liger", "--batch-size", "8", "--seq-len", "1024")
+    code, sft, _ = cli_json("Qwen2.5-0.5B", "--mode", "lora", "--sft", "--batch-size", "8", "--seq-len", "1024")
+    code, sft_liger, _ = cli_json("Qwen2.5-0.5B", "--mode", "lora", "--sft", "--loss", "liger", "--batch-size", "8", "--seq-len", "1024")
     assert sft_liger["peak_allocated_bytes"] < sft["peak_allocated_bytes"]  # Liger's norms and SwiGLU save less
 
 
@@ -138,13 +130,12 @@ def test_an_sft_config_dict_takes_sftconfigs_defaults():
 def test_sft_yaml_equals_the_flags(tmp_path):
     path = tmp_path / "sft.yaml"
     path.write_text("per_device_train_batch_size: 2\ngradient_accumulation_steps: 2\nmax_length: 2048\n")
-    code, from_file, err = _cli("Llama-3.2-1B", "--mode", "full", "--training-args", str(path))
+    code, from_file, err = cli_json("Llama-3.2-1B", "--mode", "full", "--training-args", str(path))
     assert code == 0, err
-    code, from_flags, err = _cli("Llama-3.2-1B", "--mode", "full", "--batch-size", "2", "--gradient-accumulation-steps", "2",
+    code, from_flags, err = cli_json("Llama-3.2-1B", "--mode", "full", "--batch-size", "2", "--gradient-accumulation-steps", "2",
                                  "--seq-len", "2048", "--precision", "bf16_autocast", "--gradient-checkpointing", "--sft")
     assert code == 0, err
-    for key in ("peak_allocated_bytes", "device_total_bytes", "breakdown", "job"):
-        assert from_file[key] == from_flags[key]
+    assert_same_estimate(from_file, from_flags)
 
 
 def test_sft_keys_with_unmodelled_memory_are_refused_with_one_line(tmp_path):
@@ -152,7 +143,7 @@ def test_sft_keys_with_unmodelled_memory_are_refused_with_one_line(tmp_path):
                        ("activation_offloading: true\n", "activation_offloading"), ("loss_type: kl\n", "loss_type")):
         path = tmp_path / "bad.yaml"
         path.write_text(text)
-        code, _, err = _cli("Llama-3.2-1B", "--mode", "full", "--training-args", str(path))
+        code, _, err = cli_json("Llama-3.2-1B", "--mode", "full", "--training-args", str(path))
         assert code == 2 and word in err and len(err.strip().splitlines()) == 1
 
 
@@ -176,10 +167,9 @@ def test_sftconfig_round_trip_equals_the_flags(tmp_path):
     lora = tmp_path / "adapter_config.json"
     lora.write_text(json.dumps(peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
                                                task_type="CAUSAL_LM").to_dict(), default=list))
-    code, from_file, err = _cli("Qwen2-1.5B-Instruct", "--training-args", str(path), "--training-args", str(lora))
+    code, from_file, err = cli_json("Qwen2-1.5B-Instruct", "--training-args", str(path), "--training-args", str(lora))
     assert code == 0, err
-    code, from_flags, err = _cli("Qwen2-1.5B-Instruct", "--mode", "lora", "--batch-size", "4", "--gradient-accumulation-steps", "2",
+    code, from_flags, err = cli_json("Qwen2-1.5B-Instruct", "--mode", "lora", "--batch-size", "4", "--gradient-accumulation-steps", "2",
                                  "--seq-len", "2048", "--gradient-checkpointing", "--loss", "liger", "--sft")
     assert code == 0, err
-    for key in ("peak_allocated_bytes", "device_total_bytes", "breakdown", "job"):
-        assert from_file[key] == from_flags[key]
+    assert_same_estimate(from_file, from_flags)
