@@ -276,9 +276,11 @@ def test_trainer_run_lists_cases_without_a_gpu(tmp_path):
     assert lines and all("-trainer-qlora-" in line for line in lines) and first not in lines
 
 
-def test_box_script_is_valid_bash():
-    script = ROOT / "validation" / "box_trainer.sh"
-    assert os.access(script, os.X_OK)
+@pytest.mark.parametrize("name", ["box.sh", "box_trainer.sh", "box_sft.sh", "box_env.sh"])
+def test_box_scripts_are_valid_bash(name):
+    """The box scripts run as commands; box_env.sh, which they source, is not one."""
+    script = ROOT / "validation" / name
+    assert os.access(script, os.X_OK) == (name != "box_env.sh")
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
 
 
@@ -377,12 +379,6 @@ def test_every_sft_case_builds_a_real_sftconfig(tmp_path):
         config = trl.SFTConfig(**dict(training_arguments_kwargs(c, str(tmp_path)), use_cpu=True))
         assert config.max_length == c.seq_len and config.gradient_checkpointing == c.args["gradient_checkpointing"] and config.bf16
         assert config.loss_type == "nll" and not config.packing and not config.padding_free
-
-
-def test_sft_box_script_is_valid_bash():
-    script = ROOT / "validation" / "box_sft.sh"
-    assert os.access(script, os.X_OK)
-    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
 
 
 def test_the_local_tokenizer_has_the_vocabulary_and_pad_and_eos():

@@ -6,7 +6,7 @@
 #
 # The box has torch, transformers, accelerate, pandas, pyarrow, xxhash, fsspec, aiohttp and
 # requests but not trl, datasets, dill, multiprocess (nor bitsandbytes, peft, liger-kernel): the
-# pinned wheels in .whl/ go to /tmp/site, as box.sh and box_trainer.sh do. Before any case runs,
+# pinned wheels in .whl/ go to /tmp/site (validation/box_env.sh, as for box.sh). Before any case runs,
 # datasets' and trl's own requirements are checked against what the box has (a mismatch is
 # logged, not fatal: the wheels are installed without their dependencies).
 #
@@ -20,16 +20,7 @@ STOP_AT=$(( $(date +%s) + BUDGET_S ))
 mkdir -p "$OUT_DIR"
 LOG="$OUT_DIR/box_sft.log"
 
-if ls .whl/*.whl >/dev/null 2>&1; then
-  STAMP=$(ls -l .whl/*.whl | md5sum | cut -c1-16)
-  if [ "$(cat /tmp/site/.canirun-wheels 2>/dev/null)" != "$STAMP" ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-    echo "$STAMP" > /tmp/site/.canirun-wheels
-  fi
-  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-}
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
+source "$(dirname "$0")/box_env.sh"
 export HF_DATASETS_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 HF_DATASETS_DISABLE_PROGRESS_BARS=1
 # SPEC's device total is under PyTorch's default allocator.
 unset PYTORCH_CUDA_ALLOC_CONF

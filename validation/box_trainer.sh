@@ -11,7 +11,7 @@
 # validation/results_trainer/ (untracked files travel); this script copies them into OUTDIR first
 # and both harnesses run with --skip-done, so a second identical call does only what is left.
 #
-# The pinned wheels in .whl/ (bitsandbytes, peft, liger-kernel) go to /tmp/site, as box.sh does.
+# The pinned wheels in .whl/ (bitsandbytes, peft, liger-kernel) go to /tmp/site (validation/box_env.sh).
 set -u
 OUT_DIR=${1:?usage: box_trainer.sh OUTDIR [SECONDS]}
 BUDGET_S=${2:-540}
@@ -19,16 +19,7 @@ STOP_AT=$(( $(date +%s) + BUDGET_S ))
 mkdir -p "$OUT_DIR"
 LOG="$OUT_DIR/box_trainer.log"
 
-if ls .whl/*.whl >/dev/null 2>&1; then
-  STAMP=$(ls -l .whl/*.whl | md5sum | cut -c1-16)
-  if [ "$(cat /tmp/site/.canirun-wheels 2>/dev/null)" != "$STAMP" ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-    echo "$STAMP" > /tmp/site/.canirun-wheels
-  fi
-  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-}
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
+source "$(dirname "$0")/box_env.sh"
 export HF_DATASETS_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1  # no tqdm in the log
 # SPEC's device total is under PyTorch's default allocator.
 unset PYTORCH_CUDA_ALLOC_CONF
