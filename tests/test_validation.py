@@ -231,6 +231,34 @@ def test_snapshot_stream_and_its_peaks(tmp_path):
     assert peaks([]) == (0, 0)
 
 
+def test_snapshot_explain_groups_the_blocks_alive_at_peak_by_the_line_that_allocated_them():
+    """validation.snapshot.explain, worked by hand: the peak (7 MiB) is after the third alloc; the
+    first block was freed before it, so the two alive come from two lines; torch's own frames are
+    skipped for the first library frame, and a block freed that was allocated before the recording
+    began changes nothing."""
+    from validation.snapshot import explain
+
+    mib = 2**20
+    torch_frame = {"filename": "/x/site-packages/torch/nn/functional.py", "line": 1, "name": "linear"}
+    moe = {"filename": "/x/site-packages/transformers/integrations/moe.py", "line": 445, "name": "grouped_mm_experts_forward"}
+    norm = {"filename": "/x/site-packages/transformers/models/llama/modeling_llama.py", "line": 60, "name": "forward"}
+    trace = [
+        {"action": "alloc", "addr": 1, "size": 4 * mib, "frames": [norm]},
+        {"action": "free_completed", "addr": 1, "size": 4 * mib, "frames": []},
+        {"action": "free_completed", "addr": 77, "size": 9 * mib, "frames": []},
+        {"action": "alloc", "addr": 2, "size": 5 * mib, "frames": [torch_frame, moe]},
+        {"action": "alloc", "addr": 3, "size": 2 * mib, "frames": [norm]},
+        {"action": "free_completed", "addr": 2, "size": 5 * mib, "frames": []},
+        {"action": "alloc", "addr": 4, "size": 1 * mib, "frames": [moe]},
+    ]
+    report = explain({"device_traces": [trace]})
+    assert report["peak_allocated_above_base_bytes"] == 7 * mib
+    assert report["sites"] == [
+        {"site": "transformers/integrations/moe.py:445 grouped_mm_experts_forward", "bytes": 5 * mib, "blocks": 1},
+        {"site": "transformers/models/llama/modeling_llama.py:60 forward", "bytes": 2 * mib, "blocks": 1},
+    ]
+
+
 def test_snapshot_dir_reaches_each_case_process(tmp_path, monkeypatch):
     from validation import measure
 

@@ -491,9 +491,13 @@ def profile_generate(model, job, prompt, new_tokens: int = 16) -> dict:
             spec_generate(model, short, prompt, _StepProbe())
             _cuda().synchronize()
         wall = time.perf_counter() - t0
-        kernels_us = sum(e.self_device_time_total for e in prof.key_averages() if getattr(e, "self_device_time_total", 0))
+        averages = prof.key_averages()
+        kernels_us = sum(e.self_device_time_total for e in averages if getattr(e, "self_device_time_total", 0))
+        # where the host's time goes: the ops with the most CPU time of their own, with their call counts
+        host = sorted(averages, key=lambda e: -e.self_cpu_time_total)[:20]
         return {"new_tokens": new_tokens, "wall_seconds": round(wall, 6), "kernel_seconds": round(kernels_us / 1e6, 6),
-                "kernels": int(sum(e.count for e in prof.key_averages() if getattr(e, "self_device_time_total", 0)))}
+                "kernels": int(sum(e.count for e in averages if getattr(e, "self_device_time_total", 0))),
+                "host_ops": [[e.key, int(e.count), round(e.self_cpu_time_total / 1e6, 6)] for e in host]}
     except Exception as err:  # noqa: BLE001 - a failed profile must not lose the row
         return {"error": f"{type(err).__name__}: {err}"[:300]}
 
@@ -574,7 +578,10 @@ def record_case(result: dict, body, versions) -> dict:
     try:
         measure_context(probe, result)
         if snapshots:  # every allocation and free from here on, for the allocator replay (issue 12)
-            torch.cuda.memory._record_memory_history(context=None, stacks="python", max_entries=2_000_000)  # no frames: cheap
+            # no frames (cheap) unless CANIRUN_SNAPSHOT_FRAMES asks for each allocation's Python stack,
+            # which `python -m validation.snapshot --explain` groups by the line that allocated
+            frames = "alloc" if os.environ.get("CANIRUN_SNAPSHOT_FRAMES") else None
+            torch.cuda.memory._record_memory_history(context=frames, stacks="python", max_entries=2_000_000)
         body(probe)
         result["status"] = "ok"
     except torch.OutOfMemoryError as err:
@@ -734,6 +741,8 @@ def add_run_arguments(parser: argparse.ArgumentParser, cases: str, out: str) -> 
     )
     add_deadline_arguments(parser)
     parser.add_argument("--snapshot-dir", help="also dump each case's allocator history (torch.cuda.memory snapshots) here")
+    parser.add_argument("--snapshot-frames", action="store_true",
+                        help="with --snapshot-dir: record each allocation's Python stack (slower; for --explain)")
     parser.add_argument("--profile-generate", action="store_true",
                         help="after each inference case, time a 16-token generate() under torch.profiler (kernel time vs wall)")
     parser.add_argument("--run-one", help=argparse.SUPPRESS)
@@ -752,6 +761,8 @@ def run_cases(cases: list, args: argparse.Namespace, *, measure_one, module: str
     if args.snapshot_dir:  # read by record_case in each case's process
         Path(args.snapshot_dir).mkdir(parents=True, exist_ok=True)  # _dump_snapshot does not make it
         os.environ["CANIRUN_SNAPSHOT_DIR"] = str(Path(args.snapshot_dir).resolve())
+        if args.snapshot_frames:
+            os.environ["CANIRUN_SNAPSHOT_FRAMES"] = "1"
     if args.skip_done:
         done = _done_ids(out)
         cases = [c for c in cases if c.id not in done]

@@ -60,6 +60,46 @@ def replay(events: list[list], *, expandable_segments: bool = False, capacity_by
     return alloc
 
 
+LIBRARIES = ("transformers/", "peft/", "bitsandbytes/", "accelerate/", "trl/", "liger_kernel/", "validation/")
+
+
+def _site(frames: list[dict]) -> str:
+    """The innermost frame in a library we model (not torch's own internals), as file:line function."""
+    for frame in frames or ():
+        name = frame.get("filename", "")
+        if any(lib in name for lib in LIBRARIES):
+            short = name.split("site-packages/")[-1]
+            return f"{short}:{frame.get('line')} {frame.get('name')}"
+    first = (frames or [{}])[0]
+    return f"{first.get('filename', '?').split('site-packages/')[-1]}:{first.get('line')} {first.get('name')}"
+
+
+def explain(snapshot: dict, top: int = 25) -> dict:
+    """The blocks alive at the moment of peak allocated memory, grouped by the line that allocated
+    them (needs a history recorded with frames: `validation.measure --snapshot-frames`). Blocks
+    allocated before the recording began (the weights) are not in the history; they are the base."""
+    live: dict[int, tuple[int, str]] = {}
+    allocated = peak = 0
+    at_peak: dict[int, tuple[int, str]] = {}
+    for event in (snapshot.get("device_traces") or [[]])[0]:
+        action, address, size = event.get("action"), int(event.get("addr", 0)), int(event.get("size", 0))
+        if action == "alloc":
+            live[address] = (size, _site(event.get("frames")))
+            allocated += size
+            if allocated > peak:
+                peak, at_peak = allocated, dict(live)
+        elif action == "free_completed" and address in live:
+            allocated -= live.pop(address)[0]
+    sites: dict[str, list[int]] = {}
+    for size, site in at_peak.values():
+        entry = sites.setdefault(site, [0, 0])
+        entry[0] += size
+        entry[1] += 1
+    ranked = sorted(sites.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"peak_allocated_above_base_bytes": peak,
+            "sites": [{"site": site, "bytes": b, "blocks": n} for site, (b, n) in ranked]}
+
+
 def convert(path: Path, out_dir: Path) -> Path:
     with open(path, "rb") as handle:
         snapshot = pickle.load(handle)
@@ -80,7 +120,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replay", action="store_true",
                         help="replay compact streams (.json.gz) through estimator.allocator and print both reserved peaks")
     parser.add_argument("--expandable-segments", action="store_true", help="replay under expandable segments")
+    parser.add_argument("--explain", action="store_true",
+                        help="for each snapshot (.pickle, recorded with frames), print what was alive at peak allocated, by the line that allocated it")
     args = parser.parse_args(argv)
+    if args.explain:
+        for name in args.snapshots:
+            with open(name, "rb") as handle:
+                report = explain(pickle.load(handle))
+            print(f"{Path(name).stem}: peak allocated above the recording's start {report['peak_allocated_above_base_bytes'] / 2**20:,.1f} MiB")
+            for site in report["sites"]:
+                print(f"  {site['bytes'] / 2**20:>10,.1f} MiB  {site['blocks']:>5} blocks  {site['site']}")
+        return 0
     if args.replay:
         for name in args.snapshots:
             with gzip.open(name, "rt") as handle:
