@@ -237,7 +237,7 @@ def _build_locked(raw: dict) -> Inventory:
     layer_of = _layer_index(model, num_layers)
     linears, module_kind, quantized_weights = _linears(model, layer_of)
     params = _params(model, module_kind, quantized_weights, layer_of)
-    linears, param_targets = _peft_all_linear(model, linears, params)
+    linears, param_targets, peft_error = _peft_all_linear(model, linears, params, num_layers)
     shapes = _attention_shapes(text_cfg)
     hidden, vocab = shapes["hidden_size"], shapes["vocab_size"]
     intermediate, gated = _mlp_shape(linears)
@@ -259,7 +259,8 @@ def _build_locked(raw: dict) -> Inventory:
 
     layer_types, sliding = _layer_types(text_cfg, num_layers)
     buffer_bytes = int(sum(b.numel() * b.element_size() for _, b in model.named_buffers()))
-    block = _block(model, num_layers, params)  # runs layer 0 (and casts the meta model): last to read it
+    block = _block(model, num_layers, params)  # runs layer 0 (and casts the meta model to bf16)
+    moe = _moe_forward(model, num_layers, hidden, _moe(text_cfg, params, num_layers), params)  # last to run the meta model
     act = str(getattr(text_cfg, "hidden_act", None) or getattr(text_cfg, "activation_function", None)
               or getattr(text_cfg, "hidden_activation", "") or "")
     inventory = Inventory(
@@ -278,7 +279,7 @@ def _build_locked(raw: dict) -> Inventory:
         **block,
         layer_types=layer_types,
         sliding_window=int(sliding) if sliding else None,
-        moe=_moe(text_cfg, params, num_layers),
+        moe=moe,
         attention_dropout=_float("attention_dropout", "attn_pdrop"),
         hidden_dropout=_float("hidden_dropout", "resid_pdrop", "dropout"),
         embedding_dropout=_float("embd_pdrop"),
@@ -291,6 +292,7 @@ def _build_locked(raw: dict) -> Inventory:
         max_positions=_positive_or_none(getattr(text_cfg, "max_position_embeddings", None) or getattr(text_cfg, "n_positions", None)),
         rope_scaling=_rope_scaling(text_cfg),
         peft_param_targets=param_targets,
+        peft_all_linear_error=peft_error,
         supports_sdpa=bool(getattr(type(model), "_supports_sdpa", True)),
         text_only_of=multimodal_type,
         notes=tuple(notes),
@@ -432,7 +434,44 @@ def _linears(model, layer_of) -> tuple[list[Linear], dict[str, str], set[str]]:
     return linears, module_kind, quantized_weight_names
 
 
-def _peft_all_linear(model, linears: list[Linear], params: list[Param]) -> tuple[list[Linear], tuple[ParamAdapter, ...]]:
+def _wrapped_forward_error(wrapped, params: list[Param], num_layers: int) -> str | None:
+    """Run the PEFT-wrapped meta model until its first MoE layer (the first with a 3-D parameter) has
+    returned. An error raised in PEFT's own code (its innermost frame is in peft/), when the bare
+    model runs the same way, is PEFT's failure: returned as one line. Errors of torch ops that do
+    not run on the meta device are not. Nothing is allocated."""
+    import traceback
+
+    import torch
+
+    moe_layer = min((p.layer for p in params if len(p.shape) == 3 and p.layer is not None), default=0)
+
+    def run(model) -> str | None:
+        stack = _layer_stack(model.get_base_model() if hasattr(model, "get_base_model") else model, num_layers)
+        if stack is None:
+            return None
+        handle = stack[1][moe_layer].register_forward_hook(lambda *_: (_ for _ in ()).throw(_StopForward()))
+        try:
+            model.to(torch.bfloat16)
+            with torch.no_grad():
+                model(input_ids=torch.zeros((1, 8), dtype=torch.long, device="meta"),
+                      attention_mask=torch.ones((1, 1, 8, 8), dtype=torch.bool, device="meta"),  # 4-D: used as given
+                      use_cache=False)
+        except _StopForward:
+            return None
+        except Exception as err:  # noqa: BLE001 - the failure is the answer, when PEFT's own code raised it
+            innermost = traceback.extract_tb(err.__traceback__)[-1].filename.replace("\\", "/")
+            if "/peft/" not in innermost:
+                return None  # a torch op refusing meta tensors (autocast on "meta"…): not PEFT's failure
+            return f"{type(err).__name__}: {err}".splitlines()[0][:300]
+        finally:
+            handle.remove()
+        return None
+
+    return run(wrapped)
+
+
+def _peft_all_linear(model, linears: list[Linear], params: list[Param],
+                     num_layers: int = 0) -> tuple[list[Linear], tuple[ParamAdapter, ...], str | None]:
     """What PEFT's all-linear adapts, where PEFT's own answer differs from the rule in `_linears`:
     for MoE models whose layout transformers 5 converted (3-D expert tensors), PEFT 0.21.2
     (`utils/transformers_weight_conversion.py: _convert_peft_config_moe`) turns all-linear into the
@@ -441,7 +480,7 @@ def _peft_all_linear(model, linears: list[Linear], params: list[Param]) -> tuple
     its adapters are read off: no table of families. Other models keep the rule, which matches
     PEFT on all of them (tests/test_inventory.py checks every catalog model)."""
     if not any(len(p.shape) == 3 for p in params):
-        return linears, ()
+        return linears, (), None
     import copy
 
     import peft
@@ -470,7 +509,10 @@ def _peft_all_linear(model, linears: list[Linear], params: list[Param]) -> tuple
         else:
             adapted.add(base)
     linears = [dataclasses.replace(lin, peft_all_linear=lin.name in adapted) for lin in linears]
-    return linears, tuple(sorted(targets, key=lambda t: t.name))
+    error = None
+    if _wrapped_forward_error(copy.deepcopy(model), params, num_layers) is None:  # the bare model runs on meta
+        error = _wrapped_forward_error(wrapped, params, num_layers)
+    return linears, tuple(sorted(targets, key=lambda t: t.name)), error
 
 
 def _role(name: str, output_name: str | None, layer_of) -> LinearRole:
@@ -693,6 +735,48 @@ def _first_positive_int(cfg, *names: str) -> int:
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
     return 0
+
+
+def _moe_forward(model, num_layers: int, hidden: int, moe: MoE | None, params: list[Param]) -> MoE | None:
+    """The first MoE layer's MoE block run on the meta device (estimator/meta_trace.py): its working
+    set as transformers writes it. grouped_mm's path holds each token's top-k copies, sorted, with
+    out-of-place masks and fp32 routing products; Llama 4's block runs every expert over every token.
+    The block is the layer's child that holds the experts' parameters (kind "expert", as `_params`
+    reads them). A forward that fails on meta
+    leaves the fields 0 (the top-k formula then stands)."""
+    if moe is None:
+        return None
+    stack = _layer_stack(model, num_layers)
+    if stack is None:
+        return moe
+    first = moe.layers[0]
+    prefix = f"{stack[0]}.{first}."
+    expert_names = [p.name[len(prefix):] for p in params if p.kind == "expert" and p.name.startswith(prefix)]
+    children = dict(stack[1][first].named_children())
+    owners = {name.split(".", 1)[0] for name in expert_names}
+    if len(owners) != 1 or next(iter(owners)) not in children:
+        return moe
+    block = children[next(iter(owners))]  # the layer's child that holds the experts (mlp, feed_forward, block_sparse_moe…)
+    from estimator.meta_trace import forward_bytes
+
+    try:
+        traced = forward_bytes(block, hidden)
+    except Exception:  # noqa: BLE001 - a block that does not run on meta keeps the formula
+        return moe
+    moe = dataclasses.replace(moe, forward_bytes_per_token=traced.per_token, forward_fixed_bytes=traced.fixed)
+    # generate()'s decode on a GPU: every grouped_mm becomes batched_mm (generation/utils.py,
+    # _optimize_model_for_decode), traced at decode's few tokens
+    implementations = model.get_experts_implementation() if hasattr(model, "get_experts_implementation") else {}
+    if "grouped_mm" not in (implementations or {}).values():
+        return moe
+    try:
+        model.set_experts_implementation({k: "batched_mm" if v == "grouped_mm" else v for k, v in implementations.items()})
+        decode = forward_bytes(block, hidden, tokens=(4, 8))
+    except Exception:  # noqa: BLE001 - decode then keeps the prefill's implementation
+        return moe
+    finally:
+        model.set_experts_implementation(implementations)
+    return dataclasses.replace(moe, decode_bytes_per_token=decode.per_token, decode_fixed_bytes=decode.fixed)
 
 
 def _moe(cfg, params: list[Param], num_layers: int) -> MoE | None:

@@ -80,6 +80,17 @@ class MoE:
     expert_intermediate_size: int
     shared_intermediate_size: int  # 0 when there is no shared expert
     layers: tuple[int, ...]  # which decoder layers are MoE
+    # The MoE block's inference forward as transformers runs it, traced on the meta device in bf16
+    # (estimator/meta_trace.py): peak live bytes beyond its input, per token and fixed. 0 when the
+    # trace could not run; the estimate then falls back to the top-k formula.
+    forward_bytes_per_token: float = 0.0
+    forward_fixed_bytes: float = 0.0
+    # The same block as generate() decodes with it: on a GPU, transformers 5.17 switches grouped_mm
+    # experts to batched_mm for the decode steps (GenerationMixin._optimize_model_for_decode), which
+    # gathers each token's k experts' whole weights. 0 when the block does not switch (then decode
+    # runs the prefill's implementation) or could not be traced.
+    decode_bytes_per_token: float = 0.0
+    decode_fixed_bytes: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -127,6 +138,10 @@ class Inventory:
     # PEFT 0.21.2's all-linear on models whose MoE layout transformers 5 converted (Mixtral, Qwen3-MoE,
     # DeepSeek V2/V3…): the parameters it adapts besides linears. Empty elsewhere.
     peft_param_targets: tuple[ParamAdapter, ...] = ()
+    # Why PEFT's all-linear LoRA fails in the forward on this model, when it does: the wrapped meta
+    # model's first layers are run (Llama 4's router is an nn.Linear that returns a tuple, and PEFT's
+    # lora.Linear reads `.dtype` of what its base layer returned). None when it runs.
+    peft_all_linear_error: str | None = None
     quantization: str | None = None
     quant_method: str | None = None  # the checkpoint's quantization_config quant_method (gptq, fp8, mxfp4…), if any
     # transformers' `_supports_sdpa` for the class AutoModelForCausalLM builds: without it, the

@@ -159,7 +159,12 @@ def test_every_catalog_models_lora_count_equals_peft():
         wrapped = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
                                                              target_modules="all-linear", task_type="CAUSAL_LM"))
         theirs = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
-        ours = estimate(inventory_from_config(config), Job(mode="lora", lora_dropout=0.0)).params_trainable
+        inv = inventory_from_config(config)
+        if inv.peft_all_linear_error:  # PEFT builds it but its forward fails (Llama 4): refused, tests/test_meta_trace.py
+            with pytest.raises(ValueError, match="PEFT cannot run this job"):
+                estimate(inv, Job(mode="lora", lora_dropout=0.0))
+            continue
+        ours = estimate(inv, Job(mode="lora", lora_dropout=0.0)).params_trainable
         assert ours == theirs, entry.name
 
 

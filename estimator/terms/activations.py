@@ -707,6 +707,19 @@ def _widest(inv: Inventory) -> int:
     return max(inv.intermediate_size, inv.hidden_size)
 
 
+def moe_forward_bytes(inv: Inventory, dtype: DType, tokens: int, decode: bool = False) -> float | None:
+    """The MoE block's inference working set at `tokens` tokens, as traced on the meta device when the
+    inventory was built (in bf16; scaled to `dtype`), or None when it was not traced. `decode`: as
+    generate() runs its decode steps on a GPU (grouped_mm switched to batched_mm, which gathers each
+    token's experts' weights), where the block switches."""
+    moe = inv.moe
+    if moe is None or not moe.forward_bytes_per_token:
+        return None
+    if decode and moe.decode_bytes_per_token:
+        return (moe.decode_bytes_per_token * tokens + moe.decode_fixed_bytes) * dtype / BF16
+    return (moe.forward_bytes_per_token * tokens + moe.forward_fixed_bytes) * dtype / BF16
+
+
 def backward_working_bytes(inv: Inventory, regime: Regime) -> float:
     """Per token, while one layer's backward runs: the product's backward holds the gradient of the
     product and the two it produces (for the activation output and the up projection), each as wide
@@ -726,13 +739,29 @@ def _attention_working(inv: Inventory, dtype: DType, kind: str, prompt: int) -> 
     return projections * dtype + scores
 
 
+def _mlp_working(inv: Inventory, widest: int, dtype: DType, quantizer) -> float:
+    """Per token, the MLP's intermediates alive at once: gated, the activation output, the up
+    projection and their product (and the fused gate_up output); GPT-2's composite GELU holds four."""
+    if inv.hidden_act == "gelu_new":
+        mlp = 4 * widest * dtype
+    elif inv.mlp_gated:
+        fused = any(lin.role == "mlp_in" and lin.out_features >= 2 * inv.intermediate_size for lin in inv.linears if inv.intermediate_size)
+        mlp = (4 if fused else 3) * widest * dtype
+    else:
+        mlp = 2 * widest * dtype
+    if quantizer is not None and quantizer.accumulator_bytes:
+        mlp += widest * quantizer.accumulator_bytes  # int8 matmul accumulates into int32 before dequantizing
+    return mlp
+
+
 def prefill_working_bytes(inv: Inventory, regime: Regime, sizes: Sizes) -> int:
     """The largest transient of `generate`'s prefill: one layer's working set at B·P tokens.
 
     Alive throughout: the embedding output (the model's forward keeps `inputs_embeds`), the residual
     and the normed input. On top, the larger of attention's (projections, RoPE temporaries, and for
     eager/math the S×S scores) and the MLP's (gated: activation output, up projection and their
-    product; GPT-2's composite GELU holds four intermediates). LLM.int8 adds its int32 matmul
+    product; GPT-2's composite GELU holds four intermediates; an MoE block's as traced on the meta
+    device, `moe_forward_bytes`). LLM.int8 adds its int32 matmul
     output; bitsandbytes 4-bit dequantizes one weight to bf16 per matmul when more than one row
     goes through it.
     """
@@ -748,15 +777,12 @@ def prefill_working_bytes(inv: Inventory, regime: Regime, sizes: Sizes) -> int:
     trace = Trace(Flow(regime), inv, prompt)
     kind = trace.kernel(dtype, False, gqa)
     attn = _attention_working(inv, dtype, kind, prompt)
-    if inv.hidden_act == "gelu_new":
-        mlp = 4 * widest * dtype
-    elif inv.mlp_gated:
-        fused = any(lin.role == "mlp_in" and lin.out_features >= 2 * inv.intermediate_size for lin in inv.linears if inv.intermediate_size)
-        mlp = (4 if fused else 3) * widest * dtype
+    traced = moe_forward_bytes(inv, dtype, tokens)
+    if traced is not None:  # the MoE block as transformers runs it; dense layers' MLPs (if any) by the formula
+        dense = _mlp_working(inv, inv.intermediate_size, dtype, quantizer) if len(inv.moe.layers) < inv.num_layers else 0
+        mlp = max(dense, traced / tokens)
     else:
-        mlp = 2 * widest * dtype
-    if quantizer is not None and quantizer.accumulator_bytes:
-        mlp += widest * quantizer.accumulator_bytes  # int8 matmul accumulates into int32 before dequantizing
+        mlp = _mlp_working(inv, widest, dtype, quantizer)
     window = inv.sliding_window
     masked = bool(window) and prompt > window and any(t != "full_attention" for t in inv.layer_types)
     if masked:
@@ -775,11 +801,16 @@ def prefill_working_bytes(inv: Inventory, regime: Regime, sizes: Sizes) -> int:
 
 
 def decode_working_bytes(inv: Inventory, regime: Regime, sizes: Sizes) -> int:
-    """One decoding step's activations (a single new token per sequence) are small."""
+    """One decoding step's activations (a single new token per sequence): small for dense models;
+    for MoE models whose decode gathers each token's experts' weights (batched_mm), the gathered
+    copies, as traced (`moe_forward_bytes`)."""
     dtype = FP32 if regime.compute == FP32 else BF16
     quantizer = regime.quantizer
     per_token = (3 * inv.hidden_size + 3 * _widest(inv)) * dtype
     total = per_token * sizes.batch
+    traced = moe_forward_bytes(inv, dtype, sizes.batch, decode=True)
+    if traced is not None:  # the MoE block's own working set at one token per sequence
+        total = max(total, 3 * inv.hidden_size * dtype * sizes.batch + traced)
     if quantizer is not None and quantizer.dequantizes_per_matmul and sizes.batch > 1:
         total += max((lin.weight_params for lin in inv.linears if lin.bnb_quantized), default=0) * BF16
     return int(total)

@@ -54,6 +54,11 @@ def lora_targets(inv: Inventory, regime: Regime) -> tuple[Linear, ...]:
         return ()
     targets = regime.adapter.targets
     if targets == ("all-linear",):
+        if inv.peft_all_linear_error:
+            raise ValueError(
+                f"PEFT cannot run this job: its all-linear LoRA wraps a layer whose forward then fails "
+                f"({inv.peft_all_linear_error}); name the modules in --lora-targets, for example q_proj,k_proj,v_proj,o_proj"
+            )
         return tuple(lin for lin in inv.linears if lin.peft_all_linear)
     chosen = [lin for lin in inv.linears if any(lin.name == t or lin.name.endswith("." + t) for t in targets)]
     if not chosen:

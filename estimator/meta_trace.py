@@ -1,0 +1,89 @@
+"""Live bytes of a module's forward, counted on the meta device: nothing is allocated.
+
+A block whose working set depends on how its library writes it (transformers 5's MoE blocks:
+grouped_mm's sorted copies and out-of-place masks, Llama 4's dense pass of every expert over every
+token) is run once on a meta input, under a dispatch mode that sees every aten op. Each op's outputs
+that are new storage (not a view or an in-place result of an input) are counted from the op that
+makes them until the last tensor on them is gone; the peak of that count is the block's working set
+beyond its input. Kernel-internal workspaces are not visible here (no op returns them).
+
+Two token counts give the per-token slope, which is what the estimate scales by batch · prompt; the
+intercept (bytes that do not grow with tokens) is kept too.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ForwardBytes:
+    per_token: float  # bytes per token at the peak, beyond the input
+    fixed: float  # bytes at the peak that do not grow with the token count
+
+
+def _live_bytes_mode():
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class LiveBytes(TorchDispatchMode):
+        """Counts the bytes of storages created by ops while any tensor on them is alive."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.refs: dict[int, int] = {}  # storage id -> tensors alive on it
+            self.sizes: dict[int, int] = {}
+            self.live = 0
+            self.peak = 0
+
+        def _release(self, key: int) -> None:
+            self.refs[key] -= 1
+            if self.refs[key] == 0:
+                del self.refs[key]
+                self.live -= self.sizes.pop(key)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            inputs = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+            out = func(*args, **kwargs)
+            for t in tree_flatten(out)[0]:
+                if not isinstance(t, torch.Tensor):
+                    continue
+                key = t.untyped_storage()._cdata
+                if key in inputs and key not in self.refs:
+                    continue  # a view or in-place result of a tensor from outside: not an allocation
+                if key not in self.refs:
+                    self.refs[key] = 0
+                    self.sizes[key] = t.untyped_storage().nbytes()
+                    self.live += self.sizes[key]
+                self.refs[key] += 1
+                weakref.finalize(t, self._release, key)
+            self.peak = max(self.peak, self.live)
+            return out
+
+    return LiveBytes()
+
+
+def _peak(module, hidden: int, tokens: int, dtype) -> int:
+    import torch
+
+    x = torch.empty((1, tokens, hidden), dtype=dtype, device="meta")
+    mode = _live_bytes_mode()
+    with torch.no_grad(), mode:
+        out = module(x)
+        del out
+    return mode.peak
+
+
+def forward_bytes(module, hidden: int, dtype=None, tokens: tuple[int, int] = (64, 128)) -> ForwardBytes:
+    """The peak live bytes of `module(x)` for x of [1, T, hidden] on the meta device, without grad, as
+    a per-token slope and a fixed part. Raises what the forward raises."""
+    import torch
+
+    dtype = dtype or torch.bfloat16
+    small, large = tokens
+    a, b = _peak(module, hidden, small, dtype), _peak(module, hidden, large, dtype)
+    per_token = (b - a) / (large - small)
+    return ForwardBytes(per_token=per_token, fixed=max(0.0, a - per_token * small))
