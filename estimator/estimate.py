@@ -375,7 +375,7 @@ def _training_phases(inv: Inventory, regime: Regime, sizes: Sizes, base: int, ad
         autocast_weight_copies=copies_backward,
         merged_adapter_weights=merged,
         gradients=lm_grads,
-        temporaries=int(recompute + act.backward_working_bytes(inv, regime) * tokens + act.largest_merged_weight(inv, regime)),
+        temporaries=int(recompute + act.backward_working_bytes(inv, regime) * tokens + act.merged_backward_extra(inv, regime)),
     )
     # The forward's own peak inside a layer (the adapters' fp32 input casts and dropout outputs,
     # Trace._lora_transient): with checkpointing it recurs when the backward recomputes the top

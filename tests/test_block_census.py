@@ -136,3 +136,17 @@ def test_param_wrapper_saves_a_merged_copy_of_each_expert_stack(family):
     job = Job.from_dict({"mode": "lora", "batch_size": 2, "seq_len": 32, "lora_r": 4, "lora_dropout": 0.0})
     assert len(merged) == 3  # gate_up, down and the router
     assert dict(act.merged_weights(inv, regime_of(job)))[0] == sum(merged.values())
+
+
+def test_merged_backward_extra_frees_what_the_forward_used_later():
+    """Worked by hand on the small Mixtral: ParamWrapper merges the router's weight, gate_up
+    (E·2I·h) and down (E·h·I), in that order. The backward reaches down first (its gradient, E·h·I,
+    beside all three merged copies), then gate_up, whose gradient (E·2I·h) comes after down's
+    merged copy is freed: E·2I·h − E·h·I more. The worst is E·h·I, not gate_up's whole gradient."""
+    cfg = MOE["mixtral"]
+    inv = inventory_from_config(cfg)
+    regime = regime_of(Job.from_dict({"mode": "lora", "batch_size": 2, "seq_len": 32, "lora_r": 4, "lora_dropout": 0.0}))
+    e, h, i = cfg["num_local_experts"], cfg["hidden_size"], cfg["intermediate_size"]
+    router, gate_up, down = h * e * 2, e * 2 * i * h * 2, e * h * i * 2  # bf16
+    assert dict(act.merged_weights(inv, regime))[0] == router + gate_up + down
+    assert act.merged_backward_extra(inv, regime) == max(router - gate_up - down, gate_up - down, down) == down

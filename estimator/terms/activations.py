@@ -599,11 +599,21 @@ def merged_weights(inv: Inventory, regime: Regime) -> tuple[tuple[int, float], .
     return tuple(sorted(out.items()))
 
 
-def largest_merged_weight(inv: Inventory, regime: Regime) -> float:
-    """The largest single parameter ParamWrapper re-materializes: its gradient (as large, in its
-    dtype) exists while the layer's backward reaches it, before baddbmm's backward turns it into
-    the adapters' gradients."""
-    return max((size for _, size in _wrapped(inv, regime)), default=0.0)
+def merged_backward_extra(inv: Inventory, regime: Regime) -> float:
+    """What a layer's backward holds beyond its merged parameters, at worst: the gradient of one
+    merged parameter (as large, in its dtype) exists while the backward reaches it, before
+    baddbmm's backward turns it into the adapters' gradients; by then the merged parameters the
+    forward used after it (down after gate_up) have been freed, their grouped_mm nodes having run
+    and released what they saved. The backward visits a layer's parameters in the reverse of the
+    forward's order, which is their registration order (gate_up_proj before down_proj)."""
+    by_layer: dict[int, list[float]] = {}
+    for layer, size in _wrapped(inv, regime):
+        by_layer.setdefault(layer, []).append(size)
+    worst = 0.0
+    for sizes in by_layer.values():
+        for i, size in enumerate(sizes):
+            worst = max(worst, size - sum(sizes[i + 1:]))
+    return worst
 
 
 # The model types liger-kernel 0.8.5 patches (liger_kernel/transformers/monkey_patch.py,
