@@ -135,6 +135,24 @@ def test_the_families_file_is_all_holdouts_on_new_families():
     assert all(c.job.lora_dropout == 0 for c in cases if c.job.uses_lora and type_of[c.id] in moe | mla_moe)
 
 
+def test_the_second_families_file_is_new_holdouts_on_families_without_h100_cases():
+    """Issue 13's bar for the second round: at least 20 cases over at least 8 families (model types)
+    with no case in validation/results/, LoRA on an MLA MoE model and QLoRA on an MoE model among
+    them, every one a holdout, and none of them a case the first round measured."""
+    cases = load_cases(ROOT / "validation" / "cases_h200_families_b.yaml")
+    first = {c.id for c in load_cases(ROOT / "validation" / "cases_h200_families.yaml")}
+    assert len(cases) >= 20 and all(c.holdout for c in cases) and not first & {c.id for c in cases}
+    type_of = {c.id: measure.case_config(c.model, c.config_overrides).get("model_type") for c in cases}
+    h100 = {json.loads(line)["model"] for path in (ROOT / "validation" / "results").glob("*.jsonl")
+            for line in path.read_text().splitlines() if line.strip()}
+    h100_types = {find_entry(m).config().get("model_type") for m in h100}
+    assert not set(type_of.values()) & h100_types and len(set(type_of.values())) >= 8
+    assert any(c.job.mode.value == "lora" and type_of[c.id] == "deepseek_v3" for c in cases)
+    moe = {"qwen3_moe", "mixtral", "llama4", "deepseek_v3", "qwen3_next", "gpt_oss", "minimax_m2"}
+    assert any(c.job.mode.value == "qlora" and type_of[c.id] in moe for c in cases)
+    assert all(c.job.lora_dropout == 0 for c in cases if c.job.uses_lora and type_of[c.id] in moe)
+
+
 def test_every_training_row_carries_both_trainable_counts():
     case = Case("c", "HuggingFaceTB/SmolLM2-135M", Job(mode="lora", lora_r=4), True, {"num_hidden_layers": 2})
     ours = measure.estimator_trainable(case)["estimator_params_trainable"]
