@@ -260,7 +260,8 @@ def _build_locked(raw: dict) -> Inventory:
     layer_types, sliding = _layer_types(text_cfg, num_layers)
     buffer_bytes = int(sum(b.numel() * b.element_size() for _, b in model.named_buffers()))
     block = _block(model, num_layers, params)  # runs layer 0 (and casts the meta model to bf16)
-    moe = _moe_forward(model, num_layers, hidden, _moe(text_cfg, params, num_layers), params)  # last to run the meta model
+    moe = _moe_forward(model, num_layers, hidden, _moe(text_cfg, params, num_layers), params)
+    eager = _eager_attention(model, num_layers, shapes["num_heads"], layer_types)  # last to run the meta model
     act = str(getattr(text_cfg, "hidden_act", None) or getattr(text_cfg, "activation_function", None)
               or getattr(text_cfg, "hidden_activation", "") or "")
     inventory = Inventory(
@@ -277,6 +278,7 @@ def _build_locked(raw: dict) -> Inventory:
         hidden_act=act,
         **norms,
         **block,
+        **eager,
         layer_types=layer_types,
         sliding_window=int(sliding) if sliding else None,
         moe=moe,
@@ -735,6 +737,58 @@ def _first_positive_int(cfg, *names: str) -> int:
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
     return 0
+
+
+def _eager_attention(model, num_layers: int, heads: int, layer_types: tuple[str, ...]) -> dict:
+    """What eager attention holds per score (one head, one query, one key), as the model's own
+    eager_attention_forward writes it, traced on the meta device in bf16 (estimator/meta_trace.py):
+    the peak inside layer 0's attention without grad, and what autograd saves inside it. Three
+    sequence lengths give the S² coefficient. Llama's eager keeps an fp32 softmax and its bf16 cast;
+    gpt-oss' softmax stays in bf16 (with its sink column). Zeros when it cannot be traced (the
+    formula's figures then stand)."""
+    import torch
+
+    from estimator.meta_trace import child_costs, quadratic
+
+    none = {"eager_working_per_score": 0.0, "eager_saved_per_score": 0.0}
+    stack = _layer_stack(model, num_layers)
+    if stack is None:
+        return none
+    # the first layer with softmax attention (Qwen3-Next's first is linear attention)
+    first = next((i for i, t in enumerate(layer_types) if t != "linear_attention"), 0)
+    layer = stack[1][first]
+    attn = next((child for name, child in layer.named_children() if any(h in name.lower() for h in _ATTN_HINTS)), None)
+    if attn is None:
+        return none
+    config = model.config
+    previous = getattr(config, "_attn_implementation", None)
+
+    def run(length: int, grad: bool) -> None:
+        stop = layer.register_forward_hook(lambda *_: (_ for _ in ()).throw(_StopForward()))
+        try:
+            with torch.set_grad_enabled(grad):
+                model(input_ids=torch.zeros((1, length), dtype=torch.long, device="meta"),
+                      attention_mask=torch.ones((1, 1, length, length), dtype=torch.bool, device="meta"), use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            stop.remove()
+
+    try:
+        model.set_attn_implementation("eager")
+        # long enough that the S x S moment is the peak at all three (q, k, v and RoPE grow with S only)
+        working, saved = child_costs(run, attn, lengths=(1024, 2048, 4096))
+        per_work, per_saved = quadratic(working)[2] / heads, quadratic(saved)[2] / heads
+    except Exception:  # noqa: BLE001 - a forward that does not run on meta keeps the formula
+        return none
+    finally:
+        try:
+            model.set_attn_implementation(previous)
+        except Exception:  # noqa: BLE001
+            pass
+    if per_work < 1 or per_saved < 1:  # no S x S scores in layer 0 (linear attention): nothing to read
+        return none
+    return {"eager_working_per_score": round(per_work, 4), "eager_saved_per_score": round(per_saved, 4)}
 
 
 def _moe_forward(model, num_layers: int, hidden: int, moe: MoE | None, params: list[Param]) -> MoE | None:

@@ -142,6 +142,11 @@ class Inventory:
     # model's first layers are run (Llama 4's router is an nn.Linear that returns a tuple, and PEFT's
     # lora.Linear reads `.dtype` of what its base layer returned). None when it runs.
     peft_all_linear_error: str | None = None
+    # Eager attention as the model's own eager_attention_forward runs it, per score (one head, one
+    # query, one key), traced on the meta device in bf16: the peak without grad and what autograd
+    # saves (inventory._eager_attention). 0 when not traced; the formula's figures then stand.
+    eager_working_per_score: float = 0.0
+    eager_saved_per_score: float = 0.0
     quantization: str | None = None
     quant_method: str | None = None  # the checkpoint's quantization_config quant_method (gptq, fp8, mxfp4…), if any
     # transformers' `_supports_sdpa` for the class AutoModelForCausalLM builds: without it, the

@@ -87,3 +87,76 @@ def forward_bytes(module, hidden: int, dtype=None, tokens: tuple[int, int] = (64
     a, b = _peak(module, hidden, small, dtype), _peak(module, hidden, large, dtype)
     per_token = (b - a) / (large - small)
     return ForwardBytes(per_token=per_token, fixed=max(0.0, a - per_token * small))
+
+
+def _saved_bytes_mode(exclude: set[int]):
+    """A saved-tensors hook pair that counts, once per storage, what autograd keeps for the backward,
+    leaving out the storages in `exclude` (parameters, the block's input)."""
+    import torch
+
+    seen: set[int] = set()
+    total = [0]
+
+    def pack(t):
+        key = t.untyped_storage()._cdata
+        if key not in exclude and key not in seen:
+            seen.add(key)
+            total[0] += t.untyped_storage().nbytes()
+        return t
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), total
+
+
+def quadratic(points: dict[int, float]) -> tuple[float, float, float]:
+    """(c, a, b) of c + a·S + b·S² through three (S, value) points."""
+    import numpy as np
+
+    s = sorted(points)
+    m = np.array([[1.0, x, x * x] for x in s])
+    c, a, b = np.linalg.solve(m, np.array([points[x] for x in s]))
+    return float(c), float(a), float(b)
+
+
+def child_costs(run, child, lengths=(32, 64, 128)) -> tuple[dict[int, int], dict[int, int]]:
+    """For each sequence length S: the peak live bytes inside `child`'s forward (no grad) and the
+    bytes autograd saves inside it (with grad), when `run(S, grad)` runs a forward that calls it."""
+    import torch
+
+    working: dict[int, int] = {}
+    saved: dict[int, int] = {}
+    for length in lengths:
+        for grad in (False, True):
+            state: dict = {}
+
+            def before(module, args, kwargs):
+                first = args[0] if args else kwargs.get("hidden_states")
+                exclude = {p.untyped_storage()._cdata for p in module.parameters()}
+                if isinstance(first, torch.Tensor):
+                    exclude.add(first.untyped_storage()._cdata)
+                if grad:
+                    hooks, total = _saved_bytes_mode(exclude)
+                    hooks.__enter__()
+                    state.update(ctx=hooks, total=total)
+                else:
+                    mode = _live_bytes_mode()
+                    mode.__enter__()
+                    state.update(ctx=mode)
+
+            def after(module, args, kwargs, output):
+                ctx = state.pop("ctx", None)
+                if ctx is None:
+                    return
+                ctx.__exit__(None, None, None)
+                if grad:
+                    saved[length] = state["total"][0]
+                else:
+                    working[length] = ctx.peak
+
+            h1 = child.register_forward_pre_hook(before, with_kwargs=True)
+            h2 = child.register_forward_hook(after, with_kwargs=True)
+            try:
+                run(length, grad)
+            finally:
+                h1.remove()
+                h2.remove()
+    return working, saved

@@ -122,3 +122,19 @@ def test_peft_all_linear_that_fails_in_the_forward_is_refused():
 def test_models_peft_runs_on_are_not_refused():
     for name in ("Qwen--Qwen3-30B-A3B", "mistralai--Mixtral-8x7B-v0.1", "deepseek-ai--DeepSeek-V2-Lite"):
         assert _moe(name, num_hidden_layers=2).peft_all_linear_error is None, name
+
+
+def test_eager_attention_per_score_as_each_model_writes_it():
+    """Per score (one head, one query, one key), worked by hand from transformers 5.17:
+    - Llama's eager_attention_forward saves its fp32 softmax (4) and the bf16 cast (2) = 6; at its
+      peak without grad it holds the masked bf16 scores (2), softmax(dtype=float32)'s fp32 copy of
+      them (4; ATen fuses the upcast for fp16 on CUDA only) and the fp32 softmax (4) = 10;
+    - gpt-oss' softmax stays in the scores' dtype and drops the sink column by a view: it saves the
+      bf16 probabilities (2) only."""
+    from estimator.inventory import build_inventory
+
+    llama = build_inventory(json.loads((CONFIGS / "meta-llama--Llama-3.2-1B.json").read_text()))
+    assert (llama.eager_saved_per_score, llama.eager_working_per_score) == (6.0, 10.0)
+    oss = json.loads((CONFIGS / "openai--gpt-oss-20b.json").read_text())
+    oss.update(num_hidden_layers=2, layer_types=oss["layer_types"][:2])
+    assert build_inventory(oss).eager_saved_per_score == 2.0

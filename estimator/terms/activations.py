@@ -346,10 +346,16 @@ class Trace:
                 self.save(qc)
                 self.save(kc)
                 self.save(vc)
-                self.save_bytes(heads * s * FP32)  # softmax output, fp32
-                self.save_bytes(heads * s * qc.dtype)  # its cast, read by attn @ v
-                if inv.attention_dropout > 0:
-                    self.save_bytes(heads * s * BOOL)
+                if qc.dtype == BF16 and not f.autocast and inv.eager_saved_per_score:
+                    # the model's own eager_attention_forward, traced in bf16 without autocast
+                    # (inventory._eager_attention): Llama's fp32 softmax and its cast, gpt-oss' bf16
+                    # softmax, dropout's mask if any
+                    self.save_bytes(heads * s * inv.eager_saved_per_score)
+                else:
+                    self.save_bytes(heads * s * FP32)  # softmax output, fp32
+                    self.save_bytes(heads * s * qc.dtype)  # its cast, read by attn @ v
+                    if inv.attention_dropout > 0:
+                        self.save_bytes(heads * s * BOOL)
             out = self.new(heads * inv.v_head_dim, qc.dtype, grad)
             return self.new(out.width, out.dtype, grad)  # transpose(1, 2).contiguous() copies
         qc, kc, vc = self.autocast_in(q), self.autocast_in(k), self.autocast_in(v)
@@ -742,7 +748,11 @@ def _attention_working(inv: Inventory, dtype: DType, kind: str, prompt: int) -> 
     kv = inv.num_kv_heads * (inv.kv_head_dim + inv.v_head_dim)
     projections = q + kv + 2 * q  # q, k, v, and RoPE's two temporaries (q·cos, rotate_half(q)·sin)
     scores = 0.0
-    if kind == "eager":  # q@kᵀ·scale (+mask) in dtype, its fp32 softmax and the softmax's cast
+    if kind == "eager" and dtype == BF16 and inv.eager_working_per_score:
+        # the model's own eager_attention_forward at its peak, traced (inventory._eager_attention):
+        # Llama's masked scores, their fp32 copy and its softmax (bf16 has no fused upcast), 10 bytes
+        scores = inv.num_heads * prompt * inv.eager_working_per_score
+    elif kind == "eager":  # q@kᵀ·scale (+mask) in dtype, its fp32 softmax and the softmax's cast
         scores = inv.num_heads * prompt * (dtype + FP32 + dtype)
     elif kind == "math":  # scores and probabilities
         scores = inv.num_heads * prompt * 2 * dtype
