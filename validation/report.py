@@ -36,10 +36,11 @@ H200_SETS = (
     ("plain loop: device-total holdouts, round b", Path(__file__).resolve().parent / "results_h200" / "h200-device-b.jsonl"),
     ("Trainer holdouts", Path(__file__).resolve().parent / "results_trainer" / "h200-trainer.jsonl"),
     ("TRL SFTTrainer holdouts", Path(__file__).resolve().parent / "results_trainer" / "h200-sft.jsonl"),
-    ("plain loop: new families (issue 13)", Path(__file__).resolve().parent / "results_h200" / "h200-families.jsonl"),
+    ("plain loop: new families, round a (issue 13)", Path(__file__).resolve().parent / "results_h200" / "h200-families.jsonl"),
+    ("plain loop: new families, round b (issue 13)", Path(__file__).resolve().parent / "results_h200" / "h200-families-b.jsonl"),
 )
 # The sets whose table also shows the trainable-parameter counts, PEFT's against ours (issue 13).
-TRAINABLE_SETS = ("plain loop: new families (issue 13)",)
+TRAINABLE_SETS = ("plain loop: new families, round a (issue 13)", "plain loop: new families, round b (issue 13)")
 GIB = 1024**3
 
 
@@ -51,29 +52,31 @@ class Comparison:
     holdout: bool
     status: str
     measured_peak: int | None
-    estimated_peak: int
+    estimated_peak: int | None  # None where the estimator refuses the job (`refused`)
     measured_device: int | None
-    estimated_device: int
+    estimated_device: int | None
     peers: dict[str, int | None] = field(default_factory=dict)
     # Trainable parameters: PEFT's (or the Trainer's) count on the real model, as the harness
     # recorded it, and the estimator's. None where the row has no count.
     measured_trainable: int | None = None
     estimated_trainable: int | None = None
+    # The estimator's refusal (its one-line reason), where it refuses the job instead of estimating it
+    refused: str | None = None
 
     @property
     def trainable_equal(self) -> bool | None:
         """Whether our trainable-parameter count is PEFT's, on a training row that recorded one."""
-        if self.mode == "inference" or self.measured_trainable is None:
+        if self.mode == "inference" or self.measured_trainable is None or self.estimated_trainable is None:
             return None
         return self.measured_trainable == self.estimated_trainable
 
     @property
     def peak_error(self) -> float | None:
-        return _err(self.estimated_peak, self.measured_peak) if self.status == "ok" else None
+        return _err(self.estimated_peak, self.measured_peak) if self.status == "ok" and not self.refused else None
 
     @property
     def device_error(self) -> float | None:
-        return _err(self.estimated_device, self.measured_device) if self.status == "ok" else None
+        return _err(self.estimated_device, self.measured_device) if self.status == "ok" and not self.refused else None
 
     def peer_error(self, name: str) -> float | None:
         value = self.peers.get(name)
@@ -127,7 +130,13 @@ def compare(row: dict) -> Comparison:
     except ValueError as err:
         raise ValueError(f"{row['case']}: {err}") from None
     inv = inventory_from_config(config)
-    result = estimate(inv, job)
+    try:
+        result = estimate(inv, job)
+    except ValueError as err:  # the estimator refuses the job (what PEFT refuses or cannot run)
+        return Comparison(case=row["case"], model=row["model"], mode=job.mode.value, holdout=bool(row.get("holdout", False)),
+                          status=row.get("status", "error"), measured_peak=row.get("peak_allocated_bytes"), estimated_peak=None,
+                          measured_device=row.get("device_total_bytes"), estimated_device=None,
+                          measured_trainable=row.get("params_trainable"), refused=str(err))
     peers = peer_figures(inv, job)
     return Comparison(
         case=row["case"],
@@ -327,6 +336,7 @@ def render_h200(sets: list[tuple[str, list[Comparison]]], command: str) -> str:
         peak, device = summarize([c.peak_error for c in ok]), summarize([c.device_error for c in ok])
         lines.append(f"| {name} | {len(ok)} | {_pct(peak[1])} / {_pct(peak[2])} | {_pct(device[1])} / {_pct(device[2])} |")
     for name, group in sets:
+        refusals: list[str] = []
         trainable = name in TRAINABLE_SETS
         lines += ["", f"## {name} (GiB)", "",
                   "| case | measured peak | estimated | error | measured device | estimated | error |"
@@ -334,11 +344,17 @@ def render_h200(sets: list[tuple[str, list[Comparison]]], command: str) -> str:
                   "|---|---:|---:|---:|---:|---:|---:|" + ("---|" if trainable else "")]
         for c in group:
             extra = f" {_trainable_cell(c)} |" if trainable else ""
+            if c.refused:  # the estimator refuses it; the row says whether the run failed too
+                lines.append(f"| {c.case} | {c.status} | refused | | | refused | |{extra}")
+                refusals.append(f"- {c.case} ({c.status} on the GPU): {c.refused}")
+                continue
             if c.status != "ok":
                 lines.append(f"| {c.case} | {c.status} | {_gib(c.estimated_peak)} | | | {_gib(c.estimated_device)} | |{extra}")
                 continue
             lines.append(f"| {c.case} | {_gib(c.measured_peak)} | {_gib(c.estimated_peak)} | {_pct(c.peak_error, True)} | "
                          f"{_gib(c.measured_device)} | {_gib(c.estimated_device)} | {_pct(c.device_error, True)} |{extra}")
+        if refusals:
+            lines += ["", "Refused by the estimator:", *refusals]
         if trainable:
             checked = [c for c in group if c.trainable_equal is not None and c.mode in ("lora", "qlora")]
             equal = sum(1 for c in checked if c.trainable_equal)
