@@ -268,6 +268,11 @@ def test_snapshot_dir_reaches_each_case_process(tmp_path, monkeypatch):
     args = parser.parse_args(["--snapshot-dir", str(tmp_path / "snaps"), "--list", "--only", "nothing-matches"])
     assert measure.run_cases([], args, measure_one=None, module="validation.measure", header=None) == 0
     assert os.environ["CANIRUN_SNAPSHOT_DIR"] == str((tmp_path / "snaps").resolve())
+    assert "CANIRUN_SDPA_BACKENDS" not in os.environ  # only when asked
+    monkeypatch.setenv("CANIRUN_SDPA_BACKENDS", "unset-by-teardown")
+    args = parser.parse_args(["--sdpa-backends", "flash,efficient", "--list", "--only", "nothing-matches"])
+    assert measure.run_cases([], args, measure_one=None, module="validation.measure", header=None) == 0
+    assert os.environ["CANIRUN_SDPA_BACKENDS"] == "flash,efficient"
     assert (tmp_path / "snaps").is_dir()  # made here: torch.cuda.memory._dump_snapshot does not make it
 
 

@@ -456,7 +456,17 @@ def run_inference(case: Case, ckpt: Path, probe: DeviceProbe, result: dict) -> N
     _cuda().reset_peak_memory_stats()
     _cuda().synchronize()
     t_generate = time.perf_counter()
-    generated = spec_generate(model, job, prompt, step_probe)
+    backends = os.environ.get("CANIRUN_SDPA_BACKENDS")
+    if backends:  # a diagnosis run: only these SDPA kernels (the row records which)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        chosen = [getattr(SDPBackend, {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH",
+                                      "cudnn": "CUDNN_ATTENTION"}[b.strip()]) for b in backends.split(",")]
+        result["sdpa_backends"] = backends
+        with sdpa_kernel(chosen):
+            generated = spec_generate(model, job, prompt, step_probe)
+    else:
+        generated = spec_generate(model, job, prompt, step_probe)
     s = probe.sample("generated")
     result["generated_tokens"] = generated
     result["peak_allocated_bytes"] = s["max_allocated"]
@@ -743,6 +753,8 @@ def add_run_arguments(parser: argparse.ArgumentParser, cases: str, out: str) -> 
     parser.add_argument("--snapshot-dir", help="also dump each case's allocator history (torch.cuda.memory snapshots) here")
     parser.add_argument("--snapshot-frames", action="store_true",
                         help="with --snapshot-dir: record each allocation's Python stack (slower; for --explain)")
+    parser.add_argument("--sdpa-backends", help="comma-separated SDPA backends to allow, e.g. flash,efficient "
+                        "(torch.nn.attention.sdpa_kernel; default: torch's own choice, cuDNN first on H100/H200)")
     parser.add_argument("--profile-generate", action="store_true",
                         help="after each inference case, time a 16-token generate() under torch.profiler (kernel time vs wall)")
     parser.add_argument("--run-one", help=argparse.SUPPRESS)
@@ -758,6 +770,8 @@ def run_cases(cases: list, args: argparse.Namespace, *, measure_one, module: str
     out = Path(args.out)
     if getattr(args, "profile_generate", False):  # read by run_inference in each case's process
         os.environ["CANIRUN_PROFILE_GENERATE"] = "1"
+    if getattr(args, "sdpa_backends", None):  # read by run_inference in each case's process
+        os.environ["CANIRUN_SDPA_BACKENDS"] = args.sdpa_backends
     if args.snapshot_dir:  # read by record_case in each case's process
         Path(args.snapshot_dir).mkdir(parents=True, exist_ok=True)  # _dump_snapshot does not make it
         os.environ["CANIRUN_SNAPSHOT_DIR"] = str(Path(args.snapshot_dir).resolve())
