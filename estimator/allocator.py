@@ -89,14 +89,20 @@ class Allocator:
     _live: dict[int, _Block] = field(default_factory=dict)
     _ids: itertools.count = field(default_factory=itertools.count)
     _mapping: dict[bool, int] = field(default_factory=dict)  # expandable: pool -> its segment id
+    # Where each segment lies: equal-size free blocks are taken lowest address first
+    # (CUDACachingAllocator.cpp's BlockComparatorSize: stream, size, then ptr). Without a known
+    # address a segment sorts by creation (older first); a replay of a real history sets
+    # `next_segment_address` to the address cudaMalloc gave the segment that request created.
+    _base: dict[int, int] = field(default_factory=dict)
+    next_segment_address: int | None = None
 
     # ---- the pools ----------------------------------------------------------------------------
     def _insert(self, b: _Block) -> None:
-        bisect.insort(self._free[b.small], (b.size, b.segment, b.offset, id(b), b))
+        bisect.insort(self._free[b.small], (b.size, self._base.get(b.segment, b.segment), b.offset, id(b), b))
 
     def _remove(self, b: _Block) -> None:
         pool = self._free[b.small]
-        pool.pop(bisect.bisect_left(pool, (b.size, b.segment, b.offset, id(b))))
+        pool.pop(bisect.bisect_left(pool, (b.size, self._base.get(b.segment, b.segment), b.offset, id(b))))
 
     def _best_fit(self, size: int, small: bool) -> _Block | None:
         """The smallest free block that serves `size`, taken out of its pool (None: there is none)."""
@@ -177,6 +183,9 @@ class Allocator:
         if self.reserved_bytes + amount > self.capacity_bytes:
             return None
         seg = next(self._ids)
+        if self.next_segment_address is not None:
+            self._base[seg] = self.next_segment_address
+            self.next_segment_address = None
         b = _Block(seg, 0, amount, small)
         self._segments[seg] = [b]
         self._account(amount)

@@ -108,3 +108,29 @@ def test_expandable_segments_map_whole_pages_and_unmap_them_on_a_retry():
     b.malloc(1000)  # a small-pool page would pass the capacity: the retry unmaps the large pool's pages
     assert (b.reserved_bytes, b.retries) == (2 * MIB, 1)
 
+
+
+def test_equal_size_free_blocks_go_lowest_address_first():
+    """CUDACachingAllocator.cpp's BlockComparatorSize orders free blocks by size, then address. Two
+    512 MiB segments, the second at a lower address; both freed: the next 512 MiB request takes the
+    second. Which one it takes decides what a later request finds: here a 100 MiB request splits
+    the first segment's block only if the 512 MiB one went to the second."""
+    a = Allocator(BIG)
+    a.next_segment_address = 0x7F00_0000_0000
+    first = a.malloc(512 * MIB)
+    a.next_segment_address = 0x7E00_0000_0000  # cudaMalloc handed out a lower address
+    second = a.malloc(512 * MIB)
+    seg_first, seg_second = a._live[first].segment, a._live[second].segment
+    a.free(first)
+    a.free(second)
+    again = a.malloc(512 * MIB)
+    assert a._live[again].segment == seg_second
+    rest = a.malloc(100 * MIB)
+    assert a._live[rest].segment == seg_first and a.reserved_bytes == 1024 * MIB
+    # without addresses, segments sort by creation: the older one first
+    b = Allocator(BIG)
+    h1, h2 = b.malloc(512 * MIB), b.malloc(512 * MIB)
+    s1 = b._live[h1].segment
+    b.free(h1)
+    b.free(h2)
+    assert b._live[b.malloc(512 * MIB)].segment == s1

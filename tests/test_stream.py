@@ -136,20 +136,17 @@ def test_the_recorded_decoding_program_replays_exactly_what_writing_every_step_o
     assert stream.generate_reserve(inv, regime, sizes) == stream.generate_reserve(inv, regime, sizes, stepwise=True)
 
 
-@pytest.mark.parametrize("name", [
-    "qwen2.5-0.5b-full-amp_bf16-b16-s2048-adamw_fused-gc",
-    "llama-3.2-3b-lora-b8-s4096-r64-gc",
-    "qwen2.5-0.5b-trainer-full-amp_bf16-b4-g1-s1024-sgd-clip0",
-    "qwen2.5-0.5b-trainer-full-bf16-b4-g1-s1024-adafactor",
-])
-def test_the_allocator_model_replays_real_training_steps(name):
-    """Whole training steps (load, forward, backward, optimizer; SPEC's loop and the Trainer) as the
-    H200 ran them, every allocation and free replayed through estimator/allocator.py: the reserved
-    peak within 1% of what the real allocator's segments reached. (The fifth history, Llama-3.2-3B
-    with paged 8-bit AdamW, replays 11.7% above its real peak: not understood yet, and left out
-    here rather than loosened; README, Not done yet.)"""
+@pytest.mark.parametrize("name", sorted(p.name.removesuffix(".json.gz") for p in STREAMS.glob("*.json.gz")))
+def test_the_allocator_model_replays_every_real_history(name):
+    """Every committed allocator history (training steps of SPEC's loop and the Trainer, paged 8-bit
+    AdamW among them; decodes, MoE ones among them), load included, every allocation and free
+    replayed through estimator/allocator.py with each segment where cudaMalloc put it (equal-size
+    free blocks go lowest address first): the reserved peak within 0.2% of what the real
+    allocator's segments reached (the small pool's segment made before the recording began is the
+    2 MiB that remains)."""
     with gzip.open(STREAMS / f"{name}.json.gz", "rt") as handle:
         data = json.load(handle)
     result = replay(data["events"])
-    assert result.peak_reserved_bytes == pytest.approx(data["peak_reserved_bytes"], rel=0.01)
+    assert result.peak_reserved_bytes == pytest.approx(data["peak_reserved_bytes"], rel=0.002)
+    # allocated within 1%: a block whose rest is too small to split off counts whole in the replay
     assert result.peak_allocated_bytes == pytest.approx(data["peak_allocated_bytes"], rel=0.01)

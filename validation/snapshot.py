@@ -52,9 +52,17 @@ def replay(events: list[list], *, expandable_segments: bool = False, capacity_by
 
     alloc = Allocator(capacity_bytes=capacity_bytes, expandable_segments=expandable_segments)
     live: dict[int, int] = {}
+    segment_address = None
     for action, address, size in events:
-        if action == "alloc":
+        if action == "segment_alloc":  # the real segment the next request is served from
+            segment_address = address
+        elif action == "alloc":
+            # equal-size free blocks go lowest address first: a segment the replay creates for this
+            # request lies where the real one did, above every creation-ordered one (a segment the
+            # real allocator did not need keeps its creation order)
+            alloc.next_segment_address = segment_address + (1 << 60) if segment_address is not None else None
             live[address] = alloc.malloc(size)
+            alloc.next_segment_address = segment_address = None
         elif action == "free_completed" and address in live:
             alloc.free(live.pop(address))
     return alloc
