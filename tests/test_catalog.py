@@ -85,6 +85,8 @@ REQUIRED_REPOS = [
     "deepseek-ai/DeepSeek-V3",
     "meta-llama/Llama-3.2-1B-Instruct",
     "meta-llama/Llama-3.2-3B-Instruct",
+    "mistralai/Mistral-Small-24B-Instruct-2501",
+    "ibm-granite/granite-3.3-8b-instruct",
 ]
 
 
