@@ -77,6 +77,8 @@ def inventory_from_dict(data: dict) -> Inventory:
     if data.get("moe") is not None:
         moe = dict(data["moe"])
         moe["layers"] = tuple(moe["layers"])
+        for name in ("prefill_program", "decode_program"):
+            moe[name] = tuple(tuple(step) for step in moe.get(name) or ())
         data["moe"] = MoE(**moe)
     for name in ("layer_types", "notes", "norm_places"):
         data[name] = tuple(data.get(name) or ())
@@ -813,11 +815,15 @@ def _moe_forward(model, num_layers: int, hidden: int, moe: MoE | None, params: l
     block = children[next(iter(owners))]  # the layer's child that holds the experts (mlp, feed_forward, block_sparse_moe…)
     from estimator.meta_trace import forward_bytes
 
+    from estimator.meta_trace import request_program
+
     try:
         traced = forward_bytes(block, hidden)
+        program, output = request_program(block, hidden)
     except Exception:  # noqa: BLE001 - a block that does not run on meta keeps the formula
         return moe
-    moe = dataclasses.replace(moe, forward_bytes_per_token=traced.per_token, forward_fixed_bytes=traced.fixed)
+    moe = dataclasses.replace(moe, forward_bytes_per_token=traced.per_token, forward_fixed_bytes=traced.fixed,
+                              prefill_program=program, prefill_output=output)
     # generate()'s decode on a GPU: every grouped_mm becomes batched_mm (generation/utils.py,
     # _optimize_model_for_decode), traced at decode's few tokens
     implementations = model.get_experts_implementation() if hasattr(model, "get_experts_implementation") else {}
@@ -826,11 +832,13 @@ def _moe_forward(model, num_layers: int, hidden: int, moe: MoE | None, params: l
     try:
         model.set_experts_implementation({k: "batched_mm" if v == "grouped_mm" else v for k, v in implementations.items()})
         decode = forward_bytes(block, hidden, tokens=(4, 8))
+        program, output = request_program(block, hidden, tokens=(4, 8))
     except Exception:  # noqa: BLE001 - decode then keeps the prefill's implementation
         return moe
     finally:
         model.set_experts_implementation(implementations)
-    return dataclasses.replace(moe, decode_bytes_per_token=decode.per_token, decode_fixed_bytes=decode.fixed)
+    return dataclasses.replace(moe, decode_bytes_per_token=decode.per_token, decode_fixed_bytes=decode.fixed,
+                               decode_program=program, decode_output=output)
 
 
 def _moe(cfg, params: list[Param], num_layers: int) -> MoE | None:

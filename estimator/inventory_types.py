@@ -91,6 +91,13 @@ class MoE:
     # runs the prefill's implementation) or could not be traced.
     decode_bytes_per_token: float = 0.0
     decode_fixed_bytes: float = 0.0
+    # The same block's requests in order, for generate()'s written stream (estimator/stream.py):
+    # ((is_alloc, number, fixed bytes, bytes per token), ...) and the number of its output, for the
+    # prefill and for the decode steps (meta_trace.request_program). Empty when not traced.
+    prefill_program: tuple = ()
+    prefill_output: int = -1
+    decode_program: tuple = ()
+    decode_output: int = -1
 
 
 @dataclass(frozen=True)

@@ -41,8 +41,11 @@ Gemma 2 and 3 add a norm after attention and after the MLP (`post_attention_laye
 `post_feedforward_layernorm`), each on the sublayer's output before the residual add.
 
 Only large-pool requests (over 1 MiB) are written: the small pool's 2 MiB segments never serve
-them, and its own reserve is a few MiB. Mixture-of-experts and MLA layers are written with the
-shapes the inventory gives (an approximation: their routing and latent projections are not).
+them, and its own reserve is a few MiB. Mixture-of-experts blocks are written as the meta-device
+trace of the model's own block recorded them (`meta_trace.request_program`: grouped_mm's sorted
+copies in the prefill, batched_mm's gathered experts in the decode steps, Llama 4's dense pass).
+MLA layers are written with the shapes the inventory gives (an approximation: their latent
+projections are not).
 """
 
 from __future__ import annotations
@@ -101,6 +104,11 @@ class Shapes:
     quant: str | None  # "4bit", "int8" or None
     double_quant: bool
     kernel: str  # the attention kernel (terms/activations.attention_kernel)
+    # MoE layers' blocks as traced on the meta device (Inventory.moe): which layers, and the
+    # prefill's and the decode steps' request programs with their outputs ((), -1: not traced)
+    moe_layers: frozenset = frozenset()
+    moe_prefill: tuple = ((), -1)
+    moe_decode: tuple = ((), -1)
 
 
 def shapes_of(inv: Inventory, regime: Regime) -> Shapes:
@@ -116,7 +124,16 @@ def shapes_of(inv: Inventory, regime: Regime) -> Shapes:
     quant = None
     if regime.quantizer is not None:
         quant = "4bit" if regime.quantizer.is_4bit else "int8"
+    moe = inv.moe
+    traced = moe is not None and bool(moe.prefill_program)
+    scale = c / 2  # the programs were traced in bf16
+    def scaled(program, output):
+        return tuple((a, n, f * scale, p * scale) for a, n, f, p in program), output
     return Shapes(
+        moe_layers=frozenset(moe.layers) if traced else frozenset(),
+        moe_prefill=scaled(moe.prefill_program, moe.prefill_output) if traced else ((), -1),
+        moe_decode=scaled(moe.decode_program or moe.prefill_program,
+                          moe.decode_output if moe.decode_program else moe.prefill_output) if traced else ((), -1),
         hidden=inv.hidden_size, heads=inv.num_heads, kv_heads=inv.num_kv_heads, head_dim=inv.head_dim,
         k_dim=inv.kv_head_dim, v_dim=inv.v_head_dim, c=c, upcast_norm=c < 4,
         gemma_norm=inv.norm_style == "gemma", layer_norm=inv.norm_kind == "layer", qk_norm=inv.qk_norm,
@@ -343,7 +360,17 @@ def forward(t: Tape, s: Shapes, batch: int, new: int, total: int, cache: _Cache 
             h2 = t.alloc(rows * d * s.c)  # the residual add; the layer's input lives until it returns
             t.free(proj)
             x = _norm(t, s, rows, d) if PRE_MLP in s.norms else None  # None: the MLP reads h2
-        if gated and len(mlp) == 3:
+        if i in s.moe_layers:  # the MoE block's own requests, as traced (decode: batched_mm's gathers)
+            program, output = s.moe_decode if new == 1 else s.moe_prefill
+            live: dict = {}
+            for is_alloc, n, fixed, per_token in program:
+                if is_alloc:
+                    live[n] = t.alloc(fixed + per_token * rows)
+                else:
+                    t.free(live.pop(n, None))
+            down = live.pop(output, None)
+            t.free(*live.values())
+        elif gated and len(mlp) == 3:
             gate = _linear(t, s, rows, mlp[0])
             act = t.alloc(rows * mlp[0][1] * s.c)
             t.free(gate)
