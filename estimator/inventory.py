@@ -438,40 +438,54 @@ def _linears(model, layer_of) -> tuple[list[Linear], dict[str, str], set[str]]:
     return linears, module_kind, quantized_weight_names
 
 
-def _wrapped_forward_error(wrapped, params: list[Param], num_layers: int) -> str | None:
-    """Run the PEFT-wrapped meta model until its first MoE layer (the first with a 3-D parameter) has
-    returned. An error raised in PEFT's own code (its innermost frame is in peft/), when the bare
-    model runs the same way, is PEFT's failure: returned as one line. Errors of torch ops that do
-    not run on the meta device are not. Nothing is allocated."""
-    import traceback
+def _stop_after(module):
+    """A hook that ends a meta forward once `module` has returned (the probes need nothing after)."""
+    def stop(*_):
+        raise _StopForward
+    return module.register_forward_hook(stop)
 
+
+def _meta_forward_failure(model, params: list[Param], num_layers: int) -> BaseException | None:
+    """Run the (PEFT-wrapped or bare) meta model in bf16 until its first MoE layer (the first with a
+    3-D parameter) has returned; what it raised on the way, or None. Nothing is allocated."""
     import torch
 
     moe_layer = min((p.layer for p in params if len(p.shape) == 3 and p.layer is not None), default=0)
-
-    def run(model) -> str | None:
-        stack = _layer_stack(model.get_base_model() if hasattr(model, "get_base_model") else model, num_layers)
-        if stack is None:
-            return None
-        handle = stack[1][moe_layer].register_forward_hook(lambda *_: (_ for _ in ()).throw(_StopForward()))
-        try:
-            model.to(torch.bfloat16)
-            with torch.no_grad():
-                model(input_ids=torch.zeros((1, 8), dtype=torch.long, device="meta"),
-                      attention_mask=torch.ones((1, 1, 8, 8), dtype=torch.bool, device="meta"),  # 4-D: used as given
-                      use_cache=False)
-        except _StopForward:
-            return None
-        except Exception as err:  # noqa: BLE001 - the failure is the answer, when PEFT's own code raised it
-            innermost = traceback.extract_tb(err.__traceback__)[-1].filename.replace("\\", "/")
-            if "/peft/" not in innermost:
-                return None  # a torch op refusing meta tensors (autocast on "meta"…): not PEFT's failure
-            return f"{type(err).__name__}: {err}".splitlines()[0][:300]
-        finally:
-            handle.remove()
+    stack = _layer_stack(model.get_base_model() if hasattr(model, "get_base_model") else model, num_layers)
+    if stack is None:
         return None
+    handle = _stop_after(stack[1][moe_layer])
+    try:
+        model.to(torch.bfloat16)
+        with torch.no_grad():
+            model(input_ids=torch.zeros((1, 8), dtype=torch.long, device="meta"),
+                  attention_mask=torch.ones((1, 1, 8, 8), dtype=torch.bool, device="meta"),  # 4-D: used as given
+                  use_cache=False)
+    except _StopForward:
+        return None
+    except Exception as err:  # noqa: BLE001 - the failure is the answer
+        return err
+    finally:
+        handle.remove()
+    return None
 
-    return run(wrapped)
+
+def _peft_forward_error(model, wrapped, params: list[Param], num_layers: int) -> str | None:
+    """PEFT's failure in the forward, as one line: an error the wrapped model raises in PEFT's own
+    code (its innermost frame is in peft/) where the bare model runs the same way cleanly. Errors of
+    torch ops that do not run on the meta device (autocast on "meta"…) are not PEFT's."""
+    import copy
+    import traceback
+
+    if _meta_forward_failure(copy.deepcopy(model), params, num_layers) is not None:
+        return None  # the bare model does not run on meta: nothing to compare with
+    err = _meta_forward_failure(wrapped, params, num_layers)
+    if err is None:
+        return None
+    innermost = traceback.extract_tb(err.__traceback__)[-1].filename.replace("\\", "/")
+    if "/peft/" not in innermost:
+        return None
+    return f"{type(err).__name__}: {err}".splitlines()[0][:300]
 
 
 def _peft_all_linear(model, linears: list[Linear], params: list[Param],
@@ -513,10 +527,7 @@ def _peft_all_linear(model, linears: list[Linear], params: list[Param],
         else:
             adapted.add(base)
     linears = [dataclasses.replace(lin, peft_all_linear=lin.name in adapted) for lin in linears]
-    error = None
-    if _wrapped_forward_error(copy.deepcopy(model), params, num_layers) is None:  # the bare model runs on meta
-        error = _wrapped_forward_error(wrapped, params, num_layers)
-    return linears, tuple(sorted(targets, key=lambda t: t.name)), error
+    return linears, tuple(sorted(targets, key=lambda t: t.name)), _peft_forward_error(model, wrapped, params, num_layers)
 
 
 def _role(name: str, output_name: str | None, layer_of) -> LinearRole:
@@ -615,7 +626,7 @@ def _norms(model, params: list[Param], hidden: int) -> dict:
 
 
 class _StopForward(Exception):
-    """Raised by a hook when layer 0 has returned: the probe needs nothing after it."""
+    """Raised by a hook when the layer a meta probe needed has returned: nothing after it is needed."""
 
 
 def _block(model, num_layers: int, params: list[Param]) -> dict:
@@ -653,9 +664,6 @@ def _block(model, num_layers: int, params: list[Param]) -> dict:
             calls.append((name, "out", first_tensor(output)))
         return hook
 
-    def layer_done(module, args, kwargs, output):
-        raise _StopForward
-
     handles = []
     kinds = {}
     for name, child in layer.named_children():
@@ -670,10 +678,10 @@ def _block(model, num_layers: int, params: list[Param]) -> dict:
             continue
         handles.append(child.register_forward_pre_hook(before(name), with_kwargs=True))
         handles.append(child.register_forward_hook(after(name), with_kwargs=True))
-    handles.append(layer.register_forward_hook(layer_done, with_kwargs=True))
+    handles.append(_stop_after(layer))
     length = 8
     try:
-        model.to(torch.bfloat16)  # grouped_mm (gpt-oss, MiniMax) takes bf16 only; the model is not used after
+        model.to(torch.bfloat16)  # grouped_mm (gpt-oss, MiniMax) takes bf16 only; the later meta traces run it so
         ids = torch.zeros((1, length), dtype=torch.long, device="meta")
         mask = torch.ones((1, 1, length, length), dtype=torch.bool, device="meta")  # 4-D: used as given
         with torch.no_grad():
@@ -762,11 +770,12 @@ def _eager_attention(model, num_layers: int, heads: int, layer_types: tuple[str,
     attn = next((child for name, child in layer.named_children() if any(h in name.lower() for h in _ATTN_HINTS)), None)
     if attn is None:
         return none
-    config = model.config
-    previous = getattr(config, "_attn_implementation", None)
+    # the last probe to run the meta model, which nothing uses afterwards; the top-level
+    # implementation is put back all the same (sub-configs then follow it)
+    previous = getattr(model.config, "_attn_implementation", None)
 
     def run(length: int, grad: bool) -> None:
-        stop = layer.register_forward_hook(lambda *_: (_ for _ in ()).throw(_StopForward()))
+        stop = _stop_after(layer)
         try:
             with torch.set_grad_enabled(grad):
                 model(input_ids=torch.zeros((1, length), dtype=torch.long, device="meta"),
@@ -819,11 +828,14 @@ def _moe_forward(model, num_layers: int, hidden: int, moe: MoE | None, params: l
 
     try:
         traced = forward_bytes(block, hidden)
-        program, output = request_program(block, hidden)
     except Exception:  # noqa: BLE001 - a block that does not run on meta keeps the formula
         return moe
-    moe = dataclasses.replace(moe, forward_bytes_per_token=traced.per_token, forward_fixed_bytes=traced.fixed,
-                              prefill_program=program, prefill_output=output)
+    moe = dataclasses.replace(moe, forward_bytes_per_token=traced.per_token, forward_fixed_bytes=traced.fixed)
+    try:
+        program, output = request_program(block, hidden)
+        moe = dataclasses.replace(moe, prefill_program=program, prefill_output=output)
+    except Exception:  # noqa: BLE001 - the written stream then keeps the dense MLP's shapes
+        pass
     # generate()'s decode on a GPU: every grouped_mm becomes batched_mm (generation/utils.py,
     # _optimize_model_for_decode), traced at decode's few tokens
     implementations = model.get_experts_implementation() if hasattr(model, "get_experts_implementation") else {}
@@ -832,13 +844,14 @@ def _moe_forward(model, num_layers: int, hidden: int, moe: MoE | None, params: l
     try:
         model.set_experts_implementation({k: "batched_mm" if v == "grouped_mm" else v for k, v in implementations.items()})
         decode = forward_bytes(block, hidden, tokens=(4, 8))
+        moe = dataclasses.replace(moe, decode_bytes_per_token=decode.per_token, decode_fixed_bytes=decode.fixed)
         program, output = request_program(block, hidden, tokens=(4, 8))
-    except Exception:  # noqa: BLE001 - decode then keeps the prefill's implementation
-        return moe
+        moe = dataclasses.replace(moe, decode_program=program, decode_output=output)
+    except Exception:  # noqa: BLE001 - what was not traced keeps the prefill's implementation
+        pass
     finally:
         model.set_experts_implementation(implementations)
-    return dataclasses.replace(moe, decode_bytes_per_token=decode.per_token, decode_fixed_bytes=decode.fixed,
-                               decode_program=program, decode_output=output)
+    return moe
 
 
 def _moe(cfg, params: list[Param], num_layers: int) -> MoE | None:

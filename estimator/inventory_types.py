@@ -14,6 +14,11 @@ ParamKind = Literal["linear", "bias", "embedding", "norm", "expert", "router", "
 LinearRole = Literal["attn_in", "attn_out", "mlp_in", "mlp_out", "router", "lm_head", "other"]
 
 
+class JobRefused(ValueError):
+    """A job the libraries refuse or cannot run (PEFT's ParamWrapper with dropout, a wrapped forward
+    that fails): the CLI's exit 2 with the reason and the way out, and a refused row in the reports."""
+
+
 class UnsupportedModelError(ValueError):
     """The config names a model the estimator cannot size (not a causal LM, unknown to transformers…)."""
 

@@ -24,17 +24,21 @@ class ForwardBytes:
 
 
 def _live_bytes_mode():
+    """A dispatch mode that counts the bytes of storages created by ops while any tensor on them is
+    alive (`live`, `peak`), and logs each new storage ("A", number, bytes) and its release ("F",
+    number) in order (`events`)."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_flatten
 
     class LiveBytes(TorchDispatchMode):
-        """Counts the bytes of storages created by ops while any tensor on them is alive."""
-
         def __init__(self) -> None:
             super().__init__()
             self.refs: dict[int, int] = {}  # storage id -> tensors alive on it
             self.sizes: dict[int, int] = {}
+            self.keys: dict[int, int] = {}  # storage id -> its allocation's number
+            self.events: list[tuple] = []
+            self.count = 0
             self.live = 0
             self.peak = 0
 
@@ -43,6 +47,7 @@ def _live_bytes_mode():
             if self.refs[key] == 0:
                 del self.refs[key]
                 self.live -= self.sizes.pop(key)
+                self.events.append(("F", self.keys.pop(key)))
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
@@ -57,6 +62,9 @@ def _live_bytes_mode():
                 if key not in self.refs:
                     self.refs[key] = 0
                     self.sizes[key] = t.untyped_storage().nbytes()
+                    self.keys[key] = self.count
+                    self.count += 1
+                    self.events.append(("A", self.keys[key], self.sizes[key]))
                     self.live += self.sizes[key]
                 self.refs[key] += 1
                 weakref.finalize(t, self._release, key)
@@ -66,15 +74,25 @@ def _live_bytes_mode():
     return LiveBytes()
 
 
-def _peak(module, hidden: int, tokens: int, dtype) -> int:
+def _run(module, hidden: int, tokens: int, dtype):
+    """`module(x)` for x of [1, tokens, hidden] on meta, without grad: (the mode, with its events cut
+    at the block's return and what it returned other than its first output freed; the number of
+    the allocation that is its first output, or -1 when it returns no new tensor)."""
     import torch
 
     x = torch.empty((1, tokens, hidden), dtype=dtype, device="meta")
     mode = _live_bytes_mode()
     with torch.no_grad(), mode:
         out = module(x)
-        del out
-    return mode.peak
+        events = list(mode.events)  # to the block's return; what it returns is still alive
+        first = out[0] if isinstance(out, (tuple, list)) else out
+        output = mode.keys.get(first.untyped_storage()._cdata, -1)
+        del out, first
+    freed = {e[1] for e in events if e[0] == "F"}
+    # the layer keeps the block's first output and drops the rest (router logits) as it returns
+    events += [("F", e[1]) for e in events if e[0] == "A" and e[1] not in freed and e[1] != output]
+    mode.events = events
+    return mode, output
 
 
 def forward_bytes(module, hidden: int, dtype=None, tokens: tuple[int, int] = (64, 128)) -> ForwardBytes:
@@ -84,9 +102,36 @@ def forward_bytes(module, hidden: int, dtype=None, tokens: tuple[int, int] = (64
 
     dtype = dtype or torch.bfloat16
     small, large = tokens
-    a, b = _peak(module, hidden, small, dtype), _peak(module, hidden, large, dtype)
+    a, b = _run(module, hidden, small, dtype)[0].peak, _run(module, hidden, large, dtype)[0].peak
     per_token = (b - a) / (large - small)
     return ForwardBytes(per_token=per_token, fixed=max(0.0, a - per_token * small))
+
+
+def request_program(module, hidden: int, dtype=None, tokens: tuple[int, int] = (64, 128)):
+    """The ordered allocations and frees of `module(x)` for x of [1, T, hidden] on the meta device,
+    without grad, as a program in T: ((is_alloc, number, fixed bytes, bytes per token), ...) and the
+    number of the allocation that is the block's output (alive when the program ends; every other
+    tensor it returns, such as router logits, is freed at its end). Two token counts give each
+    request's size as fixed + per-token · T; the two runs must make the same requests in the same
+    order and the block must return a tensor of its own, else this raises ValueError."""
+    import torch
+
+    dtype = dtype or torch.bfloat16
+    small, large = tokens
+    (ma, out_a), (mb, out_b) = _run(module, hidden, small, dtype), _run(module, hidden, large, dtype)
+    a, b = ma.events, mb.events
+    if len(a) != len(b) or out_a != out_b or any(x[:2] != y[:2] for x, y in zip(a, b)):
+        raise ValueError("the block's requests differ between token counts")
+    if out_a < 0:
+        raise ValueError("the block returns no tensor of its own")
+    program = []
+    for x, y in zip(a, b):
+        if x[0] == "A":
+            per_token = (y[2] - x[2]) / (large - small)
+            program.append((True, x[1], float(x[2] - per_token * small), float(per_token)))
+        else:
+            program.append((False, x[1], 0.0, 0.0))
+    return tuple(program), out_a
 
 
 def _saved_bytes_mode(exclude: set[int]):
@@ -159,90 +204,7 @@ def child_costs(run, child, lengths=(32, 64, 128)) -> tuple[dict[int, int], dict
             finally:
                 h1.remove()
                 h2.remove()
+                leaked = state.pop("ctx", None)
+                if leaked is not None:  # the child raised inside: leave no mode or hook behind
+                    leaked.__exit__(None, None, None)
     return working, saved
-
-
-def _event_log_mode():
-    """Like `_live_bytes_mode`, but logging each new storage ("A", key, bytes) and its release
-    ("F", key) in order."""
-    import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_flatten
-
-    class EventLog(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.refs: dict[int, int] = {}
-            self.events: list[tuple] = []
-            self.count = 0
-            self.keys: dict[int, int] = {}  # storage id -> its allocation's number
-
-        def _release(self, key: int) -> None:
-            self.refs[key] -= 1
-            if self.refs[key] == 0:
-                del self.refs[key]
-                self.events.append(("F", self.keys.pop(key)))
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            inputs = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
-            out = func(*args, **kwargs)
-            for t in tree_flatten(out)[0]:
-                if not isinstance(t, torch.Tensor):
-                    continue
-                key = t.untyped_storage()._cdata
-                if key in inputs and key not in self.refs:
-                    continue
-                if key not in self.refs:
-                    self.refs[key] = 0
-                    self.keys[key] = self.count
-                    self.events.append(("A", self.count, t.untyped_storage().nbytes()))
-                    self.count += 1
-                self.refs[key] += 1
-                weakref.finalize(t, self._release, key)
-            return out
-
-    return EventLog()
-
-
-def _program_at(module, hidden: int, tokens: int, dtype):
-    import torch
-
-    x = torch.empty((1, tokens, hidden), dtype=dtype, device="meta")
-    mode = _event_log_mode()
-    with torch.no_grad(), mode:
-        out = module(x)
-        events = list(mode.events)  # to the block's return; what it returns is still alive
-        first = out[0] if isinstance(out, (tuple, list)) else out
-        output = mode.keys.get(first.untyped_storage()._cdata)
-        del out, first
-    alive = [e[1] for e in events if e[0] == "A"]
-    freed = {e[1] for e in events if e[0] == "F"}
-    # the layer keeps the block's first output and drops the rest (router logits) as it returns
-    events += [("F", n) for n in alive if n not in freed and n != output]
-    return events, output
-
-
-def request_program(module, hidden: int, dtype=None, tokens: tuple[int, int] = (64, 128)):
-    """The ordered allocations and frees of `module(x)` for x of [1, T, hidden] on the meta device,
-    without grad, as a program in T: ((is_alloc, number, fixed bytes, bytes per token), ...) and the
-    number of the allocation that is the block's output (alive when the program ends; every other
-    tensor it returns, such as router logits, is freed at its end). Two token counts give each
-    request's size as fixed + per-token · T; the two runs must make the same requests in the same
-    order, else this raises ValueError."""
-    import torch
-
-    dtype = dtype or torch.bfloat16
-    small, large = tokens
-    a, out_a = _program_at(module, hidden, small, dtype)
-    b, out_b = _program_at(module, hidden, large, dtype)
-    if len(a) != len(b) or out_a != out_b or any(x[:2] != y[:2] for x, y in zip(a, b)):
-        raise ValueError("the block's requests differ between token counts")
-    program = []
-    for x, y in zip(a, b):
-        if x[0] == "A":
-            per_token = (y[2] - x[2]) / (large - small)
-            program.append((True, x[1], float(x[2] - per_token * small), float(per_token)))
-        else:
-            program.append((False, x[1], 0.0, 0.0))
-    return tuple(program), out_a

@@ -106,6 +106,10 @@ class Shapes:
     kernel: str  # the attention kernel (terms/activations.attention_kernel)
     # MoE layers' blocks as traced on the meta device (Inventory.moe): which layers, and the
     # prefill's and the decode steps' request programs with their outputs ((), -1: not traced)
+    # eager attention in bf16 whose softmax(dtype=float32) first copies the scores to fp32 (ATen's
+    # softmax fuses the upcast for fp16 on CUDA only): the traced peak per score shows the copy
+    # (scores 2 + copy 4 + softmax 4 bytes, Inventory.eager_working_per_score)
+    eager_copy: bool = False
     moe_layers: frozenset = frozenset()
     moe_prefill: tuple = ((), -1)
     moe_decode: tuple = ((), -1)
@@ -130,6 +134,7 @@ def shapes_of(inv: Inventory, regime: Regime) -> Shapes:
     def scaled(program, output):
         return tuple((a, n, f * scale, p * scale) for a, n, f, p in program), output
     return Shapes(
+        eager_copy=regime.compute == BF16 and inv.eager_working_per_score >= 2 + 4 + 4,
         moe_layers=frozenset(moe.layers) if traced else frozenset(),
         moe_prefill=scaled(moe.prefill_program, moe.prefill_output) if traced else ((), -1),
         moe_decode=scaled(moe.decode_program or moe.prefill_program,
@@ -332,12 +337,21 @@ def forward(t: Tape, s: Shapes, batch: int, new: int, total: int, cache: _Cache 
         if s.kernel in ("math", "eager"):
             reps = [t.alloc(batch * s.heads * kv_len * dim * s.c) for dim in (s.k_dim, s.v_dim)] if s.kv_heads != s.heads else []
             scores = t.alloc(batch * s.heads * new * kv_len * s.c)
-            if s.kernel == "eager":
+            if s.kernel == "eager" and s.eager_copy:
+                # attn_weights = softmax(attn_weights, dtype=float32).to(q.dtype): the fp32 copy and the
+                # softmax beside the scores, the cast beside the softmax, then the rebinding frees the scores
+                copy = t.alloc(batch * s.heads * new * kv_len * 4)
                 probs32 = t.alloc(batch * s.heads * new * kv_len * 4)
+                t.free(copy)
+                probs = t.alloc(batch * s.heads * new * kv_len * s.c)
+                t.free(probs32, scores)
+            else:
+                if s.kernel == "eager":
+                    probs32 = t.alloc(batch * s.heads * new * kv_len * 4)
+                    t.free(scores)
+                    scores = probs32
+                probs = t.alloc(batch * s.heads * new * kv_len * s.c)
                 t.free(scores)
-                scores = probs32
-            probs = t.alloc(batch * s.heads * new * kv_len * s.c)
-            t.free(scores)
             o = t.alloc(rows * s.heads * s.v_dim * s.c)
             t.free(probs, *reps)
             if s.kernel == "eager":  # attn_output.transpose(1, 2).contiguous() copies

@@ -456,16 +456,9 @@ def run_inference(case: Case, ckpt: Path, probe: DeviceProbe, result: dict) -> N
     _cuda().reset_peak_memory_stats()
     _cuda().synchronize()
     t_generate = time.perf_counter()
-    backends = os.environ.get("CANIRUN_SDPA_BACKENDS")
-    if backends:  # a diagnosis run: only these SDPA kernels (the row records which)
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        chosen = [getattr(SDPBackend, {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH",
-                                      "cudnn": "CUDNN_ATTENTION"}[b.strip()]) for b in backends.split(",")]
-        result["sdpa_backends"] = backends
-        with sdpa_kernel(chosen):
-            generated = spec_generate(model, job, prompt, step_probe)
-    else:
+    if os.environ.get("CANIRUN_SDPA_BACKENDS"):  # a diagnosis run: only these SDPA kernels (the row says which)
+        result["sdpa_backends"] = os.environ["CANIRUN_SDPA_BACKENDS"]
+    with _sdpa_context():
         generated = spec_generate(model, job, prompt, step_probe)
     s = probe.sample("generated")
     result["generated_tokens"] = generated
@@ -483,7 +476,8 @@ def run_inference(case: Case, ckpt: Path, probe: DeviceProbe, result: dict) -> N
         result["prefill_seconds"] = round(times[0] - t_generate, 6)
         result["decode_token_seconds"] = [round(b - a, 6) for a, b in zip(times, times[1:])]
     if os.environ.get("CANIRUN_PROFILE_GENERATE"):  # after the memory figures: it allocates its own
-        result["generate_gpu"] = profile_generate(model, job, prompt)
+        with _sdpa_context():
+            result["generate_gpu"] = profile_generate(model, job, prompt)
 
 
 def profile_generate(model, job, prompt, new_tokens: int = 16) -> dict:
@@ -733,6 +727,29 @@ class Deadline:
         return row.get("status") == "error" and timeout_s < self.case_timeout_s and self.left_s() < 40.0
 
 
+SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH", "cudnn": "CUDNN_ATTENTION"}
+
+
+def _sdpa_backends(text: str) -> str:
+    names = [b.strip() for b in text.split(",") if b.strip()]
+    unknown = [b for b in names if b not in SDPA_BACKENDS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"unknown SDPA backend {', '.join(unknown) or text!r}; choose from {', '.join(SDPA_BACKENDS)}")
+    return ",".join(names)
+
+
+def _sdpa_context():
+    """The SDPA kernels a diagnosis run allows (CANIRUN_SDPA_BACKENDS), or a context that changes nothing."""
+    import contextlib
+
+    backends = os.environ.get("CANIRUN_SDPA_BACKENDS")
+    if not backends:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([getattr(SDPBackend, SDPA_BACKENDS[b]) for b in backends.split(",")])
+
+
 def add_run_arguments(parser: argparse.ArgumentParser, cases: str, out: str) -> None:
     """The options every case harness takes (this one and validation.trainer_run)."""
     parser.add_argument("--cases", default=cases, help="YAML cases file")
@@ -753,8 +770,9 @@ def add_run_arguments(parser: argparse.ArgumentParser, cases: str, out: str) -> 
     parser.add_argument("--snapshot-dir", help="also dump each case's allocator history (torch.cuda.memory snapshots) here")
     parser.add_argument("--snapshot-frames", action="store_true",
                         help="with --snapshot-dir: record each allocation's Python stack (slower; for --explain)")
-    parser.add_argument("--sdpa-backends", help="comma-separated SDPA backends to allow, e.g. flash,efficient "
-                        "(torch.nn.attention.sdpa_kernel; default: torch's own choice, cuDNN first on H100/H200)")
+    parser.add_argument("--sdpa-backends", type=_sdpa_backends,
+                        help="comma-separated SDPA backends to allow, of " + ", ".join(SDPA_BACKENDS) +
+                        " (torch.nn.attention.sdpa_kernel; default: torch's own choice, cuDNN first on H100/H200)")
     parser.add_argument("--profile-generate", action="store_true",
                         help="after each inference case, time a 16-token generate() under torch.profiler (kernel time vs wall)")
     parser.add_argument("--run-one", help=argparse.SUPPRESS)

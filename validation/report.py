@@ -19,6 +19,7 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from estimator.inventory_types import JobRefused
 from estimator import Job, estimate, inventory_from_config
 from estimator.catalog import find_entry
 from validation.peers import PEERS, peer_figures
@@ -34,6 +35,7 @@ H200_SETS = (
     ("plain loop: calibration reruns", Path(__file__).resolve().parent / "results_h200" / "h200-calibration.jsonl"),
     ("plain loop: device-total holdouts", Path(__file__).resolve().parent / "results_h200" / "h200-device.jsonl"),
     ("plain loop: device-total holdouts, round b", Path(__file__).resolve().parent / "results_h200" / "h200-device-b.jsonl"),
+    ("plain loop: device-total holdouts, round c (MoE decodes)", Path(__file__).resolve().parent / "results_h200" / "h200-device-c.jsonl"),
     ("Trainer holdouts", Path(__file__).resolve().parent / "results_trainer" / "h200-trainer.jsonl"),
     ("TRL SFTTrainer holdouts", Path(__file__).resolve().parent / "results_trainer" / "h200-sft.jsonl"),
     ("plain loop: new families, round a (issue 13)", Path(__file__).resolve().parent / "results_h200" / "h200-families.jsonl"),
@@ -132,7 +134,7 @@ def compare(row: dict) -> Comparison:
     inv = inventory_from_config(config)
     try:
         result = estimate(inv, job)
-    except ValueError as err:  # the estimator refuses the job (what PEFT refuses or cannot run)
+    except JobRefused as err:  # the estimator refuses the job (what PEFT refuses or cannot run)
         return Comparison(case=row["case"], model=row["model"], mode=job.mode.value, holdout=bool(row.get("holdout", False)),
                           status=row.get("status", "error"), measured_peak=row.get("peak_allocated_bytes"), estimated_peak=None,
                           measured_device=row.get("device_total_bytes"), estimated_device=None,
@@ -179,7 +181,7 @@ def summary_rows(comparisons: list[Comparison]) -> list[dict]:
     groups += [(mode, [c for c in comparisons if c.mode == mode]) for mode in ("inference", "full", "lora", "qlora")]
     groups += [("calibration", [c for c in comparisons if not c.holdout]), ("holdout", [c for c in comparisons if c.holdout])]
     for name, group in groups:
-        ok = [c for c in group if c.status == "ok"]
+        ok = [c for c in group if c.status == "ok" and not c.refused]
         row = {"group": name, "cases": len(ok)}
         row["peak"] = summarize([c.peak_error for c in ok])
         row["device"] = summarize([c.device_error for c in ok])
@@ -190,8 +192,8 @@ def summary_rows(comparisons: list[Comparison]) -> list[dict]:
 
 
 def render_markdown(comparisons: list[Comparison], command: str) -> str:
-    ok = [c for c in comparisons if c.status == "ok"]
-    failed = [c for c in comparisons if c.status != "ok"]
+    ok = [c for c in comparisons if c.status == "ok" and not c.refused]
+    failed = [c for c in comparisons if c.status != "ok" and not c.refused]
     lines = [
         "# Validation report",
         "",
@@ -332,7 +334,7 @@ def render_h200(sets: list[tuple[str, list[Comparison]]], command: str) -> str:
     ]
     everything = [c for _, group in sets for c in group]
     for name, group in sets + [("all", everything)]:
-        ok = [c for c in group if c.status == "ok"]
+        ok = [c for c in group if c.status == "ok" and not c.refused]
         peak, device = summarize([c.peak_error for c in ok]), summarize([c.device_error for c in ok])
         lines.append(f"| {name} | {len(ok)} | {_pct(peak[1])} / {_pct(peak[2])} | {_pct(device[1])} / {_pct(device[2])} |")
     for name, group in sets:
@@ -389,7 +391,7 @@ def write_plot(comparisons: list[Comparison], path: Path = PLOT_PATH) -> Path:
     """Estimated against measured peak allocated, ours and the peers', as a PNG (plotly + kaleido)."""
     import plotly.graph_objects as go
 
-    ok = [c for c in comparisons if c.status == "ok"]
+    ok = [c for c in comparisons if c.status == "ok" and not c.refused]
     fig = go.Figure()
     top = max(max(c.measured_device or 0, c.estimated_device) for c in ok) / GIB * 1.1
     fig.add_trace(go.Scatter(x=[0.5, top], y=[0.5, top], mode="lines", name="exact", line=dict(color="gray", dash="dot")))
@@ -477,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
         sets = h200_sets()
         Path(args.h200).write_text(render_h200(sets, "python -m validation.report"))
         for name, group in sets:
-            ok = [c for c in group if c.status == "ok"]
+            ok = [c for c in group if c.status == "ok" and not c.refused]
             p, d = summarize([c.peak_error for c in ok]), summarize([c.device_error for c in ok])
             print(f"H200 {name:34s} n={len(ok):3d}  peak median {_pct(p[1]):>6s} worst {_pct(p[2]):>6s}   device median {_pct(d[1]):>6s} worst {_pct(d[2]):>6s}")
     for row in summary_rows(comparisons):

@@ -86,18 +86,24 @@ def explain(snapshot: dict, top: int = 25) -> dict:
     """The blocks alive at the moment of peak allocated memory, grouped by the line that allocated
     them (needs a history recorded with frames: `validation.measure --snapshot-frames`). Blocks
     allocated before the recording began (the weights) are not in the history; they are the base."""
-    live: dict[int, tuple[int, str]] = {}
-    allocated = peak = 0
-    at_peak: dict[int, tuple[int, str]] = {}
-    for event in (snapshot.get("device_traces") or [[]])[0]:
-        action, address, size = event.get("action"), int(event.get("addr", 0)), int(event.get("size", 0))
-        if action == "alloc":
-            live[address] = (size, _site(event.get("frames")))
-            allocated += size
-            if allocated > peak:
-                peak, at_peak = allocated, dict(live)
-        elif action == "free_completed" and address in live:
-            allocated -= live.pop(address)[0]
+    trace = (snapshot.get("device_traces") or [[]])[0]
+
+    def walk(until: int | None):  # the live blocks after event `until`, and where the peak was
+        live: dict[int, tuple[int, dict]] = {}
+        allocated = peak = peak_at = 0
+        for i, event in enumerate(trace if until is None else trace[: until + 1]):
+            action, address, size = event.get("action"), int(event.get("addr", 0)), int(event.get("size", 0))
+            if action == "alloc":
+                live[address] = (size, event)
+                allocated += size
+                if allocated > peak:
+                    peak, peak_at = allocated, i
+            elif action == "free_completed" and address in live:
+                allocated -= live.pop(address)[0]
+        return live, peak, peak_at
+
+    _, peak, peak_at = walk(None)  # two passes, not a copy of the live set at every new peak
+    at_peak = {a: (size, _site(event.get("frames"))) for a, (size, event) in walk(peak_at)[0].items()}
     sites: dict[str, list[int]] = {}
     for size, site in at_peak.values():
         entry = sites.setdefault(site, [0, 0])

@@ -743,12 +743,14 @@ def backward_working_bytes(inv: Inventory, regime: Regime) -> float:
     return 3 * _widest(inv) * regime.compute
 
 
-def _attention_working(inv: Inventory, dtype: DType, kind: str, prompt: int) -> float:
+def _attention_working(inv: Inventory, dtype: DType, kind: str, prompt: int, bf16: bool) -> float:
+    """Per token, attention's working set in the prefill; `bf16`: the compute dtype is bf16 (not
+    fp16, whose fp32 softmax ATen fuses on CUDA without a copy), where eager's traced figure holds."""
     q = inv.num_heads * inv.head_dim
     kv = inv.num_kv_heads * (inv.kv_head_dim + inv.v_head_dim)
     projections = q + kv + 2 * q  # q, k, v, and RoPE's two temporaries (q·cos, rotate_half(q)·sin)
     scores = 0.0
-    if kind == "eager" and dtype == BF16 and inv.eager_working_per_score:
+    if kind == "eager" and bf16 and inv.eager_working_per_score:
         # the model's own eager_attention_forward at its peak, traced (inventory._eager_attention):
         # Llama's masked scores, their fp32 copy and its softmax (bf16 has no fused upcast), 10 bytes
         scores = inv.num_heads * prompt * inv.eager_working_per_score
@@ -796,7 +798,7 @@ def prefill_working_bytes(inv: Inventory, regime: Regime, sizes: Sizes) -> int:
     gqa = inv.num_kv_heads != inv.num_heads
     trace = Trace(Flow(regime), inv, prompt)
     kind = trace.kernel(dtype, False, gqa)
-    attn = _attention_working(inv, dtype, kind, prompt)
+    attn = _attention_working(inv, dtype, kind, prompt, regime.compute == BF16)
     traced = moe_forward_bytes(inv, dtype, tokens)
     if traced is not None:  # the MoE block as transformers runs it; dense layers' MLPs (if any) by the formula
         dense = _mlp_working(inv, inv.intermediate_size, dtype, quantizer) if len(inv.moe.layers) < inv.num_layers else 0

@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from estimator.dtypes import BF16, DType, block, tensor_bytes
-from estimator.inventory_types import Inventory, Linear
+from estimator.inventory_types import Inventory, JobRefused, Linear
 from estimator.regime import Regime
 
 PREQUANTIZED = DType(1.0, "prequantized")  # a checkpoint's own format: bytes come from its header
@@ -55,7 +55,7 @@ def lora_targets(inv: Inventory, regime: Regime) -> tuple[Linear, ...]:
     targets = regime.adapter.targets
     if targets == ("all-linear",):
         if inv.peft_all_linear_error:
-            raise ValueError(
+            raise JobRefused(
                 f"PEFT cannot run this job: its all-linear LoRA wraps a layer whose forward then fails "
                 f"({inv.peft_all_linear_error}); name the modules in --lora-targets, for example q_proj,k_proj,v_proj,o_proj"
             )
@@ -115,7 +115,7 @@ def param_targets(inv: Inventory, regime: Regime):
     if regime.adapter is None or regime.adapter.targets != ("all-linear",) or not inv.peft_param_targets:
         return ()
     if regime.adapter.dropout:
-        raise ValueError(
+        raise JobRefused(
             "PEFT refuses this job: lora.ParamWrapper does not work with lora_dropout != 0 (PEFT 0.21.2's all-linear "
             "adapts this model's routed experts and router as parameters); use --lora-dropout 0, or name the "
             "attention modules in --lora-targets"
