@@ -811,6 +811,14 @@ def _moe_forward(model, num_layers: int, hidden: int, moe: MoE | None, params: l
     leaves the fields 0 (the top-k formula then stands)."""
     if moe is None:
         return None
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+        rules = get_checkpoint_conversion_mapping(model.config.get_text_config().model_type) or []
+        converted = any(type(op).__name__ == "MergeModulelist" for rule in rules for op in getattr(rule, "operations", ()))
+    except Exception:  # noqa: BLE001 - an older transformers without the mapping converts nothing
+        converted = False
+    moe = dataclasses.replace(moe, converted_at_load=converted)
     stack = _layer_stack(model, num_layers)
     if stack is None:
         return moe

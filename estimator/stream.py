@@ -528,6 +528,49 @@ def _template(s: Shapes, batch: int, first: int, last: int, cached: bool, layers
     return program, runs[0][1]
 
 
+def _converts_experts(inv: Inventory, regime: Regime) -> bool:
+    """Whether from_pretrained builds the 3-D expert stacks from per-expert checkpoint tensors on the
+    GPU (transformers 5's weight conversion), unquantized: the load whose transients `load` writes."""
+    return regime.quantizer is None and inv.moe is not None and inv.moe.converted_at_load
+
+
+def load(t: Tape, inv: Inventory, nbytes: int) -> None:
+    """from_pretrained's requests for a model whose experts transformers 5.17 converts as it loads
+    (core_model_loading: per-expert checkpoint tensors materialized on the device, stacked, gate and
+    up concatenated), checked against the H200 histories of MoE decodes (tests/test_stream.py):
+    - `caching_allocator_warmup` reserves one block of every parameter's bytes and frees it, so the
+      parameters land in one cached segment;
+    - the parameters that are loaded as they are stored;
+    - per MoE layer, every expert's gate, up and down tensors, then one stack per projection (its
+      sources freed after it), then gate_up's concatenation (the two stacks freed after it). What
+      the stacks and the concatenation add beyond the warm segment stays reserved, cached.
+    The loader's threads prefetch the next layer's tensors while a layer is being stacked; that
+    overlap is not written (it reserves more on some models: Mixtral-8x22B, Qwen3-30B)."""
+    params = list(inv.params)
+    warm = t.alloc(sum(p.numel for p in params) * nbytes)
+    t.free(warm)
+    experts = [p for p in params if len(p.shape) == 3 and p.kind == "expert"]
+    for p in params:
+        if p not in experts:
+            t.alloc(p.numel * nbytes)
+    for layer in sorted({p.layer for p in experts}):
+        groups = []  # (bytes of one expert's tensor, experts, projection), gate, up and down in order
+        for p in (p for p in experts if p.layer == layer):
+            e, rows, cols = p.shape
+            if "gate_up" in p.name:
+                groups += [(rows // 2 * cols * nbytes, e, "gate"), (rows // 2 * cols * nbytes, e, "up")]
+            else:
+                groups.append((rows * cols * nbytes, e, p.name))
+        sources = {name: [t.alloc(size) for _ in range(e)] for size, e, name in groups}
+        stacks = {}
+        for size, e, name in groups:
+            stacks[name] = (t.alloc(size * e), size * e)
+            t.free(*sources[name])
+        if "gate" in stacks:
+            t.alloc(stacks["gate"][1] + stacks["up"][1])
+            t.free(stacks["gate"][0], stacks["up"][0])
+
+
 def generate_reserve(inv: Inventory, regime: Regime, sizes: Sizes, capacity_bytes: int = 1 << 50,
                      stepwise: bool = False) -> tuple[int, int]:
     """(peak reserved, peak allocated) of generate()'s dynamic requests; see `_generate_reserve`.
@@ -548,6 +591,12 @@ def _generate_reserve(inv: Inventory, regime: Regime, b: int, p: int, n: int, ca
     s = shapes_of(inv, regime)
     allocator = Allocator(capacity_bytes=capacity_bytes)
     t = Tape(allocator)
+    static = 0
+    if _converts_experts(inv, regime):
+        # the load's cached transients are where generate()'s requests land first
+        load(t, inv, regime.storage)
+        static = allocator.allocated_bytes
+        allocator.peak_allocated_bytes = static  # torch.cuda.reset_peak_memory_stats before generate()
     window = inv.sliding_window
     layers = inv.num_layers
     cached = inv.use_cache
@@ -563,7 +612,7 @@ def _generate_reserve(inv: Inventory, regime: Regime, b: int, p: int, n: int, ca
     if program is None:
         for total in range(first, last + 1):
             forward(t, s, b, 1 if cached else total, total, cache, window, carried)
-        return allocator.peak_reserved_bytes, allocator.peak_allocated_bytes
+        return allocator.peak_reserved_bytes - static, allocator.peak_allocated_bytes - static
     ops, renames = program
     slots: dict = {("copy",): carried.get("copy"), ("scores",): carried.get("scores")}
     if cached:
@@ -580,4 +629,4 @@ def _generate_reserve(inv: Inventory, regime: Regime, b: int, p: int, n: int, ca
                     free(h)
         for new, old in renames.items():
             slots[old] = slots.pop(new, None)
-    return allocator.peak_reserved_bytes, allocator.peak_allocated_bytes
+    return allocator.peak_reserved_bytes - static, allocator.peak_allocated_bytes - static

@@ -160,7 +160,7 @@ def test_the_allocator_model_replays_every_real_history(name):
     ("llama-4-scout-17b-16e-instruct-inference-bf16-b4-p1024-n64-L2-nope10", "meta-llama/Llama-4-Scout-17B-16E-Instruct",
      {"num_hidden_layers": 2, "no_rope_layers": [1, 0]}, dict(weights="bf16", batch_size=4, prompt_len=1024, new_tokens=64), 0.02),
 ])
-def test_moe_blocks_in_the_written_stream_replay_as_measured(name, repo, overrides, job, rel):
+def test_moe_blocks_in_the_written_stream_replay_as_measured(name, repo, overrides, job, rel, monkeypatch):
     """MoE decodes (first families round, measured on the H200): the MoE blocks written as their
     meta-device trace recorded them (grouped_mm in the prefill, batched_mm's gathered experts in
     the decode steps, Llama 4's dense pass) replay to the real history's reserved and allocated
@@ -173,6 +173,49 @@ def test_moe_blocks_in_the_written_stream_replay_as_measured(name, repo, overrid
     regime, sizes = regime_of(j), sizes_of(j)
     embedding = job["batch_size"] * job["prompt_len"] * inv.hidden_size * 2
     real = replay([e for e in _real(name, embedding) if e[0] != "alloc" or e[2] > SMALL_SIZE])
+    monkeypatch.setattr(stream, "_converts_experts", lambda inv, regime: False)  # generate()'s requests alone
+    stream._generate_reserve.cache_clear()
     reserved, allocated = stream.generate_reserve(inv, regime, sizes)
+    stream._generate_reserve.cache_clear()
     assert reserved == pytest.approx(real.peak_reserved_bytes, rel=rel)
     assert allocated == pytest.approx(real.peak_allocated_bytes, rel=rel)
+
+
+@pytest.mark.parametrize("name, repo, overrides, job", [
+    ("deepseek-v3-inference-bf16-b8-p512-n32-L2-dense1-noquant", "deepseek-ai/DeepSeek-V3",
+     {"num_hidden_layers": 2, "first_k_dense_replace": 1, "quantization_config": None}, dict(batch_size=8, prompt_len=512, new_tokens=32)),
+    ("qwen3-235b-a22b-inference-bf16-b4-p1024-n32-L2", "Qwen/Qwen3-235B-A22B", {"num_hidden_layers": 2},
+     dict(batch_size=4, prompt_len=1024, new_tokens=32)),
+    ("mixtral-8x7b-v0.1-inference-bf16-b4-p2048-n32-L2", "mistralai/Mixtral-8x7B-v0.1", {"num_hidden_layers": 2},
+     dict(batch_size=4, prompt_len=2048, new_tokens=32)),
+    ("deepseek-v2-lite-inference-bf16-b8-p1024-n32-L4", "deepseek-ai/DeepSeek-V2-Lite", {"num_hidden_layers": 4},
+     dict(batch_size=8, prompt_len=1024, new_tokens=32)),
+])
+def test_the_expert_conversion_at_load_then_generate_reach_the_measured_reserved_peak(name, repo, overrides, job):
+    """MoE decodes whose reserved peak is set by the load: transformers 5.17 stacks per-expert
+    checkpoint tensors into the 3-D experts as it loads, and what the stacks add beyond the warm
+    segment stays cached. The written load (stream.load) and generate() together reach the whole
+    measured history's reserved peak within 1%. (Three others stay 4-9% low, the loader's prefetch
+    of the next layer overlapping the stacking: Mixtral-8x22B, Qwen3-30B, Qwen1.5-MoE; README.)"""
+    from estimator.allocator import Allocator
+    from validation.measure import case_config
+
+    inv = inventory_from_config(case_config(repo, overrides))
+    j = Job(mode="inference", weights="bf16", **job)
+    regime, sizes = regime_of(j), sizes_of(j)
+    assert inv.moe.converted_at_load
+    with gzip.open(STREAMS / f"{name}.json.gz", "rt") as handle:
+        real = json.load(handle)["peak_reserved_bytes"]
+    static = stream.Tape(Allocator(capacity_bytes=1 << 50))
+    stream.load(static, inv, regime.storage)
+    reserved, _ = stream.generate_reserve(inv, regime, sizes)
+    assert reserved + static.allocator.allocated_bytes == pytest.approx(real, rel=0.01)
+
+
+def test_stacks_stored_in_the_checkpoint_load_without_conversion():
+    """gpt-oss and Llama 4 store their experts stacked: no conversion rule, no load transients."""
+    from validation.measure import case_config
+
+    for repo, overrides in (("openai/gpt-oss-20b", {"num_hidden_layers": 4, "quantization_config": None}),
+                            ("meta-llama/Llama-4-Scout-17B-16E-Instruct", {"num_hidden_layers": 2, "no_rope_layers": [1, 0]})):
+        assert not inventory_from_config(case_config(repo, overrides)).moe.converted_at_load
