@@ -104,12 +104,12 @@ class Shapes:
     quant: str | None  # "4bit", "int8" or None
     double_quant: bool
     kernel: str  # the attention kernel (terms/activations.attention_kernel)
-    # MoE layers' blocks as traced on the meta device (Inventory.moe): which layers, and the
-    # prefill's and the decode steps' request programs with their outputs ((), -1: not traced)
     # eager attention in bf16 whose softmax(dtype=float32) first copies the scores to fp32 (ATen's
     # softmax fuses the upcast for fp16 on CUDA only): the traced peak per score shows the copy
     # (scores 2 + copy 4 + softmax 4 bytes, Inventory.eager_working_per_score)
     eager_copy: bool = False
+    # MoE layers' blocks as traced on the meta device (Inventory.moe): which layers, and the
+    # prefill's and the decode steps' request programs with their outputs ((), -1: not traced)
     moe_layers: frozenset = frozenset()
     moe_prefill: tuple = ((), -1)
     moe_decode: tuple = ((), -1)
@@ -130,7 +130,10 @@ def shapes_of(inv: Inventory, regime: Regime) -> Shapes:
         quant = "4bit" if regime.quantizer.is_4bit else "int8"
     moe = inv.moe
     traced = moe is not None and bool(moe.prefill_program)
-    scale = c / 2  # the programs were traced in bf16
+    # the programs were traced in bf16; under fp32 compute every request is scaled, the routing's
+    # fp32 products and int64 indices too, which do not grow with the compute dtype (an
+    # over-estimate, fp32 MoE inference only)
+    scale = c / 2
     def scaled(program, output):
         return tuple((a, n, f * scale, p * scale) for a, n, f, p in program), output
     return Shapes(
@@ -551,7 +554,7 @@ def load(t: Tape, inv: Inventory, nbytes: int) -> None:
     t.free(warm)
     experts = [p for p in params if len(p.shape) == 3 and p.kind == "expert"]
     for p in params:
-        if p not in experts:
+        if not (len(p.shape) == 3 and p.kind == "expert"):
             t.alloc(p.numel * nbytes)
     for layer in sorted({p.layer for p in experts}):
         groups = []  # (bytes of one expert's tensor, experts, projection), gate, up and down in order

@@ -65,9 +65,17 @@ def test_the_tight_band_is_the_cap_the_residuals_exceed():
 
     assert 0 < calibration.TIGHT_BAND_FRACTION <= 0.05
     h100 = [(c, 85_017_493_504) for c in (report.compare(r) for r in report.load_rows())]
-    h200 = [(c, 150_109_880_320) for _, group in report.h200_sets() for c in group]
-    under = sorted(max(0.0, -c.device_error) for c, cap in h100 + h200 if c.status == "ok" and c.measured_device >= 0.2 * cap)
-    assert len(under) >= 40
-    p90 = under[int(0.9 * len(under))]
-    assert p90 == pytest.approx(0.081, abs=0.005)  # the figure calibration.yaml quotes
-    assert p90 >= calibration.TIGHT_BAND_FRACTION
+    sets = report.h200_sets()
+    # the sets measured when the band was fixed (the families rounds and round c came later)
+    then = [name for name, _ in sets if "new families" not in name and "round c" not in name]
+
+    def p90(names):
+        h200 = [(c, 150_109_880_320) for name, group in sets if name in names for c in group]
+        under = sorted(max(0.0, -c.device_error) for c, cap in h100 + h200
+                       if c.status == "ok" and c.device_error is not None and c.measured_device >= 0.2 * cap)
+        assert len(under) >= 40
+        return under[int(0.9 * len(under))]
+
+    assert p90(then) == pytest.approx(0.081, abs=0.005)  # the figure calibration.yaml quotes
+    assert p90(then) >= calibration.TIGHT_BAND_FRACTION
+    assert p90([name for name, _ in sets]) >= calibration.TIGHT_BAND_FRACTION  # with every set since, the cap still binds
