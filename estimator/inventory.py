@@ -263,6 +263,7 @@ def _build_locked(raw: dict) -> Inventory:
     buffer_bytes = int(sum(b.numel() * b.element_size() for _, b in model.named_buffers()))
     block = _block(model, num_layers, params)  # runs layer 0 (and casts the meta model to bf16)
     moe = _moe_forward(model, num_layers, hidden, _moe(text_cfg, params, num_layers), params)
+    linear = _linear_attention(model, num_layers, hidden, layer_types)
     eager = _eager_attention(model, num_layers, shapes["num_heads"], layer_types)  # last to run the meta model
     act = str(getattr(text_cfg, "hidden_act", None) or getattr(text_cfg, "activation_function", None)
               or getattr(text_cfg, "hidden_activation", "") or "")
@@ -281,6 +282,7 @@ def _build_locked(raw: dict) -> Inventory:
         **norms,
         **block,
         **eager,
+        **linear,
         layer_types=layer_types,
         sliding_window=int(sliding) if sliding else None,
         moe=moe,
@@ -800,6 +802,29 @@ def _eager_attention(model, num_layers: int, heads: int, layer_types: tuple[str,
     if per_work < 1 or per_saved < 1:  # no S x S scores in layer 0 (linear attention): nothing to read
         return none
     return {"eager_working_per_score": round(per_work, 4), "eager_saved_per_score": round(per_saved, 4)}
+
+
+def _linear_attention(model, num_layers: int, hidden: int, layer_types: tuple[str, ...]) -> dict:
+    """The first linear-attention layer's attention block (Qwen3-Next's gated delta net) run on the
+    meta device without a cache (estimator/meta_trace.py): its prefill working set per token, as
+    the reference PyTorch path transformers falls back to without flash-linear-attention writes
+    it (the chunked delta rule's chunks and their decay masks). 0 when the model has no such layer
+    or its forward does not run on meta."""
+    from estimator.meta_trace import forward_bytes
+
+    none = {"linear_attention_bytes_per_token": 0.0}
+    first = next((i for i, t in enumerate(layer_types) if t == "linear_attention"), None)
+    stack = _layer_stack(model, num_layers)
+    if first is None or stack is None:
+        return none
+    block = next((child for name, child in stack[1][first].named_children() if "linear_attn" in name), None)
+    if block is None:
+        return none
+    try:
+        traced = forward_bytes(block, hidden, tokens=(1024, 2048))  # whole chunks of the delta rule (64)
+    except Exception:  # noqa: BLE001 - a block that does not run on meta keeps the formula
+        return none
+    return {"linear_attention_bytes_per_token": round(traced.per_token, 4)}
 
 
 def _moe_forward(model, num_layers: int, hidden: int, moe: MoE | None, params: list[Param]) -> MoE | None:

@@ -163,6 +163,11 @@ class Inventory:
     # saves (inventory._eager_attention). 0 when not traced; the formula's figures then stand.
     eager_working_per_score: float = 0.0
     eager_saved_per_score: float = 0.0
+    # Linear-attention layers (Qwen3-Next's gated delta net): the first one's forward without a
+    # cache, traced on the meta device in bf16 (inventory._linear_attention): bytes per token at its
+    # peak beyond its input, as transformers' reference PyTorch path runs it (no
+    # flash-linear-attention or causal-conv1d kernels). 0 without such layers.
+    linear_attention_bytes_per_token: float = 0.0
     quantization: str | None = None
     quant_method: str | None = None  # the checkpoint's quantization_config quant_method (gptq, fp8, mxfp4…), if any
     # transformers' `_supports_sdpa` for the class AutoModelForCausalLM builds: without it, the

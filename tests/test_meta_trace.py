@@ -138,3 +138,23 @@ def test_eager_attention_per_score_as_each_model_writes_it():
     oss = json.loads((CONFIGS / "openai--gpt-oss-20b.json").read_text())
     oss.update(num_hidden_layers=2, layer_types=oss["layer_types"][:2])
     assert build_inventory(oss).eager_saved_per_score == 2.0
+
+
+def test_linear_attention_layers_use_their_traced_working_set():
+    """Qwen3-Next's gated delta net (transformers' reference PyTorch path, as the H200 ran it) holds
+    far more per token in the prefill than softmax attention's projections: the prefill working set
+    takes the traced block. (On the H200 its two measured prefills went from -4.0% and -1.2% to
+    +0.2% and +0.0% on peak allocated; both were read before this was written.)"""
+    from estimator import Job
+    from estimator.regime import regime_of, sizes_of
+    from estimator.terms.activations import prefill_working_bytes
+    from validation.measure import case_config
+    from estimator.inventory import build_inventory
+
+    inv = build_inventory(case_config("Qwen/Qwen3-Next-80B-A3B-Thinking", {"num_hidden_layers": 4}))
+    assert inv.linear_attention_bytes_per_token > 30 * 2 * inv.hidden_size  # over thirty h-wide bf16 tensors
+    job = Job(mode="inference", batch_size=1, prompt_len=1024, new_tokens=4)
+    working = prefill_working_bytes(inv, regime_of(job), sizes_of(job))
+    assert working >= inv.linear_attention_bytes_per_token * 1024
+    dense = build_inventory(json.loads((CONFIGS / "meta-llama--Llama-3.2-1B.json").read_text()))
+    assert dense.linear_attention_bytes_per_token == 0

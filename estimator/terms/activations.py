@@ -799,6 +799,8 @@ def prefill_working_bytes(inv: Inventory, regime: Regime, sizes: Sizes) -> int:
     trace = Trace(Flow(regime), inv, prompt)
     kind = trace.kernel(dtype, False, gqa)
     attn = _attention_working(inv, dtype, kind, prompt, regime.compute == BF16)
+    if inv.linear_attention_bytes_per_token:  # linear-attention layers' own block, as traced (bf16)
+        attn = max(attn, inv.linear_attention_bytes_per_token * dtype / BF16)
     traced = moe_forward_bytes(inv, dtype, tokens)
     if traced is not None:  # the MoE block as transformers runs it; dense layers' MLPs (if any) by the formula
         dense = _mlp_working(inv, inv.intermediate_size, dtype, quantizer) if len(inv.moe.layers) < inv.num_layers else 0
