@@ -447,29 +447,36 @@ def _stop_after(module):
     return module.register_forward_hook(stop)
 
 
+def _run_until(model, layer, length: int = 8, grad: bool = False) -> BaseException | None:
+    """Run the meta model on a [1, length] batch (an all-True 4-D mask, used as given) until `layer`
+    has returned; what the forward raised on the way, or None. Nothing is allocated."""
+    import torch
+
+    handle = _stop_after(layer)
+    try:
+        with torch.set_grad_enabled(grad):
+            model(input_ids=torch.zeros((1, length), dtype=torch.long, device="meta"),
+                  attention_mask=torch.ones((1, 1, length, length), dtype=torch.bool, device="meta"), use_cache=False)
+    except _StopForward:
+        return None
+    except Exception as err:  # noqa: BLE001 - the failure is the caller's answer
+        return err
+    finally:
+        handle.remove()
+    return None
+
+
 def _meta_forward_failure(model, params: list[Param], num_layers: int) -> BaseException | None:
     """Run the (PEFT-wrapped or bare) meta model in bf16 until its first MoE layer (the first with a
-    3-D parameter) has returned; what it raised on the way, or None. Nothing is allocated."""
+    3-D parameter) has returned; what it raised on the way, or None."""
     import torch
 
     moe_layer = min((p.layer for p in params if len(p.shape) == 3 and p.layer is not None), default=0)
     stack = _layer_stack(model.get_base_model() if hasattr(model, "get_base_model") else model, num_layers)
     if stack is None:
         return None
-    handle = _stop_after(stack[1][moe_layer])
-    try:
-        model.to(torch.bfloat16)
-        with torch.no_grad():
-            model(input_ids=torch.zeros((1, 8), dtype=torch.long, device="meta"),
-                  attention_mask=torch.ones((1, 1, 8, 8), dtype=torch.bool, device="meta"),  # 4-D: used as given
-                  use_cache=False)
-    except _StopForward:
-        return None
-    except Exception as err:  # noqa: BLE001 - the failure is the answer
-        return err
-    finally:
-        handle.remove()
-    return None
+    model.to(torch.bfloat16)
+    return _run_until(model, stack[1][moe_layer])
 
 
 def _peft_forward_error(model, wrapped, params: list[Param], num_layers: int) -> str | None:
@@ -680,21 +687,14 @@ def _block(model, num_layers: int, params: list[Param]) -> dict:
             continue
         handles.append(child.register_forward_pre_hook(before(name), with_kwargs=True))
         handles.append(child.register_forward_hook(after(name), with_kwargs=True))
-    handles.append(_stop_after(layer))
-    length = 8
     try:
         model.to(torch.bfloat16)  # grouped_mm (gpt-oss, MiniMax) takes bf16 only; the later meta traces run it so
-        ids = torch.zeros((1, length), dtype=torch.long, device="meta")
-        mask = torch.ones((1, 1, length, length), dtype=torch.bool, device="meta")  # 4-D: used as given
-        with torch.no_grad():
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
-    except _StopForward:
-        pass
-    except Exception:  # noqa: BLE001 - any failure of the meta forward: the names decide
-        return fallback
+        failed = _run_until(model, layer)
     finally:
         for handle in handles:
             handle.remove()
+    if failed is not None:  # any failure of the meta forward: the names decide
+        return fallback
     produced: dict[int, str] = {}  # id of an output tensor -> the kind of child that produced it
     places: list[str] = []
     attn_in = mlp_in = None
@@ -758,8 +758,6 @@ def _eager_attention(model, num_layers: int, heads: int, layer_types: tuple[str,
     sequence lengths give the S² coefficient. Llama's eager keeps an fp32 softmax and its bf16 cast;
     gpt-oss' softmax stays in bf16 (with its sink column). Zeros when it cannot be traced (the
     formula's figures then stand)."""
-    import torch
-
     from estimator.meta_trace import child_costs, quadratic
 
     none = {"eager_working_per_score": 0.0, "eager_saved_per_score": 0.0}
@@ -777,15 +775,9 @@ def _eager_attention(model, num_layers: int, heads: int, layer_types: tuple[str,
     previous = getattr(model.config, "_attn_implementation", None)
 
     def run(length: int, grad: bool) -> None:
-        stop = _stop_after(layer)
-        try:
-            with torch.set_grad_enabled(grad):
-                model(input_ids=torch.zeros((1, length), dtype=torch.long, device="meta"),
-                      attention_mask=torch.ones((1, 1, length, length), dtype=torch.bool, device="meta"), use_cache=False)
-        except _StopForward:
-            pass
-        finally:
-            stop.remove()
+        failed = _run_until(model, layer, length, grad)
+        if failed is not None:
+            raise failed
 
     try:
         model.set_attn_implementation("eager")
@@ -855,20 +847,15 @@ def _moe_forward(model, num_layers: int, hidden: int, moe: MoE | None, params: l
     if len(owners) != 1 or next(iter(owners)) not in children:
         return moe
     block = children[next(iter(owners))]  # the layer's child that holds the experts (mlp, feed_forward, block_sparse_moe…)
-    from estimator.meta_trace import forward_bytes
-
-    from estimator.meta_trace import request_program
+    from estimator.meta_trace import trace_block
 
     try:
-        traced = forward_bytes(block, hidden)
+        traced, program = trace_block(block, hidden)
     except Exception:  # noqa: BLE001 - a block that does not run on meta keeps the formula
         return moe
     moe = dataclasses.replace(moe, forward_bytes_per_token=traced.per_token, forward_fixed_bytes=traced.fixed)
-    try:
-        program, output = request_program(block, hidden)
-        moe = dataclasses.replace(moe, prefill_program=program, prefill_output=output)
-    except Exception:  # noqa: BLE001 - the written stream then keeps the dense MLP's shapes
-        pass
+    if program is not None:  # else the written stream keeps the dense MLP's shapes
+        moe = dataclasses.replace(moe, prefill_program=program[0], prefill_output=program[1])
     # generate()'s decode on a GPU: every grouped_mm becomes batched_mm (generation/utils.py,
     # _optimize_model_for_decode), traced at decode's few tokens
     implementations = model.get_experts_implementation() if hasattr(model, "get_experts_implementation") else {}
@@ -876,10 +863,10 @@ def _moe_forward(model, num_layers: int, hidden: int, moe: MoE | None, params: l
         return moe
     try:
         model.set_experts_implementation({k: "batched_mm" if v == "grouped_mm" else v for k, v in implementations.items()})
-        decode = forward_bytes(block, hidden, tokens=(4, 8))
+        decode, program = trace_block(block, hidden, tokens=(4, 8))
         moe = dataclasses.replace(moe, decode_bytes_per_token=decode.per_token, decode_fixed_bytes=decode.fixed)
-        program, output = request_program(block, hidden, tokens=(4, 8))
-        moe = dataclasses.replace(moe, decode_program=program, decode_output=output)
+        if program is not None:
+            moe = dataclasses.replace(moe, decode_program=program[0], decode_output=program[1])
     except Exception:  # noqa: BLE001 - what was not traced keeps the prefill's implementation
         pass
     finally:

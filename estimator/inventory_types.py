@@ -98,7 +98,7 @@ class MoE:
     decode_fixed_bytes: float = 0.0
     # The same block's requests in order, for generate()'s written stream (estimator/stream.py):
     # ((is_alloc, number, fixed bytes, bytes per token), ...) and the number of its output, for the
-    # prefill and for the decode steps (meta_trace.request_program). Empty when not traced.
+    # prefill and for the decode steps (meta_trace.trace_block). Empty when not traced.
     # Whether from_pretrained builds the 3-D stacks from per-expert checkpoint tensors as it loads
     # (transformers' conversion_mapping has a MergeModulelist for the model type: Mixtral, Qwen MoE,
     # DeepSeek V2/V3…), not gpt-oss or Llama 4, whose checkpoints store the stacks

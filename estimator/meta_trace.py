@@ -95,35 +95,24 @@ def _run(module, hidden: int, tokens: int, dtype):
     return mode, output
 
 
-def forward_bytes(module, hidden: int, dtype=None, tokens: tuple[int, int] = (64, 128)) -> ForwardBytes:
-    """The peak live bytes of `module(x)` for x of [1, T, hidden] on the meta device, without grad, as
-    a per-token slope and a fixed part. Raises what the forward raises."""
-    import torch
-
-    dtype = dtype or torch.bfloat16
-    small, large = tokens
-    a, b = _run(module, hidden, small, dtype)[0].peak, _run(module, hidden, large, dtype)[0].peak
-    per_token = (b - a) / (large - small)
-    return ForwardBytes(per_token=per_token, fixed=max(0.0, a - per_token * small))
-
-
-def request_program(module, hidden: int, dtype=None, tokens: tuple[int, int] = (64, 128)):
-    """The ordered allocations and frees of `module(x)` for x of [1, T, hidden] on the meta device,
-    without grad, as a program in T: ((is_alloc, number, fixed bytes, bytes per token), ...) and the
-    number of the allocation that is the block's output (alive when the program ends; every other
-    tensor it returns, such as router logits, is freed at its end). Two token counts give each
-    request's size as fixed + per-token · T; the two runs must make the same requests in the same
-    order and the block must return a tensor of its own, else this raises ValueError."""
+def trace_block(module, hidden: int, dtype=None, tokens: tuple[int, int] = (64, 128)):
+    """`module(x)` for x of [1, T, hidden] on the meta device, without grad, run at two token counts:
+    (its peak live bytes beyond the input as a per-token slope and a fixed part; its ordered
+    allocations and frees as a program in T, or None where the two runs differ in their requests or
+    the block returns no tensor of its own). The program is ((is_alloc, number, fixed bytes, bytes
+    per token), ...) with the number of the allocation that is the block's output (alive when the
+    program ends; every other tensor it returns, such as router logits, is freed at its end).
+    Raises what the forward raises."""
     import torch
 
     dtype = dtype or torch.bfloat16
     small, large = tokens
     (ma, out_a), (mb, out_b) = _run(module, hidden, small, dtype), _run(module, hidden, large, dtype)
+    slope = (mb.peak - ma.peak) / (large - small)
+    peak = ForwardBytes(per_token=slope, fixed=max(0.0, ma.peak - slope * small))
     a, b = ma.events, mb.events
-    if len(a) != len(b) or out_a != out_b or any(x[:2] != y[:2] for x, y in zip(a, b)):
-        raise ValueError("the block's requests differ between token counts")
-    if out_a < 0:
-        raise ValueError("the block returns no tensor of its own")
+    if len(a) != len(b) or out_a != out_b or out_a < 0 or any(x[:2] != y[:2] for x, y in zip(a, b)):
+        return peak, None
     program = []
     for x, y in zip(a, b):
         if x[0] == "A":
@@ -131,7 +120,13 @@ def request_program(module, hidden: int, dtype=None, tokens: tuple[int, int] = (
             program.append((True, x[1], float(x[2] - per_token * small), float(per_token)))
         else:
             program.append((False, x[1], 0.0, 0.0))
-    return tuple(program), out_a
+    return peak, (tuple(program), out_a)
+
+
+def forward_bytes(module, hidden: int, dtype=None, tokens: tuple[int, int] = (64, 128)) -> ForwardBytes:
+    """The peak live bytes of `module(x)` for x of [1, T, hidden] on the meta device, without grad, as
+    a per-token slope and a fixed part (`trace_block`'s first answer). Raises what the forward raises."""
+    return trace_block(module, hidden, dtype, tokens)[0]
 
 
 def _saved_bytes_mode(exclude: set[int]):

@@ -42,7 +42,7 @@ Gemma 2 and 3 add a norm after attention and after the MLP (`post_attention_laye
 
 Only large-pool requests (over 1 MiB) are written: the small pool's 2 MiB segments never serve
 them, and its own reserve is a few MiB. Mixture-of-experts blocks are written as the meta-device
-trace of the model's own block recorded them (`meta_trace.request_program`: grouped_mm's sorted
+trace of the model's own block recorded them (`meta_trace.trace_block`: grouped_mm's sorted
 copies in the prefill, batched_mm's gathered experts in the decode steps, Llama 4's dense pass).
 MLA layers are written with the shapes the inventory gives (an approximation: their latent
 projections are not).
