@@ -127,10 +127,11 @@ def test_equal_size_free_blocks_go_lowest_address_first():
     assert a._live[again].segment == seg_second
     rest = a.malloc(100 * MIB)
     assert a._live[rest].segment == seg_first and a.reserved_bytes == 1024 * MIB
-    # without addresses, segments sort by creation: the older one first
+    # without addresses, each new segment lies below the earlier ones (SEGMENTS_TOP_DOWN): the
+    # newer one is taken first
     b = Allocator(BIG)
     h1, h2 = b.malloc(512 * MIB), b.malloc(512 * MIB)
-    s1 = b._live[h1].segment
+    s2 = b._live[h2].segment
     b.free(h1)
     b.free(h2)
-    assert b._live[b.malloc(512 * MIB)].segment == s1
+    assert b._live[b.malloc(512 * MIB)].segment == s2
