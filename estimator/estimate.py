@@ -33,7 +33,7 @@ import enum
 import functools
 from dataclasses import dataclass, field
 
-from estimator import calibration, stream
+from estimator import calibration, stream, train_trace
 from estimator.dtypes import FP32, tensor_bytes
 from estimator.inventory import Inventory, inventory_from_config
 from estimator.job import Attention, Job, Loss
@@ -223,10 +223,14 @@ def _notes(inv: Inventory, regime: Regime, sizes: Sizes) -> tuple[str, ...]:
     return tuple(notes)
 
 
-def device_overheads(inv: Inventory, regime: Regime, sizes: Sizes, at_peak: Parts, *, replay: bool = True) -> tuple[int, int]:
-    """(allocator reserve, CUDA context and libraries) for a phase's allocated components."""
+def device_overheads(inv: Inventory, regime: Regime, sizes: Sizes, at_peak: Parts, *, replay: bool = True,
+                     traced: bool = True) -> tuple[int, int]:
+    """(allocator reserve, CUDA context and libraries) for a phase's allocated components.
+    `traced=False`: the components are not the single-GPU job's own (a strategy's per-GPU share),
+    so a traced training step does not stand for them."""
     static = at_peak[Component.WEIGHTS] + at_peak[Component.LORA_ADAPTERS] + at_peak[Component.OPTIMIZER_STATE]
-    reserve = _allocator_reserve(inv, regime, sizes, sum(at_peak.values()) - static, replay=replay)
+    allocated = sum(at_peak.values())
+    reserve = _allocator_reserve(inv, regime, sizes, allocated - static, allocated, replay=replay, traced=traced)
     context = calibration.CUDA_CONTEXT_BYTES + calibration.CUBLAS_HANDLES_BYTES
     if regime.training:
         context += calibration.AUTOGRAD_THREAD_BYTES
@@ -255,7 +259,8 @@ def _expandable_reserve(dynamic: int) -> int:
     return int(rounding + 2 * 1024**2)
 
 
-def _allocator_reserve(inv: Inventory, regime: Regime, sizes: Sizes, dynamic: int, *, replay: bool = True) -> int:
+def _allocator_reserve(inv: Inventory, regime: Regime, sizes: Sizes, dynamic: int, allocated: int, *,
+                       replay: bool = True, traced: bool = True) -> int:
     """Reserved-but-free memory at the peak (the caching allocator keeps freed blocks cached).
 
     Inference: generate()'s requests, tensor by tensor in the order the libraries make them, are
@@ -263,20 +268,32 @@ def _allocator_reserve(inv: Inventory, regime: Regime, sizes: Sizes, dynamic: in
     reserved peak less its allocated peak. That is where tensors that grow every step (the KV
     cache's torch.cat, or the whole sequence without a cache) strand their earlier segments.
 
-    Training: the loss's backward needs two fp32 N×V blocks while only the fp32 upcast's block has
-    been freed; the half-precision logits' block is too small to host the other, so it stays
-    cached and a new segment is reserved (not with a fused or chunked head, which has no N×V
-    buffers). Beyond that, freed temporaries of other sizes leave holes in proportion to the
-    memory that comes and goes (calibration.ALLOCATOR_FRAGMENTATION); the training step is not
-    replayed yet.
+    Training, where the step can be traced (estimator.train_trace: the load and SPEC's steps run
+    on fake tensors, every request replayed through the caching allocator): the device holds the
+    replay's reserved peak, so the reserve is what that adds over the phase model's peak allocated
+    (never below zero). Elsewhere (bitsandbytes' quantized linears, Liger, the Trainer's loop, MoE
+    blocks, or a strategy's per-GPU share): the loss's backward needs two fp32 N×V blocks while
+    only the fp32 upcast's block has been freed; the half-precision logits' block is too small to
+    host the other, so it stays cached and a new segment is reserved (not with a fused or chunked
+    head, which has no N×V buffers). Beyond that, freed temporaries of other sizes leave holes in
+    proportion to the memory that comes and goes (calibration.ALLOCATOR_FRAGMENTATION).
+
+    `replay=False` gives the solvers' lower bound: no replayed reserve (0), for inference and for a
+    traceable training step alike.
     """
+    if regime.training and traced and train_trace.untraced_reason(inv, regime) is None:
+        if not replay:
+            return 0
+        step = train_trace.step_reserve(inv, regime, sizes)
+        if step is not None:
+            return max(step[0] - allocated, 0)
     if regime.expandable_segments:
         return _expandable_reserve(dynamic)
     if not regime.training:
         if not replay:  # the lower bound the solvers search first
             return 0
-        reserved, allocated = stream.generate_reserve(inv, regime, sizes)
-        return max(reserved - allocated, 0)
+        reserved, peak = stream.generate_reserve(inv, regime, sizes)
+        return max(reserved - peak, 0)
     hole = 0
     if regime.compute != FP32 and not fused_loss(inv, regime):
         hole = tensor_bytes(sizes.training_tokens * inv.vocab_size, regime.compute)

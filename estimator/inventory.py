@@ -48,7 +48,7 @@ __all__ = ["Inventory", "Linear", "LinearRole", "MoE", "Param", "ParamAdapter", 
 def inventory_to_dict(inv: Inventory) -> dict:
     out = {}
     for f in dataclasses.fields(inv):
-        if not f.init:
+        if not f.init or f.name == "config_json":
             continue
         value = getattr(inv, f.name)
         if f.name == "params":
@@ -127,13 +127,14 @@ def _build_cached(canonical: str) -> Inventory:
     config = json.loads(canonical)
     prebuilt = _prebuilt().get(config_key(config))
     if prebuilt is not None:
-        return inventory_from_dict(prebuilt)
-    return _build(config)
+        return dataclasses.replace(inventory_from_dict(prebuilt), config_json=canonical)
+    return dataclasses.replace(_build(config), config_json=canonical)
 
 
 def build_inventory(config: dict) -> Inventory:
     """Always build on the meta device (no prebuilt lookup, no cache): for the prebuild script and tests."""
-    return _build(json.loads(_canonical(config)))
+    canonical = _canonical(config)
+    return dataclasses.replace(_build(json.loads(canonical)), config_json=canonical)
 
 
 def _text_config(raw: dict) -> tuple[dict, str | None]:
@@ -321,13 +322,14 @@ def _rope_scaling(text_cfg) -> str | None:
     return None
 
 
-def _meta_model(raw: dict, text_raw: dict, multimodal_type: str | None):
+def _meta_model(raw: dict, text_raw: dict, multimodal_type: str | None, **build):
     """`AutoModelForCausalLM.from_config` on the meta device, tied as from_pretrained ties it; a
     config that is no causal LM, or that transformers cannot build, is one clear error.
 
     A multimodal config is built whole where `AutoModelForCausalLM` itself builds it whole
     (transformers 5 maps gemma3 to Gemma3ForConditionalGeneration, so its vision tower is loaded
-    and takes memory), and as its language model elsewhere. Returns (model, built whole)."""
+    and takes memory), and as its language model elsewhere. Returns (model, built whole).
+    `build` goes to from_config (dtype, attn_implementation: estimator/train_trace.py)."""
     import torch
     import transformers
 
@@ -339,7 +341,7 @@ def _meta_model(raw: dict, text_raw: dict, multimodal_type: str | None):
         if full is not None and type(full) in transformers.MODEL_FOR_CAUSAL_LM_MAPPING:
             try:
                 with torch.device("meta"):
-                    model = transformers.AutoModelForCausalLM.from_config(full)
+                    model = transformers.AutoModelForCausalLM.from_config(full, **build)
                 model.tie_weights()
                 return model, True
             except Exception as err:  # noqa: BLE001
@@ -356,7 +358,7 @@ def _meta_model(raw: dict, text_raw: dict, multimodal_type: str | None):
         )
     try:
         with torch.device("meta"):
-            model = transformers.AutoModelForCausalLM.from_config(config)
+            model = transformers.AutoModelForCausalLM.from_config(config, **build)
         # from_pretrained ties the embeddings after loading; from_config on the meta device leaves
         # them as built, so tie here (named_parameters() then yields the shared tensor once).
         model.tie_weights()

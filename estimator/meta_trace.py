@@ -23,13 +23,20 @@ class ForwardBytes:
     fixed: float  # bytes at the peak that do not grow with the token count
 
 
-def _live_bytes_mode():
+def _live_bytes_mode(transients=None):
     """A dispatch mode that counts the bytes of storages created by ops while any tensor on them is
     alive (`live`, `peak`), and logs each new storage ("A", number, bytes) and its release ("F",
-    number) in order (`events`)."""
+    number) in order (`events`). `accumulations` lists the (output, first input) allocation numbers
+    of each out-of-place `add` that autograd's engine runs in a backward pass without grad mode
+    (estimator/train_trace.py: `_in_place_accumulation`). `transients(func, args, kwargs, out)`,
+    when given, names the requests a GPU kernel makes inside the op beyond its outputs, as
+    (bytes, kept) pairs logged right after the outputs: a kept one is never released (a workspace
+    the library caches), the others are released at once."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_flatten
+
+    add = torch.ops.aten.add.Tensor
 
     class LiveBytes(TorchDispatchMode):
         def __init__(self) -> None:
@@ -38,6 +45,7 @@ def _live_bytes_mode():
             self.sizes: dict[int, int] = {}
             self.keys: dict[int, int] = {}  # storage id -> its allocation's number
             self.events: list[tuple] = []
+            self.accumulations: list[tuple[int, int]] = []
             self.count = 0
             self.live = 0
             self.peak = 0
@@ -69,9 +77,37 @@ def _live_bytes_mode():
                 self.refs[key] += 1
                 weakref.finalize(t, self._release, key)
             self.peak = max(self.peak, self.live)
+            if transients is not None:
+                for size, kept in transients(func, args, kwargs, out):
+                    number = self.count
+                    self.count += 1
+                    self.events.append(("A", number, int(size)))
+                    if not kept:
+                        self.events.append(("F", number))
+            if (func is add and len(args) == 2 and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor)
+                    and not kwargs and torch._C._current_graph_task_id() != -1 and not torch.is_grad_enabled()):
+                held = args[0].untyped_storage()._cdata
+                first, made = self.keys.get(held), self.keys.get(out.untyped_storage()._cdata)
+                # the engine's in-place candidate: a dense tensor alone on its storage (a view, or a
+                # tensor whose view is alive, shares it: `storage().use_count() == 1` fails)
+                if (first is not None and made is not None and self.refs.get(held) == 1
+                        and args[0].shape == out.shape and args[0].dtype == out.dtype
+                        and _dense(args[0].shape, args[0].stride())):
+                    self.accumulations.append((made, first))
             return out
 
     return LiveBytes()
+
+
+def _dense(shape, stride) -> bool:
+    """Whether a tensor's elements fill its memory span exactly once, in some order of its dims
+    (ATen's `is_non_overlapping_and_dense`): its strides, sorted, are the running products of sizes."""
+    expected = 1
+    for size, step in sorted(((n, st) for n, st in zip(shape, stride) if n != 1), key=lambda d: d[1]):
+        if step != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _run(module, hidden: int, tokens: int, dtype):
