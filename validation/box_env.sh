@@ -12,3 +12,13 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
+
+# compact_snapshots DIR LOG: each allocator history DIR/snaps/*.pickle (torch.cuda.memory snapshots)
+# compacted to DIR/streams/*.json.gz for the replay checks on the CPU (validation/snapshot.py), then
+# the pickles removed; what it prints goes to LOG.
+compact_snapshots() {
+  if ls "$1"/snaps/*.pickle >/dev/null 2>&1; then
+    python3 -m validation.snapshot "$1"/snaps/*.pickle --out-dir "$1"/streams >> "$2" 2>&1
+    rm -rf "$1"/snaps
+  fi
+}

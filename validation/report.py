@@ -36,6 +36,7 @@ H200_SETS = (
     ("plain loop: device-total holdouts", Path(__file__).resolve().parent / "results_h200" / "h200-device.jsonl"),
     ("plain loop: device-total holdouts, round b", Path(__file__).resolve().parent / "results_h200" / "h200-device-b.jsonl"),
     ("plain loop: device-total holdouts, round c (MoE decodes)", Path(__file__).resolve().parent / "results_h200" / "h200-device-c.jsonl"),
+    ("plain loop: device-total holdouts, round d (traced training steps)", Path(__file__).resolve().parent / "results_h200" / "h200-device-d.jsonl"),
     ("Trainer holdouts", Path(__file__).resolve().parent / "results_trainer" / "h200-trainer.jsonl"),
     ("TRL SFTTrainer holdouts", Path(__file__).resolve().parent / "results_trainer" / "h200-sft.jsonl"),
     ("plain loop: new families, round a (issue 13)", Path(__file__).resolve().parent / "results_h200" / "h200-families.jsonl"),
