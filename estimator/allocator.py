@@ -26,7 +26,8 @@ side's pinned torch 2.13 has the same constants), for one stream:
 
 `Allocator.malloc(size)` returns a handle, `free(handle)` gives it back; `reserved_bytes`,
 `allocated_bytes` and their peaks are what `torch.cuda.memory_reserved()`, `memory_allocated()`
-and the max variants report. The estimator does not feed it a step's stream of tensors yet.
+and the max variants report. The estimator feeds it generate()'s written stream
+(estimator/stream.py) and a training step's traced one (estimator/train_trace.py).
 """
 
 from __future__ import annotations

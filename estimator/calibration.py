@@ -71,8 +71,10 @@ AUTOGRAD_THREAD_BYTES = _ref.autograd_thread_bytes
 BNB_INT8_KERNELS_BYTES = _ref.bnb_int8_kernels_bytes
 
 # The caching allocator reserves more than it hands out: freed blocks that later requests of other
-# sizes cannot reuse stay cached. In training, beyond the logits' block (modelled in estimate.py),
-# the holes grow with the memory that comes and goes during the step: this fraction of the peak's
-# dynamic bytes (peak allocated less weights, adapters and optimizer state). Inference replays
-# generate()'s requests instead (estimator/stream.py) and uses no constant.
+# sizes cannot reuse stay cached. In a training step that is not traced (bitsandbytes' quantized
+# linears, Liger, TRL's SFTTrainer, MoE blocks, a strategy's per-GPU share), beyond the logits'
+# block (modelled in estimate.py), the holes grow with the memory that comes and goes during the
+# step: this fraction of the peak's dynamic bytes (peak allocated less weights, adapters and
+# optimizer state). Inference replays generate()'s requests (estimator/stream.py) and a traced
+# training step its own (estimator/train_trace.py): neither uses a constant.
 ALLOCATOR_FRAGMENTATION = 0.05

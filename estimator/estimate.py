@@ -24,7 +24,9 @@ and the last decoding step, with the full cache and the append's transient copy.
 
 "weights" includes cuBLAS's workspace (calibration.CUBLAS_WORKSPACE_BYTES), which the first matmul
 allocates through the caching allocator and keeps. Device total = the allocator's reserve over the
-peak + the CUDA context and libraries + paged optimizer state.
+peak + the CUDA context and libraries + paged optimizer state. Where a training step is traced
+(estimator/train_trace.py), the reserve is what the traced step's replayed reserved peak adds over
+the phase model's peak allocated.
 """
 
 from __future__ import annotations
@@ -93,7 +95,7 @@ class Estimate:
     notes: tuple[str, ...] = field(default=())
     phase_parts: dict[str, Parts] = field(default_factory=dict, repr=False)  # allocated components per phase
     inventory: Inventory | None = field(default=None, repr=False, compare=False)
-    replayed: bool = field(default=True, repr=False)  # False: inference's allocator reserve left out (a lower bound)
+    replayed: bool = field(default=True, repr=False)  # False: the replayed allocator reserve left out (a lower bound)
 
     @functools.cached_property
     def regime(self) -> Regime:
@@ -117,8 +119,9 @@ class Estimate:
 def estimate(model: Inventory | dict, job: Job, *, replay: bool = True) -> Estimate:
     """Estimate `job` on `model` (an `Inventory`, or a config.json dict).
 
-    `replay=False` leaves inference's allocator reserve out (it is replayed, the costly part): a
-    lower bound of the device total, which the solvers use to bracket their searches."""
+    `replay=False` leaves the replayed allocator reserve out (generate()'s written stream, or a
+    traced training step: the costly part): a lower bound of the device total, which the solvers
+    use to bracket their searches."""
     inv = model if isinstance(model, Inventory) else inventory_from_config(model)
     job = attention_as_loaded(inv, job)
     regime, sizes = regime_of(job), sizes_of(job)

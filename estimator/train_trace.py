@@ -6,21 +6,23 @@ makes thousands of requests (each layer's saved tensors, autograd's gradients, t
 buffers, the optimizer's state and temporaries). Instead of writing them out by hand, this module
 runs the step itself on tensors that have no memory behind them:
 
-- the model is built from its config.json by `AutoModelForCausalLM.from_config` under
-  `torch._subclasses.fake_tensor.FakeTensorMode` (CPU fake tensors: shapes, dtypes and strides,
-  no data), PEFT's `get_peft_model` wraps it for LoRA, and gradient checkpointing is turned on as
-  the validation harness turns it on (`use_reentrant=False`);
-- SPEC's loop runs one step (the second is made from it: `_later_steps`): the forward (under bf16 autocast where the job uses it:
-  CPU autocast casts the same matmul inputs to bf16 and caches the casts of fp32 leaf weights, as
-  CUDA's does), `.loss.backward()`, `optimizer.step()`, `zero_grad(set_to_none=True)`;
+- the model is built from its config.json by `AutoModelForCausalLM.from_config` on the meta device,
+  wrapped by PEFT's `get_peft_model` for LoRA, with gradient checkpointing turned on as the
+  validation harness turns it on (`use_reentrant=False`), then moved onto fake CPU tensors
+  (`torch._subclasses.fake_tensor.FakeTensorMode`: shapes, dtypes and strides, no data);
+- SPEC's loop runs one step (the second is made from it: `_later_steps`): the forward (under bf16
+  autocast where the job uses it: CPU autocast casts the same matmul inputs to bf16 and caches the
+  casts of fp32 leaf weights, as CUDA's does), `.loss.backward()`, `optimizer.step()`,
+  `zero_grad(set_to_none=True)`; under transformers.Trainer, its micro-batches, accelerate's fp32
+  outputs and the gradient clipping (`_trainer_micro_batches`);
 - a dispatch mode (meta_trace's) sees every aten op, autograd's backward ops included, and logs
   each new storage and its release in order. Fake tensors are a tensor subclass, so a tensor that
-  autograd still holds keeps its Python object and is released only when it really dies.
+  autograd still holds keeps its Python object and is released only when it really dies;
+- a deep stack of alike layers is traced with a few of them and composed (`_composed_step`).
 
 The load comes first, as from_pretrained makes it: `caching_allocator_warmup`'s one block of every
-parameter's bytes, freed, then each parameter (estimator/stream.py: `load`). The whole history goes
-through `estimator.allocator.Allocator`; its reserved peak less its allocated peak is the step's
-allocator reserve.
+parameter's bytes, freed, then each parameter, then PEFT's adapters. The whole history goes
+through `estimator.allocator.Allocator`; its reserved peak is what the device holds.
 
 What runs on a CPU differs from the GPU's run in places, each handled here:
 - optimizers: torch's default on CUDA tensors is the foreach implementation (`_default_to_fused_or_foreach`),
@@ -28,7 +30,10 @@ What runs on a CPU differs from the GPU's run in places, each handled here:
 - the autograd engine sums two gradients for one input in place on plain tensors, never on a tensor
   subclass (`_in_place_accumulation`);
 - dropout: ATen's fused CUDA kernel (`native_dropout`: the output and a bool mask) where the CPU
-  path multiplies by a float noise tensor (`_native_dropout`);
+  path multiplies by a float noise tensor; attention dropout inside CUDA's fused SDPA kernels,
+  where the CPU falls back to the math kernel (`_fused_dropout`);
+- transformers' mask creation cannot look at fake values; SPEC's unpadded rows give no mask
+  (`_unpacked_positions`), and the few `.item()` reads the libraries make get zero (`_no_data`);
 - what CUDA kernels request inside an op, beyond its outputs (`CudaTransients`): the staging
   buffer of a reduction split across thread blocks (norm and bias gradients), the embedding
   backward's per-segment partial sums, cuDNN attention's backward workspace, and the autograd
@@ -37,11 +42,16 @@ What runs on a CPU differs from the GPU's run in places, each handled here:
   makes the state `Optimizer2State.init_state` makes (uint8 states with one fp32 absmax per 256-block
   for tensors of at least 4096 elements, fp32 states below; paged: tensors of at least 100,000
   elements in CUDA managed memory, outside the allocator) at the first step, and its update kernels
-  work in place (bitsandbytes 0.50.2, `optim/optimizer.py`);
+  work in place (bitsandbytes 0.50.2, `optim/optimizer.py`).
+
+Checked against the allocator histories of six real training steps on the H200 (SPEC's loop and the
+Trainer; tests/test_train_trace.py): each reaches the real reserved and allocated peaks within 0.1%.
 
 Not traced (the caller keeps the phase model's reserve): bitsandbytes' quantized linears (QLoRA,
-LLM.int8), Liger's Triton kernels and TRL's chunked head, flash-attention-2, the Trainer's loop,
-and models whose forward does not run on fake tensors.
+LLM.int8), Liger's Triton kernels and TRL's chunked head and SFTTrainer, flash-attention-2, MoE
+blocks, and models whose forward does not run on fake tensors. Attention with a materialized mask
+(a sliding window shorter than the sequence) is traced as the CPU's kernel runs it; which CUDA
+kernel takes a masked call, and its workspace, is not modelled.
 """
 
 from __future__ import annotations
@@ -53,7 +63,6 @@ import threading
 from functools import lru_cache
 
 from estimator import calibration
-
 from estimator.allocator import Allocator
 from estimator.inventory_types import Inventory
 from estimator.job import Attention, Loss, Mode
@@ -79,8 +88,8 @@ def untraced_reason(inv: Inventory, regime: Regime) -> str | None:
         return "Liger's kernels and TRL's chunked head are not traced"
     if regime.attn is Attention.FLASH_ATTENTION_2:
         return "flash-attention-2 is not installed here"
-    if regime.trainer or regime.sft:
-        return "the Trainer's loop is not traced yet"
+    if regime.sft:
+        return "TRL's SFTTrainer is not traced yet"
     if inv.moe is not None:
         return "MoE blocks are not traced in training yet"
     if regime.optimizer is None:
@@ -93,14 +102,16 @@ def step_reserve(inv: Inventory, regime: Regime, sizes: Sizes) -> tuple[int, int
     caching allocator, or None where the step is not traced (`untraced_reason`) or its trace fails."""
     if untraced_reason(inv, regime) is not None:
         return None
-    return _step_reserve(inv.config_json, regime, sizes.batch, sizes.seq_len)
+    accumulation = sizes.accumulation if regime.trainer else 1
+    return _step_reserve(inv.config_json, regime, sizes.batch, sizes.seq_len, accumulation)
 
 
 @lru_cache(maxsize=64)
-def _step_reserve(config_json: str, regime: Regime, batch: int, seq_len: int) -> tuple[int, int] | None:
+def _step_reserve(config_json: str, regime: Regime, batch: int, seq_len: int,
+                  accumulation: int = 1) -> tuple[int, int] | None:
     try:
         with _LOCK:
-            events, param_sizes, adapter_sizes = _trace(config_json, regime, batch, seq_len)
+            events, param_sizes, adapter_sizes = _trace(config_json, regime, batch, seq_len, accumulation)
     except Exception:  # noqa: BLE001 - a forward that does not run on fake tensors: no trace
         return None
     allocator = Allocator(capacity_bytes=1 << 50, expandable_segments=regime.expandable_segments)
@@ -122,9 +133,10 @@ def _step_reserve(config_json: str, regime: Regime, batch: int, seq_len: int) ->
 class _Bnb8bitStandIn:
     """bitsandbytes' Optimizer2State as the caching allocator sees it (see the module docstring)."""
 
-    def __init__(self, params, eight_bit: bool, paged: bool) -> None:
+    def __init__(self, params, eight_bit: bool, paged: bool, fp32: frozenset = frozenset()) -> None:
         self.params = [p for p in params]
         self.eight_bit, self.paged = eight_bit, paged
+        self.fp32 = fp32  # ids of parameters registered for 32-bit states (GlobalOptimManager)
         self.state: dict[int, list] = {}
 
     def _buffer(self, p, dtype):
@@ -140,7 +152,7 @@ class _Bnb8bitStandIn:
         for p in self.params:
             if p.grad is None or id(p) in self.state:
                 continue
-            if self.eight_bit and p.numel() >= BNB_MIN_8BIT_SIZE:
+            if self.eight_bit and p.numel() >= BNB_MIN_8BIT_SIZE and id(p) not in self.fp32:
                 blocks = math.ceil(p.numel() / BNB_OPTIMIZER_BLOCKSIZE)
                 self.state[id(p)] = [self._buffer(p, torch.uint8), self._buffer(p, torch.uint8),
                                      torch.zeros((blocks,), dtype=torch.float32),
@@ -153,11 +165,15 @@ class _Bnb8bitStandIn:
             p.grad = None
 
 
-def _optimizer(regime: Regime, params):
+def _optimizer(regime: Regime, params, embeddings: frozenset = frozenset()):
+    """The job's optimizer over `params` as it runs on CUDA tensors. Under the Trainer, bitsandbytes'
+    8-bit optimizers keep every nn.Embedding's weight (`embeddings`: their ids) in 32-bit states
+    (`Trainer.create_optimizer` registers them with GlobalOptimManager)."""
     entry = regime.optimizer
     path, kwargs = entry.factory
     if entry.uses_bitsandbytes:
-        return _Bnb8bitStandIn(params, eight_bit=entry.state_bits == 8, paged=entry.paged)
+        fp32 = embeddings if regime.trainer else frozenset()
+        return _Bnb8bitStandIn(params, eight_bit=entry.state_bits == 8, paged=entry.paged, fp32=fp32)
     kwargs = dict(kwargs)
     if path.startswith("torch.optim.") and "fused" not in kwargs:
         kwargs.setdefault("foreach", True)  # CUDA tensors' default (torch/optim/optimizer.py)
@@ -168,8 +184,8 @@ def _optimizer(regime: Regime, params):
 
 
 def _no_data():
-    """A dispatch mode that answers a fake tensor's `.item()` (`aten._local_scalar_dense`) with
-    zero of its kind, which fake tensors cannot answer. Memory does not depend on these values
+    """A dispatch mode that answers a fake tensor's `.item()` (`aten._local_scalar_dense`) that the
+    fake tensor cannot answer (it holds no data) with zero of its kind. Memory does not depend on these values
     where the libraries read them: Adafactor's learning-rate scale (`_get_lr`, `_rms`), LongRoPE's
     longest position, picking the short or the long factors of one size."""
     import torch
@@ -177,11 +193,16 @@ def _no_data():
 
     scalar = torch.ops.aten._local_scalar_dense.default
 
+    from torch._subclasses.fake_tensor import DataDependentOutputException
+
     class NoData(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if func is scalar:
-                dtype = args[0].dtype
-                return False if dtype is torch.bool else (0.0 if dtype.is_floating_point else 0)
+                try:  # a fake tensor made from a constant (an optimizer's step count) knows its value
+                    return func(*args, **(kwargs or {}))
+                except DataDependentOutputException:
+                    dtype = args[0].dtype
+                    return False if dtype is torch.bool else (0.0 if dtype.is_floating_point else 0)
             return func(*args, **(kwargs or {}))
 
     return NoData()
@@ -374,8 +395,10 @@ def _fused_dropout():
     """`F.dropout` in training as ATen runs it on a CUDA tensor: `at::native::dropout` takes the
     fused kernel (`native_dropout`: the output and a bool mask, which autograd keeps) where the
     tensor is on CUDA, and multiplies by a float noise tensor elsewhere (`_dropout_impl`).
-    `torch.nn.functional.dropout` is replaced for the trace's duration (under the trace lock): a
-    function mode would not reach the forward that gradient checkpointing reruns in the backward."""
+    Attention dropout likewise: SDPA runs as its CUDA kernels do (see `fused_attention`).
+    `torch.nn.functional.dropout` and `scaled_dot_product_attention` are replaced for the trace's
+    duration (under the trace lock): a function mode would not reach the forward that gradient
+    checkpointing reruns in the backward."""
     import torch
 
     functional = torch.nn.functional
@@ -386,11 +409,21 @@ def _fused_dropout():
             return torch.native_dropout(input, p, True)[0]
         return dropout(input, p, training, inplace)
 
+    sdpa = functional.scaled_dot_product_attention
+
+    def fused_attention(query, key, value, attn_mask=None, dropout_p=0.0, *args, **kwargs):
+        # SDPA with dropout on the CPU falls back to its math kernel (scores and masks of B·H·S²);
+        # CUDA's fused kernels apply dropout inside and keep only the RNG's seed and offset for the
+        # backward, so their memory is that of the kernel without dropout
+        return sdpa(query, key, value, attn_mask, 0.0, *args, **kwargs)
+
     functional.dropout = fused
+    functional.scaled_dot_product_attention = fused_attention
     try:
         yield
     finally:
         functional.dropout = dropout
+        functional.scaled_dot_product_attention = sdpa
 
 
 def _storages(tensors) -> list[int]:
@@ -405,20 +438,55 @@ def _storages(tensors) -> list[int]:
     return sizes
 
 
-def _trace(config_json: str, regime: Regime, batch: int, seq_len: int):
+def _trace(config_json: str, regime: Regime, batch: int, seq_len: int, accumulation: int = 1):
     """The traced steps' events (("A", number, bytes) / ("F", number), in order), the base
     parameters' bytes as loaded and then the adapters' (each storage once), for the job's model and
-    regime."""
+    regime. A stack of more than COMPOSE_ABOVE alike layers is traced with TEMPLATE_LAYERS of them
+    and composed (`_composed_step`); any other, whole."""
+    import torch
+
+    raw = json.loads(config_json)
+    layers = _alike_layers(raw)
+    composed = None
+    if layers > COMPOSE_ABOVE and accumulation == 1:
+        composed = _composed_step(raw, regime, batch, seq_len, layers)
+    if composed is not None:
+        (prefix, first), count, param_sizes, adapter_sizes = composed
+        return prefix + first + _later_steps(first, count, TRACED_STEPS - 1), param_sizes, adapter_sizes
+    model, param_sizes, adapter_sizes = _build(raw, regime)
+    with _step_context(model._trace_fake_mode) as (fake, mode):
+        start = len(mode.events)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = _optimizer(regime, params, _embedding_weights(model))
+        if regime.trainer:
+            _trainer_micro_batches(model, regime, batch, seq_len, accumulation)
+            _clip(params)
+        else:
+            ids = torch.zeros((batch, seq_len), dtype=torch.long)
+            _forward_backward(model, regime, ids)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    events = _in_place_accumulation(list(mode.events), mode.accumulations)
+    first = events[start:]
+    return events[:start] + first + _later_steps(first, mode.count, TRACED_STEPS - 1), param_sizes, adapter_sizes
+
+
+def _embedding_weights(model) -> frozenset:
+    import torch
+
+    return frozenset(id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding))
+
+
+def _build(raw: dict, regime: Regime):
+    """The job's model on fake CPU tensors (LoRA-wrapped as PEFT wraps it, gradient checkpointing on
+    as the harness turns it on), with its base parameters' and its adapters' bytes."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from estimator import inventory as inventory_module
-    from estimator.meta_trace import _live_bytes_mode
 
-    raw = json.loads(config_json)
     text_raw, multimodal = inventory_module._text_config(raw)
     dtype = getattr(torch, regime.load.torch)
-    fake = FakeTensorMode(allow_non_fake_inputs=True)  # to_empty reads the meta tensors
     with inventory_module._quiet_transformers():
         model, _ = inventory_module._meta_model(raw, text_raw, multimodal, dtype=dtype,
                                                  attn_implementation=regime.attn.value)
@@ -436,32 +504,396 @@ def _trace(config_json: str, regime: Regime, batch: int, seq_len: int):
                                                      lora_dropout=adapter.dropout, target_modules=targets,
                                                      bias="none", task_type="CAUSAL_LM"))
         adapters = [name for name, p in model.named_parameters() if id(p) not in base]
+        fake = FakeTensorMode(allow_non_fake_inputs=True)  # to_empty reads the meta tensors
         with fake:  # the meta model's tensors become fake CPU ones, uninitialized
             model.to_empty(device="cpu")
             model.get_base_model().tie_weights() if hasattr(model, "get_base_model") else model.tie_weights()
-        named = dict(model.named_parameters())
-        param_sizes = _storages(p for name, p in named.items() if name not in adapters)
-        # PEFT moves each new adapter to its base layer's device as it builds it: one request each
-        adapter_sizes = _storages(named[name] for name in adapters)
-        mode = _live_bytes_mode(transients=CudaTransients())
-        with fake, mode, _no_data(), _unpacked_positions(), _fused_dropout():
-            model.train()
-            params = [p for p in model.parameters() if p.requires_grad]
-            optimizer = _optimizer(regime, params)
+    model._trace_fake_mode = fake
+    named = dict(model.named_parameters())
+    param_sizes = _storages(p for name, p in named.items() if name not in adapters)
+    # PEFT moves each new adapter to its base layer's device as it builds it: one request each
+    adapter_sizes = _storages(named[name] for name in adapters)
+    return model, param_sizes, adapter_sizes
+
+
+@contextlib.contextmanager
+def _step_context(fake):
+    """The model's fake mode, the recording mode and the CUDA rules a step runs under."""
+    from estimator import inventory as inventory_module
+    from estimator.meta_trace import _live_bytes_mode
+
+    mode = _live_bytes_mode(transients=CudaTransients())
+    with inventory_module._quiet_transformers(), fake, mode, _no_data(), _unpacked_positions(), _fused_dropout():
+        yield fake, mode
+
+
+def _forward_backward(model, regime: Regime, ids) -> None:
+    """SPEC's forward (under bf16 autocast where the job uses it) and `loss.backward()`."""
+    import torch
+
+    model.train()
+    if regime.autocast:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+    else:
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    del loss
+
+
+def _trainer_micro_batches(model, regime: Regime, batch: int, seq_len: int, accumulation: int) -> None:
+    """transformers.Trainer's micro-batches of one optimizer step (transformers 5.17 `_run_epoch`,
+    `training_step`, `compute_loss`; accelerate 1.15 `prepare_model`): all of the step's batches
+    fetched first, each `input_ids` and `labels` [B, S] int64 on the device (`get_batch_samples`;
+    the harness's data set gives no attention mask); each micro-batch's forward with the step's
+    `num_items_in_batch`, under bf16 autocast where the job uses it, and then, as accelerate wraps
+    the forward under native mixed precision, its outputs converted to fp32 (`convert_outputs_to_fp32`:
+    the logits' fp32 copy, alive until `compute_loss` returns the loss); `loss.backward()`."""
+    import torch
+
+    batches = [(torch.zeros((batch, seq_len), dtype=torch.long), torch.zeros((batch, seq_len), dtype=torch.long))
+               for _ in range(accumulation)]
+    items = sum(labels.ne(-100).sum() for _, labels in batches)
+    model.train()
+    for ids, labels in batches:
+        if regime.autocast:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                outputs = model(input_ids=ids, labels=labels, num_items_in_batch=items)
+            outputs = _to_fp32(outputs)
+        else:
+            outputs = model(input_ids=ids, labels=labels, num_items_in_batch=items)
+        loss = outputs["loss"]
+        del outputs
+        loss.backward()
+        del loss
+    del batches
+
+
+def _to_fp32(outputs):
+    """accelerate's `convert_to_fp32` of a model's outputs: every bf16/fp16 tensor in them `.float()`."""
+    from accelerate.utils import convert_to_fp32
+
+    return convert_to_fp32(outputs)
+
+
+def _clip(params) -> None:
+    """The Trainer's `clip_grad_norm_` (max_grad_norm 1.0 by default; 0 still computes the norm):
+    per-gradient norms, their norm, the in-place scaling; small tensors only."""
+    import torch
+
+    torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+
+
+# ---- a deep stack of alike layers, from a few of them -------------------------------------------
+# A step's requests repeat layer for layer where the layers are alike: each layer's forward makes
+# the same requests, and frees what the layer before it made, the same way. So a stack of more than
+# COMPOSE_ABOVE alike layers is traced with TEMPLATE_LAYERS of them (the first, three in the middle
+# whose requests must agree, the last), and the whole stack's forward and backward are composed
+# from the middle one, its references to its neighbours carried over; the optimizer's step and
+# zero_grad are traced over the whole model's parameters (their requests go parameter by
+# parameter). tests/test_train_trace.py checks composed against whole traces.
+TEMPLATE_LAYERS = 5
+COMPOSE_ABOVE = 8
+_IGNORED_ATTRIBUTES = {"layer_idx", "layer_id", "idx", "layer_number", "training", "_is_hf_initialized"}
+
+
+def _alike_layers(raw: dict) -> int:
+    """The number of decoder layers where the config builds them alike (no per-layer list in the
+    built config, such as layer_types, that varies), else 0. The traced few are checked again
+    (`_composed_step`: their modules' settings, then their requests)."""
+    from estimator import inventory as inventory_module
+
+    text_raw, _ = inventory_module._text_config(raw)
+    num = text_raw.get("num_hidden_layers")
+    if not isinstance(num, int) or isinstance(num, bool) or num <= 0:
+        return 0
+    try:
+        with inventory_module._quiet_transformers():
+            config = inventory_module._make_config(text_raw)
+    except Exception:  # noqa: BLE001 - the whole trace will say what fails
+        return 0
+    for value in list(vars(config).values()) + list(text_raw.values()):
+        if isinstance(value, (list, tuple)) and len(value) == num and len({json.dumps(v, sort_keys=True, default=str) for v in value}) > 1:
+            return 0  # layers differ by position
+    return num
+
+
+def _alike(stack) -> bool:
+    """Whether every layer of `stack` is built alike: the same modules with the same settings but
+    their index."""
+    def signature(layer):
+        rows = []
+        for name, module in layer.named_modules():
+            settings = tuple(sorted((k, v) for k, v in vars(module).items()
+                                    if isinstance(v, (bool, int, float, str, type(None))) and k not in _IGNORED_ATTRIBUTES))
+            rows.append((name, type(module).__name__, settings))
+        return tuple(rows)
+
+    first = signature(stack[0])
+    return all(signature(layer) == first for layer in stack)
+
+
+def _truncated(raw: dict, layers: int) -> dict:
+    """The config with `layers` decoder layers (per-layer lists cut to match)."""
+    from estimator import inventory as inventory_module
+
+    raw = json.loads(json.dumps(raw))
+    text_raw, multimodal = inventory_module._text_config(raw)
+    num = text_raw["num_hidden_layers"]
+    for key, value in list(text_raw.items()):
+        if isinstance(value, list) and len(value) == num:
+            text_raw[key] = value[:layers]
+    text_raw["num_hidden_layers"] = layers
+    return raw
+
+
+def _composed_step(raw: dict, regime: Regime, batch: int, seq_len: int, layers: int):
+    """((the prefix's events, the first step's events), numbers used, the base parameters' bytes,
+    the adapters' bytes) for the model with `layers` alike layers, composed from a trace of
+    TEMPLATE_LAYERS of them; None where those layers are not alike or their requests do not repeat
+    as they must (then the caller traces the whole stack). The whole model's parameters are the
+    traced model's, its middle layer's repeated: no model of `layers` layers is built."""
+    import torch
+
+    from estimator import inventory as inventory_module
+
+    small, _, _ = _build(_truncated(raw, TEMPLATE_LAYERS), regime)
+    found = inventory_module._layer_stack(small, TEMPLATE_LAYERS)
+    if found is None or not _alike(found[1]):
+        return None
+    with _step_context(small._trace_fake_mode) as (fake, mode):
+        if not regime.trainer:
             ids = torch.zeros((batch, seq_len), dtype=torch.long)
-            start = len(mode.events)
-            if regime.autocast:
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    loss = model(input_ids=ids, labels=ids).loss
+        start = len(mode.events)
+        handles = _markers(found[1], mode.events)
+        try:
+            if regime.trainer:
+                _trainer_micro_batches(small, regime, batch, seq_len, 1)
             else:
-                loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            del loss
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            events = _in_place_accumulation(list(mode.events), mode.accumulations)
-    first = events[start:] if start <= len(events) else []
-    return events + _later_steps(first, mode.count, TRACED_STEPS - 1), param_sizes, adapter_sizes
+                _forward_backward(small, regime, ids)
+        finally:
+            for h in handles:
+                h.remove()
+        mode.events.append(("M", "end", -1))
+        grads = {mode.keys[p.grad.untyped_storage()._cdata] for p in small.parameters()
+                 if p.grad is not None and p.grad.untyped_storage()._cdata in mode.keys}
+    aliases: dict = {}
+    events = _in_place_accumulation(list(mode.events), mode.accumulations, aliases)
+    grads = {aliases.get(n, n) for n in grads}
+    prefix, step = events[:start], events[start:]
+    composed = _compose(step, grads, layers)
+    if composed is None:
+        return None
+    body, grad_numbers, used = composed
+    # the whole model's parameters, in order: the traced model's with its middle layer's repeated
+    params = _whole_parameters(small, found[0], layers)
+    embeddings = _embedding_weights(small)
+    param_sizes = [p.untyped_storage().nbytes() for p, adapter, _ in params if not adapter]
+    adapter_sizes = [p.untyped_storage().nbytes() for p, adapter, _ in params if adapter]
+    # the optimizer's step over them, their gradients in place, then zero_grad: it frees every
+    # gradient the composed backward made
+    with small._trace_fake_mode:
+        stand_ins = []
+        for p, _, original in params:
+            q = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=p.requires_grad)
+            if q.requires_grad:
+                q.grad = torch.empty_like(q)
+            stand_ins.append((q, original))
+    trainable = [q for q, _ in stand_ins if q.requires_grad]
+    fp32 = frozenset(id(q) for q, original in stand_ins if id(original) in embeddings)
+    with _step_context(small._trace_fake_mode) as (_, opt_mode):
+        optimizer = _optimizer(regime, trainable, fp32)
+        if regime.trainer:
+            _clip(trainable)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    body += [(e[0], e[1] + used) + tuple(e[2:]) for e in opt_mode.events]
+    body += [("F", n) for n in grad_numbers]
+    return (prefix, body), used + opt_mode.count, param_sizes, adapter_sizes
+
+
+def _whole_parameters(small, stack_name: str, layers: int) -> list[tuple]:
+    """(parameter, is an adapter, the traced parameter it stands for) of the whole model, in
+    `named_parameters` order (a tied weight once): the traced model's, its first and last layers as
+    the whole model's, its middle layer standing for every layer between."""
+    k = TEMPLATE_LAYERS
+    head = f"{stack_name}."
+    before, after, per_layer = [], [], {i: [] for i in range(k)}
+    seen_layers = False
+    for name, p in small.named_parameters():
+        adapter = "lora_" in name
+        if name.startswith(head):
+            index = int(name[len(head):].split(".", 1)[0])
+            per_layer[index].append((p, adapter, p))
+            seen_layers = True
+        else:
+            (after if seen_layers else before).append((p, adapter, p))
+    middle = [per_layer[2]] * (layers - 2)
+    return before + per_layer[0] + [row for rows in middle for row in rows] + per_layer[k - 1] + after
+
+
+def _markers(stack, events: list) -> list:
+    """Hooks that mark in `events` where each layer's forward starts (("M", "F", i)) and where its
+    backward starts (("M", "B", i): the gradient of its output is ready), and where layer 0's
+    backward ends (("M", "E", 0): the gradient of its input is ready, when it has one). Hooks on
+    modules and tensors add no requests. Forwards that gradient checkpointing reruns in the backward
+    are not marked (they belong to the layer's backward)."""
+    import torch
+
+    handles = []
+
+    def pre(i):
+        def hook(module, args, kwargs):
+            if torch._C._current_graph_task_id() != -1:
+                return
+            events.append(("M", "F", i))
+            x = args[0] if args else kwargs.get("hidden_states")
+            if i == 0 and isinstance(x, torch.Tensor) and x.requires_grad:
+                x.register_hook(lambda g: events.append(("M", "E", 0)))
+        return hook
+
+    def post(i):
+        def hook(module, args, kwargs, out):
+            if torch._C._current_graph_task_id() != -1:
+                return
+            events.append(("M", "f", i))
+            y = out[0] if isinstance(out, (tuple, list)) else out
+            if isinstance(y, torch.Tensor) and y.requires_grad:
+                y.register_hook(lambda g: events.append(("M", "B", i)))
+        return hook
+
+    for i, layer in enumerate(stack):
+        handles.append(layer.register_forward_pre_hook(pre(i), with_kwargs=True))
+        handles.append(layer.register_forward_hook(post(i), with_kwargs=True))
+    return handles
+
+
+def _compose(step: list[tuple], grads: set[int], layers: int):
+    """The forward and backward of `layers` alike layers from those of TEMPLATE_LAYERS (markers in
+    `step`): (events, the numbers of the gradients' allocations, numbers used), or None where the
+    middle layers' requests differ or a reference cannot be carried over."""
+    k = TEMPLATE_LAYERS
+    # cut the step into blocks: P, F0..F(k-1), M, B(k-1)..B0, E
+    blocks: list[tuple[tuple, list]] = [(("P",), [])]
+    for e in step:
+        if e[0] == "M":
+            kind, i = e[1], e[2]
+            if kind == "F":
+                blocks.append((("F", i), []))
+            elif kind == "f" and i == k - 1:
+                blocks.append((("M",), []))
+            elif kind == "B":
+                blocks.append((("B", i), []))
+            elif kind == "E" or kind == "end":
+                if blocks[-1][0] != ("E",):
+                    blocks.append((("E",), []))
+            continue
+        blocks[-1][1].append(e)
+    names = [b[0] for b in blocks]
+    expected = [("P",)] + [("F", i) for i in range(k)] + [("M",)] + [("B", i) for i in reversed(range(k))] + [("E",)]
+    if names != expected:
+        return None
+    role: dict[int, tuple] = {}  # allocation number -> (block, ordinal)
+    for name, events in blocks:
+        ordinal = 0
+        for e in events:
+            if e[0] == "A":
+                role[e[1]] = (name, ordinal)
+                ordinal += 1
+
+    def relative(name, events):
+        """The block's events with layer references relative to its own layer."""
+        me = name[1] if len(name) == 2 else None
+        out = []
+        for e in events:
+            if e[0] == "A":
+                out.append(("A", e[2], e[1] in grads))
+                continue
+            target = role.get(e[1])
+            if target is None:  # made before the step (the input ids…): a fixed reference
+                out.append(("F", "outside", e[1]))
+                continue
+            (tname, ordinal) = target
+            if len(tname) == 2 and me is not None:
+                out.append(("F", tname[0], tname[1] - me, ordinal))
+            elif len(tname) == 2:
+                out.append(("F", tname[0], "abs", tname[1], ordinal))
+            else:
+                out.append(("F", tname[0], ordinal))
+        return out
+
+    rel = {name: relative(name, events) for name, events in blocks}
+    for kind in ("F", "B"):
+        if not (rel[(kind, 1)] == rel[(kind, 2)] == rel[(kind, 3)]):
+            return None
+        if any(r[0] == "F" and len(r) != 4 for r in rel[(kind, 2)]):
+            return None  # a middle layer frees what is not a layer's: it would be freed once per layer
+    last = layers - 1
+
+    def traced_of(i):  # the traced layer whose blocks composed layer i copies
+        return 0 if i == 0 else (k - 1 if i == last else 2)
+
+    def composed_of(traced: int, near: str) -> int:
+        """The composed layer a reference to traced layer `traced` lands on, counted from the stack's
+        start (`near="start"`) or its end."""
+        if traced == 0:
+            return 0
+        if traced == k - 1:
+            return last
+        return traced if near == "start" else last - (k - 1 - traced)
+
+    order = [(("P",), None)] + [(("F", traced_of(i)), i) for i in range(layers)] + [(("M",), None)] + \
+        [(("B", traced_of(i)), i) for i in reversed(range(layers))] + [(("E",), None)]
+    numbers: dict[tuple, int] = {}  # (block kind, composed layer or None, ordinal) -> number
+    counter = 0
+    out: list[tuple] = []
+    grad_numbers: list[int] = []
+    for src, i in order:
+        ordinal = 0
+        for e, r in zip(blocks[names.index(src)][1], rel[src]):
+            if e[0] == "A":
+                numbers[(src[0], i, ordinal)] = counter
+                if r[2]:
+                    grad_numbers.append(counter)
+                out.append(("A", counter, e[2]))
+                counter += 1
+                ordinal += 1
+                continue
+            if r[1] == "outside":
+                out.append(("F", -1 - r[2]))  # made before the step: not this stream's to free
+                continue
+            if len(r) == 4:  # from a layer block to a layer block, `delta` layers away
+                _, tkind, delta, tord = r
+                traced = traced_of(i) + delta
+                if traced_of(i) == 2:
+                    target = i + delta  # a middle layer's neighbours (delta is -1, 0 or +1)
+                else:
+                    target = composed_of(traced, "start" if i == 0 else "end")
+                key = (tkind, target, tord)
+            elif len(r) == 5:  # from a non-layer block to a traced layer
+                _, tkind, _, traced, tord = r
+                if traced == 2:
+                    # what a non-layer block frees of the template layer it frees of every middle
+                    # layer (autocast's cache of weight casts, emptied as autocast exits): one free
+                    # each, the first and last middle layers coming from traced layers 1 and 3
+                    targets = range(2, last - 1)
+                elif traced in (1, k - 2):
+                    targets = [1 if traced == 1 else last - 1]
+                else:
+                    targets = [composed_of(traced, "start")]
+                for target in targets:
+                    number = numbers.get((tkind, target, tord))
+                    if number is None:
+                        return None
+                    out.append(("F", number))
+                continue
+            else:  # to a non-layer block
+                key = (r[1], None, r[2])
+            number = numbers.get(key)
+            if number is None:
+                return None
+            out.append(("F", number))
+    return out, grad_numbers, counter
 
 
 def _later_steps(step: list[tuple], numbered: int, count: int) -> list[tuple]:
@@ -478,7 +910,7 @@ def _later_steps(step: list[tuple], numbered: int, count: int) -> list[tuple]:
     return out
 
 
-def _in_place_accumulation(events: list[tuple], accumulations: list[tuple[int, int]]) -> list[tuple]:
+def _in_place_accumulation(events: list[tuple], accumulations: list[tuple[int, int]], aliases: dict | None = None) -> list[tuple]:
     """The events as CUDA tensors make them where autograd's engine sums two gradients for one input.
 
     `InputBuffer::accumulate` (torch/csrc/autograd/input_buffer.cpp) adds the arriving gradient into
@@ -494,18 +926,27 @@ def _in_place_accumulation(events: list[tuple], accumulations: list[tuple[int, i
     drop: set[int] = set()
     for made, first in accumulations:
         i = position.get(made)
-        if i is None or i + 1 >= len(events) or events[i + 1] != ("F", first):
+        if i is None:
             continue
-        drop |= {i, i + 1}
+        j = i + 1
+        while j < len(events) and events[j][0] == "M":  # the layer markers of a composed trace
+            j += 1
+        if j >= len(events) or events[j] != ("F", first):
+            continue
+        drop |= {i, j}
         alias[made] = first
+    def resolve(number):
+        while number in alias:
+            number = alias[number]
+        return number
+
     out = []
     for i, event in enumerate(events):
         if i in drop:
             continue
         if event[0] == "F" and event[1] in alias:
-            target = event[1]
-            while target in alias:
-                target = alias[target]
-            event = ("F", target)
+            event = ("F", resolve(event[1]))
         out.append(event)
+    if aliases is not None:  # the caller's numbers of sums, resolved to the gradient that holds them
+        aliases.update({n: resolve(n) for n in alias})
     return out

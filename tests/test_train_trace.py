@@ -1,0 +1,182 @@
+"""Training's traced request stream (estimator.train_trace) against allocator histories measured on
+the H200, and its parts: the CUDA rules, composing a deep stack from a few layers, the later steps.
+
+validation/results_h200/streams/ holds the allocator histories of four plain-loop training steps
+(torch.cuda.memory._record_memory_history, compacted by validation.snapshot). The trace runs the
+same job on fake tensors; replayed through the allocator model, it must reach the real reserved
+and allocated peaks. No GPU is needed: the histories are committed.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from estimator import Job, estimate
+from estimator.allocator import Allocator
+from estimator.catalog import find_entry
+from estimator.inventory import inventory_from_config
+from estimator.regime import regime_of, sizes_of
+from estimator import train_trace as tt
+from validation.cases import load_cases
+
+ROOT = Path(__file__).resolve().parents[1]
+STREAMS = ROOT / "validation" / "results_h200" / "streams"
+MIB = 1024**2
+
+
+def _case(case_id: str):
+    if "-trainer-" in case_id:  # transformers.Trainer's cases, as the report estimates them
+        from validation.trainer_cases import estimator_job, load_trainer_cases
+
+        for case in load_trainer_cases(ROOT / "validation" / "cases_trainer.yaml"):
+            if case.id == case_id:
+                return SimpleNamespace(model=case.model, job=Job.from_dict(dict(estimator_job(case), trainer=True)))
+        raise KeyError(case_id)
+    for path in sorted((ROOT / "validation").glob("cases*.yaml")):
+        try:
+            cases = load_cases(path)
+        except Exception:  # noqa: BLE001 - other harnesses' case files
+            continue
+        for case in cases:
+            if case.id == case_id:
+                return case
+    raise KeyError(case_id)
+
+
+def _replay(events, params, adapters, expandable=False):
+    a = Allocator(capacity_bytes=1 << 50, expandable_segments=expandable)
+    a.free(a.malloc(sum(params)))
+    for size in params + adapters:
+        a.malloc(size)
+    handles = {}
+    for e in events:
+        if e[0] == "A":
+            handles[e[1]] = a.malloc(e[2]) if e[2] > 0 else None
+        elif e[0] == "F":
+            h = handles.pop(e[1], None)
+            if h is not None:
+                a.free(h)
+    return a
+
+
+# The six training histories: SPEC's loop (full fine-tuning under amp with gradient checkpointing,
+# bf16 with paged 8-bit AdamW, LoRA r64, Gemma 3's multimodal model with 8-bit AdamW) and the
+# Trainer's (SGD without clipping under amp, Adafactor in bf16).
+HISTORIES = (
+    "qwen2.5-0.5b-full-amp_bf16-b16-s2048-adamw_fused-gc",
+    "llama-3.2-3b-full-bf16-b2-s2048-paged_adamw_8bit-gc",
+    "llama-3.2-3b-lora-b8-s4096-r64-gc",
+    "gemma-3-4b-it-full-amp_bf16-b1-s512-adamw_8bit",
+    "qwen2.5-0.5b-trainer-full-amp_bf16-b4-g1-s1024-sgd-clip0",
+    "qwen2.5-0.5b-trainer-full-bf16-b4-g1-s1024-adafactor",
+)
+
+
+@pytest.mark.parametrize("name", HISTORIES)
+def test_traced_step_reaches_the_real_peaks(name):
+    case = _case(name)
+    with gzip.open(STREAMS / f"{name}.json.gz", "rt") as handle:
+        real = json.load(handle)
+    inv = inventory_from_config(find_entry(case.model).config())
+    regime = regime_of(case.job)
+    assert tt.untraced_reason(inv, regime) is None
+    reserved, allocated = tt.step_reserve(inv, regime, sizes_of(case.job))
+    assert reserved == pytest.approx(real["peak_reserved_bytes"], rel=0.002)
+    assert allocated == pytest.approx(real["peak_allocated_bytes"], rel=0.002)
+    # and the estimate's device total is that reserved peak plus the context
+    e = estimate(inv, case.job)
+    assert e.device_total_bytes - e.breakdown["cuda_context"] - e.breakdown["paged_optimizer_state"] == max(reserved, e.peak_allocated_bytes)
+
+
+@pytest.mark.parametrize("model,job", [
+    ("Qwen/Qwen2.5-0.5B", Job(mode="full", batch_size=4, seq_len=1024, gradient_checkpointing=True)),
+    ("meta-llama/Llama-3.2-1B", Job(mode="full", precision="amp_bf16", batch_size=2, seq_len=1024, optimizer="adamw")),
+    ("meta-llama/Llama-3.2-1B", Job(mode="lora", batch_size=4, seq_len=1024)),
+])
+def test_composed_stack_equals_the_whole_trace(model, job, monkeypatch):
+    """A deep stack composed from TEMPLATE_LAYERS traced layers makes the requests the whole stack makes."""
+    inv = inventory_from_config(find_entry(model).config())
+    regime = regime_of(job)
+    monkeypatch.setattr(tt, "COMPOSE_ABOVE", 10**9)
+    whole = tt._trace(inv.config_json, regime, job.batch_size, job.seq_len)
+    monkeypatch.setattr(tt, "COMPOSE_ABOVE", 8)
+    composed = tt._trace(inv.config_json, regime, job.batch_size, job.seq_len)
+    count = lambda events: sum(1 for e in events if e[0] == "A")  # noqa: E731
+    assert count(composed[0]) == count(whole[0])
+    a, b = _replay(*whole), _replay(*composed)
+    assert (a.peak_reserved_bytes, a.peak_allocated_bytes) == (b.peak_reserved_bytes, b.peak_allocated_bytes)
+
+
+def test_reduction_staging_matches_the_histories():
+    """Reduce.cuh's split reductions: the staging buffers the histories show, for the norm and
+    bias gradients of three models (sums over every token of [B, S, width])."""
+    contiguous = lambda b, s, w: ((b, s, w), (s * w, w, 1))  # noqa: E731
+    assert tt.reduce_staging_bytes(*contiguous(2, 2048, 3072), (0, 1)) == 100_663_296  # Llama-3.2-3B norms
+    assert tt.reduce_staging_bytes(*contiguous(16, 2048, 896), (0, 1)) == 138_543_104  # Qwen2.5-0.5B norms, q bias
+    assert tt.reduce_staging_bytes(*contiguous(16, 2048, 128), (0, 1)) == 33_554_432  # its k and v biases
+    # Gemma 3's q_norm weight: [1, 512, 8, 256] summed over all but the last dim
+    assert tt.reduce_staging_bytes((1, 512, 8, 256), (512 * 8 * 256, 8 * 256, 256, 1), (0, 1, 2)) == 8 * MIB
+    # a reduction along the fastest dim (RMSNorm's variance) stays in one block
+    assert tt.reduce_staging_bytes(*contiguous(2, 2048, 3072), (2,)) == 0
+
+
+def test_cudnn_backward_workspace_matches_the_histories():
+    """B·H·S·(8·D + 4) + 256 bytes: the workspace each history shows between dq, dk, dv and their release."""
+    per_d, fixed = tt.CUDNN_SDPA_BACKWARD_BYTES_PER_ROW
+    size = lambda b, h, s, d: b * h * s * (per_d * d + fixed) + tt.CUDNN_SDPA_BACKWARD_FIXED_BYTES  # noqa: E731
+    assert size(16, 14, 2048, 64) == 236_716_288  # Qwen2.5-0.5B
+    assert size(2, 24, 2048, 128) == 101_056_768  # Llama-3.2-3B
+    assert size(8, 24, 4096, 128) == 808_452_352  # Llama-3.2-3B LoRA
+    assert size(1, 8, 512, 256) == 8_405_248  # Gemma-3-4B
+
+
+def test_in_place_accumulation_undoes_the_subclass_copy():
+    """The engine's out-of-place sum of a buffered gradient that dies right after becomes in place;
+    one whose buffered gradient lives on (a view, another holder) stays a new tensor."""
+    events = [("A", 0, 100), ("A", 1, 100), ("A", 2, 100), ("F", 0), ("F", 1), ("A", 3, 50), ("F", 2)]
+    out = tt._in_place_accumulation(events, [(2, 0)])
+    assert out == [("A", 0, 100), ("A", 1, 100), ("F", 1), ("A", 3, 50), ("F", 0)]
+    kept = [("A", 0, 100), ("A", 1, 100), ("A", 2, 100), ("F", 1), ("F", 0), ("F", 2)]
+    assert tt._in_place_accumulation(kept, [(2, 0)]) == kept  # the buffered one was not released next
+
+
+def test_later_steps_drop_what_the_first_made_for_good():
+    first = [("A", 0, 10), ("A", 1, 20), ("F", 0), ("A", 2, 30)]  # 1 and 2 live on (optimizer state)
+    assert tt._later_steps(first, 3, 1) == [("A", 3, 10), ("F", 3)]
+    assert tt._later_steps(first, 3, 2) == [("A", 3, 10), ("F", 3), ("A", 6, 10), ("F", 6)]
+
+
+def test_untraced_jobs_name_why():
+    inv = inventory_from_config(find_entry("meta-llama/Llama-3.2-1B").config())
+    assert "bitsandbytes" in tt.untraced_reason(inv, regime_of(Job(mode="qlora")))
+    assert "TRL" in tt.untraced_reason(inv, regime_of(Job(mode="lora", sft=True)))
+    assert tt.untraced_reason(inv, regime_of(Job(mode="lora", trainer=True))) is None
+    assert tt.untraced_reason(inv, regime_of(Job(mode="inference"))) == "not a training job"
+    assert tt.untraced_reason(inv, regime_of(Job(mode="full"))) is None
+    moe = inventory_from_config(find_entry("mistralai/Mixtral-8x7B-v0.1").config())
+    assert "MoE" in tt.untraced_reason(moe, regime_of(Job(mode="lora")))
+
+
+def test_expandable_segments_replay_one_mapping_per_pool():
+    """Under expandable segments the traced step is replayed with one growing mapping per pool."""
+    inv = inventory_from_config(find_entry("Qwen/Qwen2.5-0.5B").config())
+    job = Job(mode="full", batch_size=2, seq_len=512, expandable_segments=True)
+    events, params, adapters = tt._trace(inv.config_json, regime_of(job), job.batch_size, job.seq_len)
+    a = _replay(events, params, adapters, expandable=True)
+    assert len(a._segments) == 2
+    assert tt.step_reserve(inv, regime_of(job), sizes_of(job)) == (a.peak_reserved_bytes, a.peak_allocated_bytes)
+
+
+def test_solver_bound_leaves_the_traced_reserve_out():
+    """replay=False is the solvers' lower bound: no traced reserve, never above the full estimate."""
+    inv = inventory_from_config(find_entry("Qwen/Qwen2.5-0.5B").config())
+    job = Job(mode="lora", batch_size=4, seq_len=1024)
+    bound, full = estimate(inv, job, replay=False), estimate(inv, job)
+    assert bound.breakdown["allocator_reserve"] == 0
+    assert bound.device_total_bytes <= full.device_total_bytes
+    assert full.breakdown["allocator_reserve"] > 0
