@@ -352,7 +352,9 @@ def show_grid(model, job, gpu, strategy) -> None:
     others = sorted({c.fit.strategy.value for c in cells if c.mode != job.mode.value})
     st.caption(
         f"With your batch, lengths and LoRA settings; ▶ is your job (with {strategy.value}), other modes use {', '.join(others)}. "
-        "✗ no GPU: this GPU cannot run it (no bf16, no bitsandbytes); ✗ >64: no count fits."
+        "✗ no GPU: this GPU cannot run it (no bf16, no bitsandbytes); ✗ >64: no count fits. "
+        "Training cells other than ▶ size the allocator reserve by its formula, not a traced step "
+        "(as do the plot, the largest sizes and the suggestions: a traced step takes about a second)."
     )
 
 
@@ -459,7 +461,7 @@ def estimate_page(pool: list, stage) -> None:
                         f"({gpu.memory_source.value}); less its own reservation ({measured}) where that is known")
     show_speed(model, job, gpu, fit)
     st.plotly_chart(breakdown_chart(result, fit), key="breakdown_chart", config={"displayModeBar": False})
-    st.plotly_chart(present.memory_plot(lambda j: S.cached_estimate(model, j), job, fit.capacity_bytes, gpu.name),
+    st.plotly_chart(present.memory_plot(S.overview_of(model, job), job, fit.capacity_bytes, gpu.name),
                     key="memory_plot", config={"displayModeBar": False})
 
     notes = list(model.notes) + list(result.notes) + [n for n in fit.notes if n != MULTI_GPU_NOTE]

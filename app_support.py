@@ -104,6 +104,20 @@ def cached_estimate(model: Model, job: Job) -> Estimate:
 
 
 @functools.lru_cache(maxsize=4096)
+def cached_overview(model: Model, job: Job) -> Estimate:
+    """The estimate with a training step's reserve by the formula rather than its trace (about a
+    second per job): for the figures around the headline (the grid, the plot, the solvers, the
+    suggestions), which need many jobs. The headline and the which-GPUs list trace their job."""
+    return estimate(model.inventory, job, trace=False)
+
+
+def overview_of(model: Model, job: Job):
+    """Estimates for the figures around `job`'s headline: `job` itself as the headline has it,
+    every other job from `cached_overview`."""
+    return lambda j: cached_estimate(model, j) if j == job else cached_overview(model, j)
+
+
+@functools.lru_cache(maxsize=4096)
 def cached_lower_bound(model: Model, job: Job) -> Estimate:
     """The estimate without inference's replayed allocator reserve: the solvers' cheap bound."""
     return estimate(model.inventory, job, replay=False)
@@ -113,6 +127,12 @@ def cached_lower_bound(model: Model, job: Job) -> Estimate:
 def fit_job(model: Model, job: Job, gpu, strategy: Strategy | None = None, num_gpus: int | None = None) -> Fit:
     """`estimator.fit.fit` on the cached estimate (cached too: a rerun that changes nothing recomputes nothing)."""
     return fitting.fit(cached_estimate(model, job), gpu, strategy or fitting.default_strategy(job), num_gpus)
+
+
+@functools.lru_cache(maxsize=4096)
+def fit_overview(model: Model, job: Job, gpu, strategy: Strategy | None = None) -> Fit:
+    """`fit` on the overview estimate (`cached_overview`): the grid's cells other than the job's own."""
+    return fitting.fit(cached_overview(model, job), gpu, strategy or fitting.default_strategy(job))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -165,14 +185,16 @@ def suggestions(model: Model, job: Job, gpu_name: str) -> tuple:
     """`estimator.suggest.suggest` for this model on one GPU, with the app's cached estimates."""
     from estimator.suggest import suggest
 
-    return tuple(suggest(cached_estimate(model, job), gpu_db.find_gpu(gpu_name), lambda j: cached_estimate(model, j)))
+    return tuple(suggest(cached_estimate(model, job), gpu_db.find_gpu(gpu_name), overview_of(model, job)))
 
 
 @functools.lru_cache(maxsize=512)
 def largest_fitting(model: Model, job: Job, field_name: str, gpu_name: str, strategy: Strategy, num_gpus: int) -> Limit:
-    """`estimator.limits.largest_fitting` for this model, with the app's cached estimates."""
-    return limits.largest_fitting(lambda j: cached_estimate(model, j), job, field_name, gpu_db.find_gpu(gpu_name), strategy, num_gpus,
-                                  lower_bound_of=lambda j: cached_lower_bound(model, j))
+    """`estimator.limits.largest_fitting` for this model, with the app's cached overview estimates."""
+    # on the overview's estimates: a training job's reserve by the formula, as the page says (a
+    # search on traced steps would take a second per size it tries)
+    return limits.largest_fitting(overview_of(model, job), job, field_name, gpu_db.find_gpu(gpu_name), strategy,
+                                  num_gpus, lower_bound_of=lambda j: cached_lower_bound(model, j))
 
 
 # -------------------------------------------------------------------------------------------------
@@ -219,7 +241,9 @@ def grid(model: Model, job: Job, gpu, strategy: Strategy | None) -> list[GridCel
         for column, changes in columns.items():
             cell_job = job.with_(mode=Mode(mode), **changes)
             cell_strategy = strategy if Mode(mode) is job.mode and strategy is not None else None
-            cells.append(GridCell(mode, column, cell_job, fit_job(model, cell_job, gpu, cell_strategy)))
+            fit = fit_job(model, cell_job, gpu, cell_strategy) if cell_job == job else \
+                fit_overview(model, cell_job, gpu, cell_strategy)
+            cells.append(GridCell(mode, column, cell_job, fit))
     return cells
 
 

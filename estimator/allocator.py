@@ -21,8 +21,9 @@ side's pinned torch 2.13 has the same constants), for one stream:
   if that fails too, the request is out of memory.
 - With expandable segments, each pool is one mapping that grows by whole pages (20 MiB for the
   large pool, 2 MiB for the small) when no free block fits, extending a free block at its end
-  where there is one; every split is kept, as the rest always stays usable; on an out-of-memory
-  retry the free pages at the end are unmapped.
+  where there is one; every split is kept, as the rest always stays usable; the free block that
+  ends the mapping serves a request only when no other free block fits (`get_free_block` ranks it
+  by the size it could grow to); on an out-of-memory retry the free pages at the end are unmapped.
 
 `Allocator.malloc(size)` returns a handle, `free(handle)` gives it back; `reserved_bytes`,
 `allocated_bytes` and their peaks are what `torch.cuda.memory_reserved()`, `memory_allocated()`
@@ -129,6 +130,12 @@ class Allocator:
                 return None  # an oversize block never serves a smaller request
             if size >= self.max_split_size and b.size >= size + LARGE_BUFFER:
                 return None
+        elif b.next is None and i + 1 < len(pool):
+            # get_free_block ranks a free block that ends the mapping by the size it could grow
+            # to (`expandable_size`: its own and the unmapped space after it), so the next larger
+            # free block is taken instead and the tail is kept for growth
+            i += 1
+            b = pool[i][4]
         del pool[i]
         return b
 

@@ -96,6 +96,7 @@ class Estimate:
     phase_parts: dict[str, Parts] = field(default_factory=dict, repr=False)  # allocated components per phase
     inventory: Inventory | None = field(default=None, repr=False, compare=False)
     replayed: bool = field(default=True, repr=False)  # False: the replayed allocator reserve left out (a lower bound)
+    traced: bool = field(default=True, repr=False)  # False: a training step's reserve by the formula, not its trace
 
     @functools.cached_property
     def regime(self) -> Regime:
@@ -116,12 +117,14 @@ class Estimate:
         }
 
 
-def estimate(model: Inventory | dict, job: Job, *, replay: bool = True) -> Estimate:
+def estimate(model: Inventory | dict, job: Job, *, replay: bool = True, trace: bool = True) -> Estimate:
     """Estimate `job` on `model` (an `Inventory`, or a config.json dict).
 
     `replay=False` leaves the replayed allocator reserve out (generate()'s written stream, or a
     traced training step: the costly part): a lower bound of the device total, which the solvers
-    use to bracket their searches."""
+    use to bracket their searches. `trace=False` sizes a training step's reserve by the formula
+    (the logits' hole and a measured fraction) instead of tracing the step (estimator.train_trace,
+    about a second per job): the app's overview figures use it, its headline does not."""
     inv = model if isinstance(model, Inventory) else inventory_from_config(model)
     job = attention_as_loaded(inv, job)
     regime, sizes = regime_of(job), sizes_of(job)
@@ -134,7 +137,7 @@ def estimate(model: Inventory | dict, job: Job, *, replay: bool = True) -> Estim
         phases, paged = _inference_phases(inv, regime, sizes, base), 0
     peak_phase = max(phases, key=lambda name: sum(phases[name].values()))
     at_peak = phases[peak_phase]
-    reserve, context = device_overheads(inv, regime, sizes, at_peak, replay=replay)
+    reserve, context = device_overheads(inv, regime, sizes, at_peak, replay=replay, traced=trace)
     breakdown = {c: 0 for c in Component}
     breakdown.update(at_peak)
     breakdown.update({Component.CUDA_CONTEXT: context, Component.ALLOCATOR_RESERVE: reserve,
@@ -152,6 +155,7 @@ def estimate(model: Inventory | dict, job: Job, *, replay: bool = True) -> Estim
         phase_parts={name: dict(row) for name, row in phases.items()},
         inventory=inv,
         replayed=replay,
+        traced=trace,
     )
 
 
@@ -256,8 +260,13 @@ EXPANDABLE_PAGE_BYTES = 20 * 1024**2  # CUDACachingAllocator.cpp: kLargeBuffer, 
 def _expandable_reserve(dynamic: int) -> int:
     """Reserved-but-free memory with expandable segments: one mapping per stream and pool that grows
     by whole pages, in which freed blocks coalesce with their neighbours and any later request can
-    reuse them, so blocks of other sizes leave no stranded segments. What stays is the last page of
-    the large pool's mapping, partly used, and a 2 MiB page of the small pool (requests up to 1 MiB)."""
+    reuse them. Holes a request cannot fit do stay mapped while memory is plentiful (a replay of
+    the step shows them), but when mapping a new page fails, the out-of-memory retry unmaps every
+    whole free page, the holes' included (CUDACachingAllocator.cpp: `release_cached_blocks` →
+    `unmap_block`), and maps what the request needs: what decides whether the step runs is its
+    allocated peak in whole pages. What stays is the last page of the large pool's mapping, partly
+    used, and a 2 MiB page of the small pool (requests up to 1 MiB). (A traced step's replay under
+    expandable segments reaches its boundary 6–14% early on the three measured edge searches.)"""
     rounding = -dynamic % EXPANDABLE_PAGE_BYTES if dynamic > 0 else 0
     return int(rounding + 2 * 1024**2)
 
@@ -284,14 +293,14 @@ def _allocator_reserve(inv: Inventory, regime: Regime, sizes: Sizes, dynamic: in
     `replay=False` gives the solvers' lower bound: no replayed reserve (0), for inference and for a
     traceable training step alike.
     """
+    if regime.expandable_segments:
+        return _expandable_reserve(dynamic)
     if regime.training and traced and train_trace.untraced_reason(inv, regime) is None:
         if not replay:
             return 0
         step = train_trace.step_reserve(inv, regime, sizes)
         if step is not None:
             return max(step[0] - allocated, 0)
-    if regime.expandable_segments:
-        return _expandable_reserve(dynamic)
     if not regime.training:
         if not replay:  # the lower bound the solvers search first
             return 0

@@ -148,7 +148,7 @@ class Fit:
 def _finish(result: Estimate, n: int, phases: list[Parts], paged: int) -> PerGPU:
     worst = max(phases, key=lambda row: sum(row.values()))
     # the single-GPU job's own peak: a traced training step stands for it, not for a strategy's share
-    own = n == 1 and worst == result.phase_parts.get(result.peak_phase)
+    own = result.traced and n == 1 and worst == result.phase_parts.get(result.peak_phase)
     reserve, context = device_overheads(result.inventory, result.regime, sizes_of(result.job), worst,
                                         replay=result.replayed, traced=own)
     breakdown = {c: 0 for c in Component}

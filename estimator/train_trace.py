@@ -391,7 +391,7 @@ class CudaTransients:
 
 
 @contextlib.contextmanager
-def _fused_dropout():
+def _fused_dropout(keep_attention_dropout: bool = False):
     """`F.dropout` in training as ATen runs it on a CUDA tensor: `at::native::dropout` takes the
     fused kernel (`native_dropout`: the output and a bool mask, which autograd keeps) where the
     tensor is on CUDA, and multiplies by a float noise tensor elsewhere (`_dropout_impl`).
@@ -414,8 +414,9 @@ def _fused_dropout():
     def fused_attention(query, key, value, attn_mask=None, dropout_p=0.0, *args, **kwargs):
         # SDPA with dropout on the CPU falls back to its math kernel (scores and masks of B·H·S²);
         # CUDA's fused kernels apply dropout inside and keep only the RNG's seed and offset for the
-        # backward, so their memory is that of the kernel without dropout
-        return sdpa(query, key, value, attn_mask, 0.0, *args, **kwargs)
+        # backward, so their memory is that of the kernel without dropout (where CUDA runs the
+        # math kernel too, its dropout stays)
+        return sdpa(query, key, value, attn_mask, dropout_p if keep_attention_dropout else 0.0, *args, **kwargs)
 
     functional.dropout = fused
     functional.scaled_dot_product_attention = fused_attention
@@ -454,7 +455,7 @@ def _trace(config_json: str, regime: Regime, batch: int, seq_len: int, accumulat
         (prefix, first), count, param_sizes, adapter_sizes = composed
         return prefix + first + _later_steps(first, count, TRACED_STEPS - 1), param_sizes, adapter_sizes
     model, param_sizes, adapter_sizes = _build(raw, regime)
-    with _step_context(model._trace_fake_mode) as (fake, mode):
+    with _step_context(model._trace_fake_mode, _math_attention(model, regime)) as (fake, mode):
         start = len(mode.events)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = _optimizer(regime, params, _embedding_weights(model))
@@ -487,7 +488,8 @@ def _build(raw: dict, regime: Regime):
 
     text_raw, multimodal = inventory_module._text_config(raw)
     dtype = getattr(torch, regime.load.torch)
-    with inventory_module._quiet_transformers():
+    # the inventory's lock too: transformers' model building is not meant to run concurrently
+    with inventory_module._BUILD_LOCK, inventory_module._quiet_transformers():
         model, _ = inventory_module._meta_model(raw, text_raw, multimodal, dtype=dtype,
                                                  attn_implementation=regime.attn.value)
         model.config.use_cache = False
@@ -517,14 +519,38 @@ def _build(raw: dict, regime: Regime):
 
 
 @contextlib.contextmanager
-def _step_context(fake):
-    """The model's fake mode, the recording mode and the CUDA rules a step runs under."""
+def _step_context(fake, math_attention: bool = False):
+    """The model's fake mode, the recording mode and the CUDA rules a step runs under.
+    `math_attention`: SDPA runs its math kernel, as CUDA's does for this job (`_math_attention`)."""
+    import torch.nn.attention
+
     from estimator import inventory as inventory_module
     from estimator.meta_trace import _live_bytes_mode
 
     mode = _live_bytes_mode(transients=CudaTransients())
-    with inventory_module._quiet_transformers(), fake, mode, _no_data(), _unpacked_positions(), _fused_dropout():
+    kernel = contextlib.nullcontext()
+    if math_attention:
+        kernel = torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH)
+    with inventory_module._quiet_transformers(), fake, mode, _no_data(), _unpacked_positions(), \
+            _fused_dropout(keep_attention_dropout=math_attention), kernel:
         yield fake, mode
+
+
+def _math_attention(model, regime: Regime) -> bool:
+    """Whether SDPA takes its math kernel on CUDA for this job (terms/activations.attention_kernel):
+    fp32 compute with grouped keys, where the fused kernels take no `enable_gqa`. The CPU's flash
+    kernel would run it in O(S) memory; the math kernel materializes the scores."""
+    from estimator.dtypes import BF16, FP32
+    from estimator.terms.activations import attention_kernel
+
+    if regime.attn is not Attention.SDPA:
+        return False
+    cfg = model.config.get_text_config()
+    heads = getattr(cfg, "num_attention_heads", 0) or 0
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or (cfg.hidden_size // heads if heads else 0)
+    dtype = FP32 if regime.compute == FP32 else BF16
+    return attention_kernel(regime.attn, dtype, head_dim, False, kv_heads != heads) == "math"
 
 
 def _forward_backward(model, regime: Regime, ids) -> None:
@@ -661,7 +687,7 @@ def _composed_step(raw: dict, regime: Regime, batch: int, seq_len: int, layers: 
     found = inventory_module._layer_stack(small, TEMPLATE_LAYERS)
     if found is None or not _alike(found[1]):
         return None
-    with _step_context(small._trace_fake_mode) as (fake, mode):
+    with _step_context(small._trace_fake_mode, _math_attention(small, regime)) as (fake, mode):
         if not regime.trainer:
             ids = torch.zeros((batch, seq_len), dtype=torch.long)
         start = len(mode.events)
@@ -824,14 +850,23 @@ def _compose(step: list[tuple], grads: set[int], layers: int):
 
     rel = {name: relative(name, events) for name, events in blocks}
     for kind in ("F", "B"):
-        if not (rel[(kind, 1)] == rel[(kind, 2)] == rel[(kind, 3)]):
+        # the template (traced layer 2) must make the requests its neighbour on the far side makes
+        # (traced layer 3), its references to the layers around it included; traced layer 1 may
+        # differ (it frees what layer 0, unlike the others, made) and stands only for layer 1
+        if rel[(kind, 2)] != rel[(kind, 3)]:
             return None
         if any(r[0] == "F" and len(r) != 4 for r in rel[(kind, 2)]):
             return None  # a middle layer frees what is not a layer's: it would be freed once per layer
     last = layers - 1
+    if layers < k + 1:
+        return None
 
     def traced_of(i):  # the traced layer whose blocks composed layer i copies
-        return 0 if i == 0 else (k - 1 if i == last else 2)
+        if i <= 1:
+            return i
+        if i >= last - 1:
+            return k - 1 - (last - i)
+        return 2
 
     def composed_of(traced: int, near: str) -> int:
         """The composed layer a reference to traced layer `traced` lands on, counted from the stack's
@@ -868,7 +903,7 @@ def _compose(step: list[tuple], grads: set[int], layers: int):
                 if traced_of(i) == 2:
                     target = i + delta  # a middle layer's neighbours (delta is -1, 0 or +1)
                 else:
-                    target = composed_of(traced, "start" if i == 0 else "end")
+                    target = composed_of(traced, "start" if i <= 1 else "end")
                 key = (tkind, target, tord)
             elif len(r) == 5:  # from a non-layer block to a traced layer
                 _, tkind, _, traced, tord = r

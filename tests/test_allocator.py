@@ -94,6 +94,20 @@ def test_expandable_segments_grow_one_mapping_whose_free_blocks_merge():
     assert expandable.reserved_bytes == 200 * MIB  # one mapping of ten 20 MiB pages, its free space merged
 
 
+def test_expandable_segments_keep_the_growable_tail_for_last():
+    """get_free_block ranks the free block that ends the mapping by what it could grow to: a request
+    that both it and a hole fit goes to the hole, and the tail still serves the next one."""
+    a = Allocator(BIG, expandable_segments=True)
+    hole = a.malloc(12 * MIB)  # [0, 12) of a 20 MiB page; the tail [12, 20) is free
+    a.malloc(9 * MIB)  # the tail is too small: one more page; [12, 21) taken, [21, 40) free
+    a.malloc(14 * MIB)  # [21, 35); the tail [35, 40) is 5 MiB
+    a.free(hole)  # free: the 12 MiB hole and the 5 MiB tail
+    small = a.malloc(4 * MIB)  # best fit by size is the tail; it goes to the hole instead
+    assert a._live[small].offset == 0
+    a.malloc(5 * MIB)  # and the tail serves this one without a new page
+    assert a.reserved_bytes == 40 * MIB
+
+
 def test_expandable_segments_map_whole_pages_and_unmap_them_on_a_retry():
     a = Allocator(60 * MIB, expandable_segments=True)
     a.malloc(21 * MIB)  # two 20 MiB pages; 19 MiB free at the tail

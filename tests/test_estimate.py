@@ -143,12 +143,12 @@ def test_prequantized_inference_weights_match_the_safetensors_header(folder):
 
 
 def test_expandable_segments_reserve_only_page_rounding():
-    """With expandable segments freed blocks coalesce in one growing mapping: where the step is not
-    replayed, the reserve left is the last 20 MiB page's unused part and a 2 MiB small-pool page,
-    never the default's holes. (A traced training step is replayed under expandable segments
-    instead: tests/test_train_trace.py.)"""
+    """With expandable segments freed blocks coalesce in one growing mapping, and the out-of-memory
+    retry unmaps every free page: the reserve that decides a fit is the last 20 MiB page's unused
+    part and a 2 MiB small-pool page, never the default's holes, traced training steps included."""
     inv = inv_of("meta-llama/Llama-3.2-1B")
-    for job in (Job(mode="qlora", batch_size=4), Job(mode="inference", batch_size=16, weights="nf4")):
+    for job in (Job(mode="full"), Job(mode="lora", batch_size=4), Job(mode="qlora", batch_size=4),
+                Job(mode="inference", batch_size=16, weights="nf4")):
         default = estimate(inv, job)
         expandable = estimate(inv, job.with_(expandable_segments=True))
         assert expandable.peak_allocated_bytes == default.peak_allocated_bytes

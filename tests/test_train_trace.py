@@ -97,6 +97,8 @@ def test_traced_step_reaches_the_real_peaks(name):
     ("Qwen/Qwen2.5-0.5B", Job(mode="full", batch_size=4, seq_len=1024, gradient_checkpointing=True)),
     ("meta-llama/Llama-3.2-1B", Job(mode="full", precision="amp_bf16", batch_size=2, seq_len=1024, optimizer="adamw")),
     ("meta-llama/Llama-3.2-1B", Job(mode="lora", batch_size=4, seq_len=1024)),
+    # an fp16 base under bf16 autocast: layer 1 frees what layer 0 made differently from the rest
+    ("meta-llama/Llama-3.1-8B", Job(mode="lora", base_dtype="fp16", batch_size=1, seq_len=1024)),
 ])
 def test_composed_stack_equals_the_whole_trace(model, job, monkeypatch):
     """A deep stack composed from TEMPLATE_LAYERS traced layers makes the requests the whole stack makes."""
