@@ -107,7 +107,10 @@ def cached_estimate(model: Model, job: Job) -> Estimate:
 def cached_overview(model: Model, job: Job) -> Estimate:
     """The estimate with a training step's reserve by the formula rather than its trace (about a
     second per job): for the figures around the headline (the grid, the plot, the solvers, the
-    suggestions), which need many jobs. The headline and the which-GPUs list trace their job."""
+    suggestions), which need many jobs. The headline and the which-GPUs list trace their job.
+    An inference job has no trace: its estimate is the cached one."""
+    if job.mode is Mode.INFERENCE:
+        return cached_estimate(model, job)
     return estimate(model.inventory, job, trace=False)
 
 
@@ -119,7 +122,8 @@ def overview_of(model: Model, job: Job):
 
 @functools.lru_cache(maxsize=4096)
 def cached_lower_bound(model: Model, job: Job) -> Estimate:
-    """The estimate without inference's replayed allocator reserve: the solvers' cheap bound."""
+    """The estimate without the replayed allocator reserve (inference's stream, a traced training
+    step's): the solvers' cheap bound."""
     return estimate(model.inventory, job, replay=False)
 
 

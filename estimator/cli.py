@@ -268,11 +268,14 @@ def main(argv: list[str] | None = None) -> int:
                 if args.suggest:
                     from estimator.suggest import suggest
 
-                    suggestions = suggest(result, gpu, lambda j: estimate(source.config, j))
+                    # the variants with training's reserve by the formula (a traced step is about
+                    # a second each), as the app's suggestions are
+                    suggestions = suggest(result, gpu, lambda j: result if j == job else estimate(source.config, j, trace=False))
                 if args.plot:
                     from estimator.present import memory_plot, write_plot_html
 
-                    figure = memory_plot(lambda j: estimate(source.config, j), job, fit.capacity_bytes, gpu.name)
+                    figure = memory_plot(lambda j: result if j == job else estimate(source.config, j, trace=False),
+                                         job, fit.capacity_bytes, gpu.name)
                     try:
                         write_plot_html(figure, args.plot)
                     except OSError as err:

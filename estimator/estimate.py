@@ -151,7 +151,7 @@ def estimate(model: Inventory | dict, job: Job, *, replay: bool = True, trace: b
         peak_phase=peak_phase,
         breakdown=breakdown,
         phases={name: sum(row.values()) for name, row in phases.items()},
-        notes=tuple(inv.notes) + _notes(inv, regime, sizes),
+        notes=tuple(inv.notes) + _notes(inv, regime, sizes) + _trace_notes(inv, regime, sizes, replay and trace),
         phase_parts={name: dict(row) for name, row in phases.items()},
         inventory=inv,
         replayed=replay,
@@ -202,6 +202,17 @@ def _mxfp4_notes(inv: Inventory, regime: Regime) -> list[str]:
             f"warns and dequantizes the experts to bf16 on load: {there_gib:.1f} GiB (--mxfp4 dequantized)"]
 
 
+def _trace_notes(inv: Inventory, regime: Regime, sizes: Sizes, traced: bool) -> tuple[str, ...]:
+    """Where a traceable training step's trace failed (its result is cached: device_overheads ran it)."""
+    if not traced or not regime.training or regime.expandable_segments:
+        return ()
+    failure = train_trace.trace_failure(inv, regime, sizes)
+    if not failure:
+        return ()
+    return (f"the training step could not be traced on fake tensors ({failure}); its allocator reserve is the "
+            "formula's (the logits' hole and a measured fraction), not a replay",)
+
+
 def _notes(inv: Inventory, regime: Regime, sizes: Sizes) -> tuple[str, ...]:
     """What in this answer would surprise, said where it applies."""
     notes = _mxfp4_notes(inv, regime)
@@ -233,8 +244,8 @@ def _notes(inv: Inventory, regime: Regime, sizes: Sizes) -> tuple[str, ...]:
 def device_overheads(inv: Inventory, regime: Regime, sizes: Sizes, at_peak: Parts, *, replay: bool = True,
                      traced: bool = True) -> tuple[int, int]:
     """(allocator reserve, CUDA context and libraries) for a phase's allocated components.
-    `traced=False`: the components are not the single-GPU job's own (a strategy's per-GPU share),
-    so a traced training step does not stand for them."""
+    `traced=False`: no traced training step stands for them (a strategy's per-GPU share, or an
+    estimate made with `trace=False`), so training's reserve is the formula's."""
     static = at_peak[Component.WEIGHTS] + at_peak[Component.LORA_ADAPTERS] + at_peak[Component.OPTIMIZER_STATE]
     allocated = sum(at_peak.values())
     reserve = _allocator_reserve(inv, regime, sizes, allocated - static, allocated, replay=replay, traced=traced)
@@ -280,18 +291,21 @@ def _allocator_reserve(inv: Inventory, regime: Regime, sizes: Sizes, dynamic: in
     reserved peak less its allocated peak. That is where tensors that grow every step (the KV
     cache's torch.cat, or the whole sequence without a cache) strand their earlier segments.
 
-    Training, where the step can be traced (estimator.train_trace: the load and SPEC's steps run
-    on fake tensors, every request replayed through the caching allocator): the device holds the
-    replay's reserved peak, so the reserve is what that adds over the phase model's peak allocated
-    (never below zero). Elsewhere (bitsandbytes' quantized linears, Liger, the Trainer's loop, MoE
-    blocks, or a strategy's per-GPU share): the loss's backward needs two fp32 N×V blocks while
+    Training, where the step can be traced (estimator.train_trace: the load and SPEC's steps, or
+    the Trainer's, run on fake tensors, every request replayed through the caching allocator): the
+    device holds the replay's reserved peak, so the reserve is what that adds over the phase
+    model's peak allocated (never below zero). Elsewhere (bitsandbytes' quantized linears, Liger,
+    TRL's SFTTrainer, MoE blocks, a strategy's per-GPU share, `trace=False`, a trace that failed):
+    the loss's backward needs two fp32 N×V blocks while
     only the fp32 upcast's block has been freed; the half-precision logits' block is too small to
     host the other, so it stays cached and a new segment is reserved (not with a fused or chunked
     head, which has no N×V buffers). Beyond that, freed temporaries of other sizes leave holes in
     proportion to the memory that comes and goes (calibration.ALLOCATOR_FRAGMENTATION).
 
     `replay=False` gives the solvers' lower bound: no replayed reserve (0), for inference and for a
-    traceable training step alike.
+    traceable training step alike (a bound of the estimate with the same `traced`).
+    With expandable segments the reserve is page rounding whether or not the step could be traced
+    (see `_expandable_reserve`).
     """
     if regime.expandable_segments:
         return _expandable_reserve(dynamic)

@@ -177,8 +177,9 @@ class Inventory:
     text_only_of: str | None = None  # set when a multimodal config was sized by its text model
     notes: tuple[str, ...] = field(default=())
     # The config.json this inventory was built from, canonical (sorted keys): what a traced training
-    # step rebuilds the model from (estimator/train_trace.py). Not stored in the prebuilt file.
-    config_json: str = field(default="", repr=False)
+    # step rebuilds the model from (estimator/train_trace.py, whose cache is keyed by it). Not stored
+    # in the prebuilt file, and not part of equality: inventories of one shape compare equal.
+    config_json: str = field(default="", repr=False, compare=False)
     # Values derived from this inventory and hashable inputs (a regime, sizes): see `derived`.
     _derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 

@@ -22,7 +22,10 @@ runs the step itself on tensors that have no memory behind them:
 
 The load comes first, as from_pretrained makes it: `caching_allocator_warmup`'s one block of every
 parameter's bytes, freed, then each parameter, then PEFT's adapters. The whole history goes
-through `estimator.allocator.Allocator`; its reserved peak is what the device holds.
+through `estimator.allocator.Allocator` under PyTorch's default configuration; its reserved peak
+is what the device holds (with expandable segments estimate.py sizes the reserve by whole pages:
+the out-of-memory retry unmaps every free page). fp16 autocast (`amp_fp16`) is traced as bf16's,
+whose tensors have the same sizes; GradScaler's few scalars are not.
 
 What runs on a CPU differs from the GPU's run in places, each handled here:
 - optimizers: torch's default on CUDA tensors is the foreach implementation (`_default_to_fused_or_foreach`),
@@ -84,12 +87,12 @@ def untraced_reason(inv: Inventory, regime: Regime) -> str | None:
         return "the inventory has no config to rebuild the model from"
     if regime.quantizer is not None:
         return "bitsandbytes' quantized linears have no fake-tensor path"
+    if regime.sft:
+        return "TRL's SFTTrainer is not traced yet"
     if regime.liger_kernels or regime.loss is not Loss.STANDARD:
         return "Liger's kernels and TRL's chunked head are not traced"
     if regime.attn is Attention.FLASH_ATTENTION_2:
         return "flash-attention-2 is not installed here"
-    if regime.sft:
-        return "TRL's SFTTrainer is not traced yet"
     if inv.moe is not None:
         return "MoE blocks are not traced in training yet"
     if regime.optimizer is None:
@@ -99,35 +102,56 @@ def untraced_reason(inv: Inventory, regime: Regime) -> str | None:
 
 def step_reserve(inv: Inventory, regime: Regime, sizes: Sizes) -> tuple[int, int] | None:
     """(peak reserved, peak allocated) of the load and the traced steps replayed through the
-    caching allocator, or None where the step is not traced (`untraced_reason`) or its trace fails."""
+    caching allocator (PyTorch's default configuration: estimate.py sizes expandable segments by
+    their pages), or None where the step is not traced (`untraced_reason`) or its trace fails
+    (`trace_failure` says why)."""
     if untraced_reason(inv, regime) is not None:
         return None
-    accumulation = sizes.accumulation if regime.trainer else 1
-    return _step_reserve(inv.config_json, regime, sizes.batch, sizes.seq_len, accumulation)
+    result = _step_reserve(inv.config_json, regime, sizes.batch, sizes.seq_len, sizes.accumulation)
+    return None if isinstance(result, str) else result
+
+
+def trace_failure(inv: Inventory, regime: Regime, sizes: Sizes) -> str | None:
+    """Why a traceable job's trace failed (the exception, in a line), or None."""
+    if untraced_reason(inv, regime) is not None:
+        return None
+    result = _step_reserve(inv.config_json, regime, sizes.batch, sizes.seq_len, sizes.accumulation)
+    return result if isinstance(result, str) else None
 
 
 @lru_cache(maxsize=64)
-def _step_reserve(config_json: str, regime: Regime, batch: int, seq_len: int,
-                  accumulation: int = 1) -> tuple[int, int] | None:
+def _step_reserve(config_json: str, regime: Regime, batch: int, seq_len: int, accumulation: int = 1):
+    """(peak reserved, peak allocated), or the failure as one line."""
+    from estimator import inventory as inventory_module
+
     try:
-        with _LOCK:
+        # the trace changes process-wide state (logging and warning filters, three library
+        # functions it stands in for, SDPA's backend flags): no other trace or model build meanwhile
+        with _LOCK, inventory_module._BUILD_LOCK:
             events, param_sizes, adapter_sizes = _trace(config_json, regime, batch, seq_len, accumulation)
-    except Exception:  # noqa: BLE001 - a forward that does not run on fake tensors: no trace
-        return None
-    allocator = Allocator(capacity_bytes=1 << 50, expandable_segments=regime.expandable_segments)
-    warm = allocator.malloc(sum(param_sizes))  # caching_allocator_warmup
-    allocator.free(warm)
+    except Exception as err:  # noqa: BLE001 - a forward that does not run on fake tensors: no trace
+        return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
+    allocator = replay(events, param_sizes, adapter_sizes)
+    return allocator.peak_reserved_bytes, allocator.peak_allocated_bytes
+
+
+def replay(events: list[tuple], param_sizes: list[int], adapter_sizes: list[int],
+           capacity_bytes: int = 1 << 50) -> Allocator:
+    """The load (caching_allocator_warmup's one block, freed, then each parameter and adapter) and
+    the traced events through the caching allocator; returns it after the last event."""
+    allocator = Allocator(capacity_bytes=capacity_bytes)
+    allocator.free(allocator.malloc(sum(param_sizes)))  # caching_allocator_warmup
     for size in param_sizes + adapter_sizes:
         allocator.malloc(size)
     handles: dict[int, int | None] = {}
     for event in events:
         if event[0] == "A":
             handles[event[1]] = allocator.malloc(event[2]) if event[2] > 0 else None
-        else:
+        elif event[0] == "F":
             h = handles.pop(event[1], None)
             if h is not None:
                 allocator.free(h)
-    return allocator.peak_reserved_bytes, allocator.peak_allocated_bytes
+    return allocator
 
 
 class _Bnb8bitStandIn:
@@ -251,13 +275,13 @@ def _last_pow2(n: int) -> int:
 
 
 def reduce_staging_bytes(shape, stride, dims, out_elements_per_vec: int = 4, element_size: int = 4,
-                         input_bytes: int = 2, sms: int = SM_COUNT) -> int:
+                         sms: int = SM_COUNT) -> int:
     """The global-memory staging buffer ATen's CUDA reduction allocates when it splits each output's
     inputs across thread blocks (aten/src/ATen/native/cuda/Reduce.cuh: `setReduceConfig`,
     `ReduceConfig::global_memory_size`; read from the pinned CPU torch 2.13's headers, whose
     reduction config the box's 2.11 shares), for a reduction of a tensor of `shape` and `stride`
     (elements) over `dims`. `element_size` is the accumulator's (float for half, bfloat16 and float
-    inputs), `input_bytes` the input's element size. 0 when the reduction stays inside one block."""
+    inputs). 0 when the reduction stays inside one block."""
     ndim = len(shape)
     dims = {d % ndim for d in dims} if ndim else set()
     # TensorIterator: reduced dims first, each group by the input's strides (fastest first), then
@@ -362,8 +386,7 @@ class CudaTransients:
             x = args[0]
             dims = args[1] if len(args) > 1 and args[1] is not None else list(range(x.dim()))
             if x.dtype in (torch.float16, torch.bfloat16, torch.float32):
-                size = reduce_staging_bytes(tuple(x.shape), tuple(x.stride()), dims,
-                                            input_bytes=x.element_size())
+                size = reduce_staging_bytes(tuple(x.shape), tuple(x.stride()), dims)
                 if size:
                     return ((size, False),)
             return ()
@@ -450,26 +473,28 @@ def _trace(config_json: str, regime: Regime, batch: int, seq_len: int, accumulat
     layers = _alike_layers(raw)
     composed = None
     if layers > COMPOSE_ABOVE and accumulation == 1:
-        composed = _composed_step(raw, regime, batch, seq_len, layers)
+        try:
+            composed = _composed_step(raw, regime, batch, seq_len, layers)
+        except Exception:  # noqa: BLE001 - the few layers would not trace: try the whole stack
+            composed = None
     if composed is not None:
         (prefix, first), count, param_sizes, adapter_sizes = composed
         return prefix + first + _later_steps(first, count, TRACED_STEPS - 1), param_sizes, adapter_sizes
     model, param_sizes, adapter_sizes = _build(raw, regime)
-    with _step_context(model._trace_fake_mode, _math_attention(model, regime)) as (fake, mode):
-        start = len(mode.events)
+    with _step_context(model._trace_fake_mode, _math_attention(model, regime)) as (_, mode):
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = _optimizer(regime, params, _embedding_weights(model))
         if regime.trainer:
             _trainer_micro_batches(model, regime, batch, seq_len, accumulation)
             _clip(params)
-        else:
+        else:  # SPEC's loop; with gradient accumulation, its micro-batches one after another
             ids = torch.zeros((batch, seq_len), dtype=torch.long)
-            _forward_backward(model, regime, ids)
+            for _ in range(accumulation):
+                _forward_backward(model, regime, ids)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    events = _in_place_accumulation(list(mode.events), mode.accumulations)
-    first = events[start:]
-    return events[:start] + first + _later_steps(first, mode.count, TRACED_STEPS - 1), param_sizes, adapter_sizes
+    first = _in_place_accumulation(list(mode.events), mode.accumulations)
+    return first + _later_steps(first, mode.count, TRACED_STEPS - 1), param_sizes, adapter_sizes
 
 
 def _embedding_weights(model) -> frozenset:
@@ -505,16 +530,16 @@ def _build(raw: dict, regime: Regime):
             model = get_peft_model(model, LoraConfig(r=adapter.r, lora_alpha=adapter.alpha,
                                                      lora_dropout=adapter.dropout, target_modules=targets,
                                                      bias="none", task_type="CAUSAL_LM"))
-        adapters = [name for name, p in model.named_parameters() if id(p) not in base]
+        adapters = {name for name, p in model.named_parameters() if id(p) not in base}
         fake = FakeTensorMode(allow_non_fake_inputs=True)  # to_empty reads the meta tensors
         with fake:  # the meta model's tensors become fake CPU ones, uninitialized
             model.to_empty(device="cpu")
-            model.get_base_model().tie_weights() if hasattr(model, "get_base_model") else model.tie_weights()
+            (model.get_base_model() if hasattr(model, "get_base_model") else model).tie_weights()
     model._trace_fake_mode = fake
     named = dict(model.named_parameters())
     param_sizes = _storages(p for name, p in named.items() if name not in adapters)
     # PEFT moves each new adapter to its base layer's device as it builds it: one request each
-    adapter_sizes = _storages(named[name] for name in adapters)
+    adapter_sizes = _storages(p for name, p in named.items() if name in adapters)
     return model, param_sizes, adapter_sizes
 
 
@@ -617,7 +642,9 @@ def _clip(params) -> None:
 # whose requests must agree, the last), and the whole stack's forward and backward are composed
 # from the middle one, its references to its neighbours carried over; the optimizer's step and
 # zero_grad are traced over the whole model's parameters (their requests go parameter by
-# parameter). tests/test_train_trace.py checks composed against whole traces.
+# parameter). tests/test_train_trace.py checks composed against whole traces. Where the middle
+# layers' requests do not repeat (Qwen2.5-0.5B's full fine-tune with checkpointing orders one
+# layer's backward unlike the next), the whole stack is traced.
 TEMPLATE_LAYERS = 5
 COMPOSE_ABOVE = 8
 _IGNORED_ATTRIBUTES = {"layer_idx", "layer_id", "idx", "layer_number", "training", "_is_hf_initialized"}
@@ -707,7 +734,7 @@ def _composed_step(raw: dict, regime: Regime, batch: int, seq_len: int, layers: 
     events = _in_place_accumulation(list(mode.events), mode.accumulations, aliases)
     grads = {aliases.get(n, n) for n in grads}
     prefix, step = events[:start], events[start:]
-    composed = _compose(step, grads, layers)
+    composed = _compose(step, grads, layers, mode.count)
     if composed is None:
         return None
     body, grad_numbers, used = composed
@@ -759,8 +786,9 @@ def _whole_parameters(small, stack_name: str, layers: int) -> list[tuple]:
 
 
 def _markers(stack, events: list) -> list:
-    """Hooks that mark in `events` where each layer's forward starts (("M", "F", i)) and where its
-    backward starts (("M", "B", i): the gradient of its output is ready), and where layer 0's
+    """Hooks that mark in `events` where each layer's forward starts (("M", "F", i)) and ends
+    (("M", "f", i)), where its backward starts (("M", "B", i): the gradient of its output is
+    ready), and where layer 0's
     backward ends (("M", "E", 0): the gradient of its input is ready, when it has one). Hooks on
     modules and tensors add no requests. Forwards that gradient checkpointing reruns in the backward
     are not marked (they belong to the layer's backward)."""
@@ -794,10 +822,12 @@ def _markers(stack, events: list) -> list:
     return handles
 
 
-def _compose(step: list[tuple], grads: set[int], layers: int):
+def _compose(step: list[tuple], grads: set[int], layers: int, first_number: int = 0):
     """The forward and backward of `layers` alike layers from those of TEMPLATE_LAYERS (markers in
     `step`): (events, the numbers of the gradients' allocations, numbers used), or None where the
-    middle layers' requests differ or a reference cannot be carried over."""
+    middle layers' requests differ or a reference cannot be carried over. New allocations are
+    numbered from `first_number` on (the traced run's own numbers, below it, stay with what was
+    made before the step)."""
     k = TEMPLATE_LAYERS
     # cut the step into blocks: P, F0..F(k-1), M, B(k-1)..B0, E
     blocks: list[tuple[tuple, list]] = [(("P",), [])]
@@ -880,7 +910,7 @@ def _compose(step: list[tuple], grads: set[int], layers: int):
     order = [(("P",), None)] + [(("F", traced_of(i)), i) for i in range(layers)] + [(("M",), None)] + \
         [(("B", traced_of(i)), i) for i in reversed(range(layers))] + [(("E",), None)]
     numbers: dict[tuple, int] = {}  # (block kind, composed layer or None, ordinal) -> number
-    counter = 0
+    counter = first_number
     out: list[tuple] = []
     grad_numbers: list[int] = []
     for src, i in order:
@@ -895,7 +925,7 @@ def _compose(step: list[tuple], grads: set[int], layers: int):
                 ordinal += 1
                 continue
             if r[1] == "outside":
-                out.append(("F", -1 - r[2]))  # made before the step: not this stream's to free
+                out.append(("F", r[2]))  # made before the step: its own number
                 continue
             if len(r) == 4:  # from a layer block to a layer block, `delta` layers away
                 _, tkind, delta, tord = r
