@@ -76,6 +76,8 @@ def test_the_tight_band_is_the_cap_the_residuals_exceed():
         assert len(under) >= 40
         return under[int(0.9 * len(under))]
 
-    assert p90(then) == pytest.approx(0.081, abs=0.005)  # the figure calibration.yaml quotes
+    # calibration.yaml quotes 8.1% at the time the band was fixed, and 5.1% since training's step
+    # is traced: the band was not re-fixed on these residuals, and the cap still binds
+    assert p90(then) == pytest.approx(0.051, abs=0.005)
     assert p90(then) >= calibration.TIGHT_BAND_FRACTION
     assert p90([name for name, _ in sets]) >= calibration.TIGHT_BAND_FRACTION  # with every set since, the cap still binds
