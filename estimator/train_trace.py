@@ -324,7 +324,6 @@ def reduce_staging_bytes(shape, stride, dims, out_elements_per_vec: int = 4, ele
     height = min(d1, max_threads // width)
     width = min(d0, max_threads // height)
     step_input, step_output = 1, 1
-    x_reduce = on_fastest
     if on_fastest:
         step_input *= width
     else:
@@ -344,7 +343,7 @@ def reduce_staging_bytes(shape, stride, dims, out_elements_per_vec: int = 4, ele
     if ctas <= 1:
         return 0
     size = element_size * num_outputs * ctas
-    if not x_reduce:
+    if not on_fastest:  # no reduction across a block's x dimension: staged per lane
         size *= width * output_vec
     return size
 
@@ -481,7 +480,7 @@ def _trace(config_json: str, regime: Regime, batch: int, seq_len: int, accumulat
         (prefix, first), count, param_sizes, adapter_sizes = composed
         return prefix + first + _later_steps(first, count, TRACED_STEPS - 1), param_sizes, adapter_sizes
     model, param_sizes, adapter_sizes = _build(raw, regime)
-    with _step_context(model._trace_fake_mode, _math_attention(model, regime)) as (_, mode):
+    with _step_context(model._trace_fake_mode, _math_attention(model, regime)) as mode:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = _optimizer(regime, params, _embedding_weights(model))
         if regime.trainer:
@@ -545,7 +544,7 @@ def _build(raw: dict, regime: Regime):
 
 @contextlib.contextmanager
 def _step_context(fake, math_attention: bool = False):
-    """The model's fake mode, the recording mode and the CUDA rules a step runs under.
+    """The model's fake mode and the CUDA rules a step runs under; yields the recording mode.
     `math_attention`: SDPA runs its math kernel, as CUDA's does for this job (`_math_attention`)."""
     import torch.nn.attention
 
@@ -558,7 +557,7 @@ def _step_context(fake, math_attention: bool = False):
         kernel = torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH)
     with inventory_module._quiet_transformers(), fake, mode, _no_data(), _unpacked_positions(), \
             _fused_dropout(keep_attention_dropout=math_attention), kernel:
-        yield fake, mode
+        yield mode
 
 
 def _math_attention(model, regime: Regime) -> bool:
@@ -578,15 +577,17 @@ def _math_attention(model, regime: Regime) -> bool:
     return attention_kernel(regime.attn, dtype, head_dim, False, kv_heads != heads) == "math"
 
 
-def _forward_backward(model, regime: Regime, ids) -> None:
-    """SPEC's forward (under bf16 autocast where the job uses it) and `loss.backward()`."""
+def _autocast(regime: Regime):
+    """bf16 autocast where the job runs under it (CPU autocast stands for CUDA's), else nothing."""
     import torch
 
+    return torch.autocast("cpu", dtype=torch.bfloat16) if regime.autocast else contextlib.nullcontext()
+
+
+def _forward_backward(model, regime: Regime, ids) -> None:
+    """SPEC's forward (under bf16 autocast where the job uses it) and `loss.backward()`."""
     model.train()
-    if regime.autocast:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
-    else:
+    with _autocast(regime):
         loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     del loss
@@ -601,30 +602,22 @@ def _trainer_micro_batches(model, regime: Regime, batch: int, seq_len: int, accu
     the forward under native mixed precision, its outputs converted to fp32 (`convert_outputs_to_fp32`:
     the logits' fp32 copy, alive until `compute_loss` returns the loss); `loss.backward()`."""
     import torch
+    from accelerate.utils import convert_to_fp32
 
     batches = [(torch.zeros((batch, seq_len), dtype=torch.long), torch.zeros((batch, seq_len), dtype=torch.long))
                for _ in range(accumulation)]
     items = sum(labels.ne(-100).sum() for _, labels in batches)
     model.train()
     for ids, labels in batches:
-        if regime.autocast:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                outputs = model(input_ids=ids, labels=labels, num_items_in_batch=items)
-            outputs = _to_fp32(outputs)
-        else:
+        with _autocast(regime):
             outputs = model(input_ids=ids, labels=labels, num_items_in_batch=items)
+        if regime.autocast:  # accelerate's convert_to_fp32: every bf16/fp16 tensor of the outputs .float()
+            outputs = convert_to_fp32(outputs)
         loss = outputs["loss"]
         del outputs
         loss.backward()
         del loss
     del batches
-
-
-def _to_fp32(outputs):
-    """accelerate's `convert_to_fp32` of a model's outputs: every bf16/fp16 tensor in them `.float()`."""
-    from accelerate.utils import convert_to_fp32
-
-    return convert_to_fp32(outputs)
 
 
 def _clip(params) -> None:
@@ -714,7 +707,7 @@ def _composed_step(raw: dict, regime: Regime, batch: int, seq_len: int, layers: 
     found = inventory_module._layer_stack(small, TEMPLATE_LAYERS)
     if found is None or not _alike(found[1]):
         return None
-    with _step_context(small._trace_fake_mode, _math_attention(small, regime)) as (fake, mode):
+    with _step_context(small._trace_fake_mode, _math_attention(small, regime)) as mode:
         if not regime.trainer:
             ids = torch.zeros((batch, seq_len), dtype=torch.long)
         start = len(mode.events)
@@ -754,7 +747,7 @@ def _composed_step(raw: dict, regime: Regime, batch: int, seq_len: int, layers: 
             stand_ins.append((q, original))
     trainable = [q for q, _ in stand_ins if q.requires_grad]
     fp32 = frozenset(id(q) for q, original in stand_ins if id(original) in embeddings)
-    with _step_context(small._trace_fake_mode) as (_, opt_mode):
+    with _step_context(small._trace_fake_mode) as opt_mode:
         optimizer = _optimizer(regime, trainable, fp32)
         if regime.trainer:
             _clip(trainable)

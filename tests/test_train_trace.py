@@ -48,10 +48,6 @@ def _case(case_id: str):
     raise KeyError(case_id)
 
 
-def _replay(events, params, adapters):
-    return tt.replay(events, params, adapters)
-
-
 # The six training histories: SPEC's loop (full fine-tuning under amp with gradient checkpointing,
 # bf16 with paged 8-bit AdamW, LoRA r64, Gemma 3's multimodal model with 8-bit AdamW) and the
 # Trainer's (SGD without clipping under amp, Adafactor in bf16).
@@ -100,7 +96,7 @@ def test_composed_stack_equals_the_whole_trace(model, job, monkeypatch):
     composed = tt._trace(inv.config_json, regime, job.batch_size, job.seq_len)
     count = lambda events: sum(1 for e in events if e[0] == "A")  # noqa: E731
     assert count(composed[0]) == count(whole[0])
-    a, b = _replay(*whole), _replay(*composed)
+    a, b = tt.replay(*whole), tt.replay(*composed)
     assert (a.peak_reserved_bytes, a.peak_allocated_bytes) == (b.peak_reserved_bytes, b.peak_allocated_bytes)
 
 
