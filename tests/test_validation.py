@@ -231,6 +231,33 @@ def test_snapshot_stream_and_its_peaks(tmp_path):
     assert peaks([]) == (0, 0)
 
 
+def test_snapshot_with_frames_keeps_each_allocations_line(tmp_path):
+    """A history recorded with frames gets "sites": for each kept event, in order, the first library
+    frame of an allocation (torch's own skipped), None for a free or a segment event; one without
+    frames gets no "sites" at all."""
+    import gzip
+    import pickle
+
+    from validation.snapshot import convert
+
+    torch_frame = {"filename": "/x/site-packages/torch/nn/functional.py", "line": 1, "name": "linear"}
+    bnb = {"filename": "/x/site-packages/bitsandbytes/functional.py", "line": 120, "name": "dequantize_4bit"}
+    trace = [
+        {"action": "segment_alloc", "addr": 0, "size": 20 << 20, "frames": [torch_frame, bnb]},
+        {"action": "alloc", "addr": 0, "size": 3 << 20, "frames": [torch_frame, bnb]},
+        {"action": "free_requested", "addr": 0, "size": 3 << 20, "frames": [torch_frame]},
+        {"action": "free_completed", "addr": 0, "size": 3 << 20, "frames": [torch_frame]},
+    ]
+    path = tmp_path / "framed.pickle"
+    path.write_bytes(pickle.dumps({"segments": [], "device_traces": [trace]}))
+    data = json.loads(gzip.open(convert(path, tmp_path / "out"), "rt").read())
+    assert data["sites"] == [None, "bitsandbytes/functional.py:120 dequantize_4bit", None]
+    assert len(data["sites"]) == len(data["events"])
+    bare = tmp_path / "bare.pickle"
+    bare.write_bytes(pickle.dumps({"device_traces": [[{**e, "frames": []} for e in trace]]}))
+    assert "sites" not in json.loads(gzip.open(convert(bare, tmp_path / "out"), "rt").read())
+
+
 def test_snapshot_explain_groups_the_blocks_alive_at_peak_by_the_line_that_allocated_them():
     """validation.snapshot.explain, worked by hand: the peak (7 MiB) is after the third alloc; the
     first block was freed before it, so the two alive come from two lines; torch's own frames are

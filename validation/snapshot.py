@@ -114,16 +114,30 @@ def explain(snapshot: dict, top: int = 25) -> dict:
             "sites": [{"site": site, "bytes": b, "blocks": n} for site, (b, n) in ranked]}
 
 
+def sites(snapshot: dict) -> list[str | None]:
+    """For each event of `stream(snapshot)`, in the same order, the line that made an allocation
+    (`_site`; None for the other events): a history recorded with frames, read request by request."""
+    traces = snapshot.get("device_traces") or [[]]
+    return [_site(e.get("frames")) if e.get("action") == "alloc" else None
+            for e in traces[0] if e.get("action") in KEPT]
+
+
 def convert(path: Path, out_dir: Path) -> Path:
+    """The compact stream of one snapshot, to out_dir/CASE.json.gz; a history recorded with frames
+    also gets each allocation's line, in "sites" (same order as "events")."""
     with open(path, "rb") as handle:
         snapshot = pickle.load(handle)
     events = stream(snapshot)
     reserved, allocated = peaks(events)
     out = out_dir / (path.stem + ".json.gz")
     out.parent.mkdir(parents=True, exist_ok=True)
+    data = {"case": path.stem, "events": events, "peak_reserved_bytes": reserved,
+            "peak_allocated_bytes": allocated}
+    traces = (snapshot.get("device_traces") or [[]])[0]
+    if any(e.get("frames") for e in traces):
+        data["sites"] = sites(snapshot)
     with gzip.open(out, "wt") as handle:
-        json.dump({"case": path.stem, "events": events, "peak_reserved_bytes": reserved,
-                   "peak_allocated_bytes": allocated}, handle)
+        json.dump(data, handle)
     return out
 
 
