@@ -246,6 +246,10 @@ class Allocator:
         self.reserved_bytes += amount
         self.peak_reserved_bytes = max(self.peak_reserved_bytes, self.reserved_bytes)
 
+    def empty_cache(self) -> None:
+        """torch.cuda.empty_cache(): what the out-of-memory retry releases (`release_cached_blocks`)."""
+        self._release_cached()
+
     def _release_cached(self) -> None:
         """The out-of-memory retry: free every cached segment that is entirely free (expandable: unmap
         the free pages at the end of each mapping)."""

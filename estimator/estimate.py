@@ -242,13 +242,16 @@ def _notes(inv: Inventory, regime: Regime, sizes: Sizes) -> tuple[str, ...]:
 
 
 def device_overheads(inv: Inventory, regime: Regime, sizes: Sizes, at_peak: Parts, *, replay: bool = True,
-                     traced: bool = True) -> tuple[int, int]:
+                     traced: bool = True, constrained: bool = False) -> tuple[int, int]:
     """(allocator reserve, CUDA context and libraries) for a phase's allocated components.
     `traced=False`: no traced training step stands for them (a strategy's per-GPU share, or an
-    estimate made with `trace=False`), so training's reserve is the formula's."""
+    estimate made with `trace=False`), so training's reserve is the formula's. `constrained`: the
+    reserve the job needs to run on a card that has little room to spare, where that is less than
+    what it holds with room to spare (expandable segments: see `_allocator_reserve`)."""
     static = at_peak[Component.WEIGHTS] + at_peak[Component.LORA_ADAPTERS] + at_peak[Component.OPTIMIZER_STATE]
     allocated = sum(at_peak.values())
-    reserve = _allocator_reserve(inv, regime, sizes, allocated - static, allocated, replay=replay, traced=traced)
+    reserve = _allocator_reserve(inv, regime, sizes, allocated - static, allocated, replay=replay, traced=traced,
+                                 constrained=constrained)
     context = calibration.CUDA_CONTEXT_BYTES + calibration.CUBLAS_HANDLES_BYTES
     if regime.training:
         context += calibration.AUTOGRAD_THREAD_BYTES
@@ -283,7 +286,7 @@ def _expandable_reserve(dynamic: int) -> int:
 
 
 def _allocator_reserve(inv: Inventory, regime: Regime, sizes: Sizes, dynamic: int, allocated: int, *,
-                       replay: bool = True, traced: bool = True) -> int:
+                       replay: bool = True, traced: bool = True, constrained: bool = False) -> int:
     """Reserved-but-free memory at the peak (the caching allocator keeps freed blocks cached).
 
     Inference: generate()'s requests, tensor by tensor in the order the libraries make them, are
@@ -304,11 +307,18 @@ def _allocator_reserve(inv: Inventory, regime: Regime, sizes: Sizes, dynamic: in
 
     `replay=False` gives the solvers' lower bound: no replayed reserve (0), for inference and for a
     traceable training step alike (a bound of the estimate with the same `traced`).
-    With expandable segments the reserve is page rounding whether or not the step could be traced
-    (see `_expandable_reserve`).
+    With expandable segments, a traced step's replay under them gives what the device holds when
+    memory is plentiful: freed blocks that no later request fits stay mapped. Near the card's
+    capacity the out-of-memory retry unmaps them, so what the job needs to run (`constrained`, the
+    verdict's figure) is page rounding (`_expandable_reserve`); that is also the reserve wherever
+    the step is not traced, and for inference.
     """
     if regime.expandable_segments:
-        return _expandable_reserve(dynamic)
+        rounding = _expandable_reserve(dynamic)
+        if constrained or not replay or not (regime.training and traced) or train_trace.untraced_reason(inv, regime):
+            return rounding
+        step = train_trace.step_reserve(inv, regime, sizes)
+        return rounding if step is None else max(step[0] - allocated, rounding)
     if regime.training and traced and train_trace.untraced_reason(inv, regime) is None:
         if not replay:
             return 0

@@ -98,6 +98,19 @@ class PerGPU:
     breakdown: dict[str, int]
     peak_allocated_bytes: int
     device_total_bytes: int
+    # What the GPU must have for the job to run, where that is less than what it holds with room to
+    # spare (expandable segments: near capacity the allocator unmaps its free pages); None: the same
+    required_bytes: int | None = None
+
+    @property
+    def needed_bytes(self) -> int:
+        """What the fullest GPU must have for the job to run: the verdict's and the counts' figure."""
+        return self.device_total_bytes if self.required_bytes is None else self.required_bytes
+
+
+EXPANDABLE_NOTE = ("with expandable segments the step holds {held:.1f} GiB where memory is plentiful (freed blocks "
+                   "no later request fits stay mapped), but near a card's capacity the allocator unmaps them and "
+                   "retries: it runs in {needed:.1f} GiB, the figure the verdict and the headroom use")
 
 
 class Verdict(str, enum.Enum):
@@ -133,8 +146,10 @@ class Fit:
 
     @property
     def headroom_bytes(self) -> int:
-        """Capacity less the fullest GPU's device total at per_gpu's count; negative exactly when it does not fit."""
-        return self.capacity_bytes - self.per_gpu.device_total_bytes
+        """Capacity less what the fullest GPU needs at per_gpu's count (its device total, or with
+        expandable segments the smaller figure it runs in: `PerGPU.needed_bytes`); negative exactly
+        when it does not fit."""
+        return self.capacity_bytes - self.per_gpu.needed_bytes
 
     @property
     def fits(self) -> bool:
@@ -149,13 +164,18 @@ def _finish(result: Estimate, n: int, phases: list[Parts], paged: int) -> PerGPU
     worst = max(phases, key=lambda row: sum(row.values()))
     # the single-GPU job's own peak: a traced training step stands for it, not for a strategy's share
     own = result.traced and n == 1 and worst == result.phase_parts.get(result.peak_phase)
-    reserve, context = device_overheads(result.inventory, result.regime, sizes_of(result.job), worst,
-                                        replay=result.replayed, traced=own)
+    inv, regime, sizes = result.inventory, result.regime, sizes_of(result.job)
+    reserve, context = device_overheads(inv, regime, sizes, worst, replay=result.replayed, traced=own)
     breakdown = {c: 0 for c in Component}
     breakdown.update({c: int(v) for c, v in worst.items()})
     breakdown.update({Component.CUDA_CONTEXT: context, Component.ALLOCATOR_RESERVE: reserve,
                       Component.PAGED_OPTIMIZER_STATE: int(paged)})
-    return PerGPU(n, breakdown, sum(worst.values()), sum(breakdown.values()))
+    total = sum(breakdown.values())
+    required = None
+    if regime.expandable_segments:
+        least, _ = device_overheads(inv, regime, sizes, worst, replay=result.replayed, traced=own, constrained=True)
+        required = total - reserve + least if least < reserve else None
+    return PerGPU(n, breakdown, sum(worst.values()), total, required)
 
 
 def _largest_layer_params(inv: Inventory) -> int:
@@ -346,7 +366,9 @@ def fit(result: Estimate, gpu, strategy: Strategy | None = None, num_gpus: int |
         chosen = per_gpu(result, strategy, num_gpus)
     if (needed or 1) > 1 or (num_gpus or 1) > 1:
         notes.append(MULTI_GPU_NOTE)
-    verdict = verdict_for(chosen.device_total_bytes, capacity)
+    if chosen.required_bytes is not None:
+        notes.append(EXPANDABLE_NOTE.format(held=chosen.device_total_bytes / GIB, needed=chosen.required_bytes / GIB))
+    verdict = verdict_for(chosen.needed_bytes, capacity)
     return Fit(gpu.name, capacity, strategy, needed, chosen, reason, tuple(notes), verdict=verdict)
 
 
@@ -355,7 +377,7 @@ def _smallest_fitting(result: Estimate, strategy: Strategy, counts: list[int], c
     state, pipeline stages hold fewer layers, replication stays flat)."""
     def fits(n: int) -> PerGPU | None:
         figures = per_gpu(result, strategy, n)
-        return figures if figures.device_total_bytes <= capacity else None
+        return figures if figures.needed_bytes <= capacity else None
 
     first = fits(counts[0])
     if first is not None:
@@ -381,10 +403,10 @@ def _why_not(result: Estimate, strategy: Strategy, capacity: int, n: int, figure
     assert inv is not None
     fixed = figures.breakdown[Component.CUDA_CONTEXT]
     if n == 1:
-        return f"it needs {figures.device_total_bytes / GIB:.1f} GiB and this GPU has {capacity / GIB:.1f} GiB; a single machine of this kind has one GPU"
+        return f"it needs {figures.needed_bytes / GIB:.1f} GiB and this GPU has {capacity / GIB:.1f} GiB; a single machine of this kind has one GPU"
     if strategy in (Strategy.PIPELINE,):
         return (
-            f"split as finely as it goes ({n} GPUs), the fullest GPU still needs {figures.device_total_bytes / GIB:.1f} GiB, "
+            f"split as finely as it goes ({n} GPUs), the fullest GPU still needs {figures.needed_bytes / GIB:.1f} GiB, "
             f"more than the {capacity / GIB:.1f} GiB this GPU has (one layer and its working set do not fit)"
         )
     acts = figures.breakdown[Component.ACTIVATIONS] + figures.breakdown[Component.LOGITS] + figures.breakdown[Component.TEMPORARIES]
@@ -393,7 +415,7 @@ def _why_not(result: Estimate, strategy: Strategy, capacity: int, n: int, figure
         if not result.job.gradient_checkpointing:
             hint += ", or turn on gradient checkpointing"
         return f"activations and logits alone take {acts / GIB:.1f} GiB per GPU and no strategy divides them; {hint}"
-    return f"with {n} GPUs the fullest still needs {figures.device_total_bytes / GIB:.1f} GiB of {capacity / GIB:.1f} GiB"
+    return f"with {n} GPUs the fullest still needs {figures.needed_bytes / GIB:.1f} GiB of {capacity / GIB:.1f} GiB"
 
 
 def unsupported_reason(regime: Regime, gpu) -> str | None:

@@ -80,7 +80,7 @@ def fits_on(estimate_of: Callable[[Job], Estimate], gpu, strategy: Strategy, num
     capacity = int(gpu.usable_by_default_bytes)
     if num_gpus == 1:
         return lambda j: fit(estimate_of(j), gpu, Strategy.SINGLE).gpus_needed == 1
-    return lambda j: per_gpu(estimate_of(j), strategy, num_gpus).device_total_bytes <= capacity
+    return lambda j: per_gpu(estimate_of(j), strategy, num_gpus).needed_bytes <= capacity
 
 
 def largest_fitting(estimate_of: Callable[[Job], Estimate], job: Job, field_name: str, gpu, strategy: Strategy,

@@ -31,7 +31,8 @@ def _live_bytes_mode(transients=None):
     (estimator/train_trace.py: `_in_place_accumulation`). `transients(func, args, kwargs, out)`,
     when given, names the requests a GPU kernel makes inside the op beyond its outputs, as
     (bytes, kept) pairs logged right after the outputs: a kept one is never released (a workspace
-    the library caches), the others are released at once."""
+    the library caches), the others are released at once; its `order(func, outputs)`, where it
+    has one, gives the order in which the GPU's kernel allocates the op's outputs."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_flatten
@@ -61,7 +62,10 @@ def _live_bytes_mode(transients=None):
             kwargs = kwargs or {}
             inputs = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
             out = func(*args, **kwargs)
-            for t in tree_flatten(out)[0]:
+            outputs = tree_flatten(out)[0]
+            if transients is not None and hasattr(transients, "order"):
+                outputs = transients.order(func, outputs)  # the GPU kernel's own allocation order
+            for t in outputs:
                 if not isinstance(t, torch.Tensor):
                     continue
                 key = t.untyped_storage()._cdata

@@ -44,7 +44,7 @@ def headline(fit: Fit, num_gpus: int | None = None) -> tuple[str, str]:
     `num_gpus` is the count the user asked for, if any (else the fewest that fit are shown). A tight
     answer fits, with less headroom than the band, and says what makes it safe.
     """
-    used = fit.per_gpu.device_total_bytes / GIB
+    used = fit.per_gpu.needed_bytes / GIB  # with expandable segments, what it runs in (fit.EXPANDABLE_NOTE)
     cap = fit.capacity_bytes / GIB
     if fit.gpus_needed is None and num_gpus is None or fit.verdict is Verdict.CANNOT_RUN:
         if fit.verdict is Verdict.CANNOT_RUN:
@@ -99,6 +99,7 @@ def fit_dict(fit: Fit) -> dict:
             "num_gpus": fit.per_gpu.num_gpus,
             "peak_allocated_bytes": fit.per_gpu.peak_allocated_bytes,
             "device_total_bytes": fit.per_gpu.device_total_bytes,
+            "needed_bytes": fit.per_gpu.needed_bytes,
             "breakdown": {c.value: v for c, v in fit.per_gpu.breakdown.items()},
         },
         "reason": fit.reason,

@@ -54,6 +54,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from estimator.allocator import SMALL_SIZE, Allocator
+from estimator.cuda_kernels import SM_COUNT
 from estimator.dtypes import BF16, FP32
 from estimator.inventory_types import POST_ATTN, POST_MLP, PRE_ATTN, PRE_MLP, Inventory
 from estimator.regime import Regime, Sizes
@@ -175,7 +176,7 @@ def _norm(t: Tape, s: Shapes, rows: int, width: int) -> int | None:
     return out
 
 
-def bnb_4bit_fused(rows: int, fan_out: int, fan_in: int, sms: int = 132) -> bool:
+def bnb_4bit_fused(rows: int, fan_out: int, fan_in: int, sms: int = SM_COUNT) -> bool:
     """Whether bitsandbytes 0.50.2 multiplies `rows` rows by a 4-bit [fan_out, fan_in] weight with
     its fused kernel (no bf16 copy of the weight) rather than dequantizing it for F.linear, in
     inference (`backends/cuda/ops.py`: `gemm_4bit`, `_gemm_4bit_use_custom_cuda`). The rule is its

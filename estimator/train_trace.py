@@ -22,9 +22,10 @@ runs the step itself on tensors that have no memory behind them:
 
 The load comes first, as from_pretrained makes it: `caching_allocator_warmup`'s one block of every
 parameter's bytes, freed, then each parameter, then PEFT's adapters. The whole history goes
-through `estimator.allocator.Allocator` under PyTorch's default configuration; its reserved peak
-is what the device holds (with expandable segments estimate.py sizes the reserve by whole pages:
-the out-of-memory retry unmaps every free page). fp16 autocast (`amp_fp16`) is traced as bf16's,
+through `estimator.allocator.Allocator` under the job's allocator setting, with room to spare; its
+reserved peak is what the device holds (with expandable segments, what a job needs near a card's
+capacity is less: the out-of-memory retry unmaps every free page, and estimate.py sizes that
+figure by whole pages). fp16 autocast (`amp_fp16`) is traced as bf16's,
 whose tensors have the same sizes; GradScaler's few scalars are not.
 
 What runs on a CPU differs from the GPU's run in places, each handled here:
@@ -66,7 +67,9 @@ import threading
 from functools import lru_cache
 
 from estimator import calibration
+from estimator import train_trace_bnb as bnb_trace
 from estimator.allocator import Allocator
+from estimator.cuda_kernels import SM_COUNT, WARP, reduce_staging_bytes  # noqa: F401 - SM_COUNT: re-exported
 from estimator.inventory_types import Inventory
 from estimator.job import Attention, Loss, Mode
 from estimator.optimizers import BNB_MIN_8BIT_SIZE, BNB_OPTIMIZER_BLOCKSIZE, BNB_PAGED_MIN_NUMEL
@@ -85,8 +88,8 @@ def untraced_reason(inv: Inventory, regime: Regime) -> str | None:
         return "not a training job"
     if not inv.config_json:
         return "the inventory has no config to rebuild the model from"
-    if regime.quantizer is not None:
-        return "bitsandbytes' quantized linears have no fake-tensor path"
+    if regime.quantizer is not None and not regime.quantizer.is_4bit:
+        return "LLM.int8's linears are not traced yet"
     if regime.sft:
         return "TRL's SFTTrainer is not traced yet"
     if regime.liger_kernels or regime.loss is not Loss.STANDARD:
@@ -102,9 +105,9 @@ def untraced_reason(inv: Inventory, regime: Regime) -> str | None:
 
 def step_reserve(inv: Inventory, regime: Regime, sizes: Sizes) -> tuple[int, int] | None:
     """(peak reserved, peak allocated) of the load and the traced steps replayed through the
-    caching allocator (PyTorch's default configuration: estimate.py sizes expandable segments by
-    their pages), or None where the step is not traced (`untraced_reason`) or its trace fails
-    (`trace_failure` says why)."""
+    caching allocator under the job's setting (default or expandable segments), with room to spare,
+    or None where the step is not traced (`untraced_reason`) or its trace fails (`trace_failure`
+    says why)."""
     if untraced_reason(inv, regime) is not None:
         return None
     result = _step_reserve(inv.config_json, regime, sizes.batch, sizes.seq_len, sizes.accumulation)
@@ -131,16 +134,19 @@ def _step_reserve(config_json: str, regime: Regime, batch: int, seq_len: int, ac
             events, param_sizes, adapter_sizes = _trace(config_json, regime, batch, seq_len, accumulation)
     except Exception as err:  # noqa: BLE001 - a forward that does not run on fake tensors: no trace
         return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
-    allocator = replay(events, param_sizes, adapter_sizes)
+    allocator = replay(events, param_sizes, adapter_sizes, expandable_segments=regime.expandable_segments)
     return allocator.peak_reserved_bytes, allocator.peak_allocated_bytes
 
 
 def replay(events: list[tuple], param_sizes: list[int], adapter_sizes: list[int],
-           capacity_bytes: int = 1 << 50) -> Allocator:
-    """The load (caching_allocator_warmup's one block, freed, then each parameter and adapter) and
-    the traced events through the caching allocator; returns it after the last event."""
-    allocator = Allocator(capacity_bytes=capacity_bytes)
-    allocator.free(allocator.malloc(sum(param_sizes)))  # caching_allocator_warmup
+           capacity_bytes: int = 1 << 50, expandable_segments: bool = False) -> Allocator:
+    """The load (caching_allocator_warmup's one block, freed, then each parameter and adapter; none
+    where `param_sizes` is empty and the events begin with the load, as a 4-bit one does) and the
+    traced events (("C",): torch.cuda.empty_cache) through the caching allocator (with room to
+    spare, under the job's allocator setting); returns it after the last event."""
+    allocator = Allocator(capacity_bytes=capacity_bytes, expandable_segments=expandable_segments)
+    if param_sizes:  # a load written in the events themselves (4-bit: train_trace_bnb) has none
+        allocator.free(allocator.malloc(warmup_bytes(sum(param_sizes), load_unused_bytes(expandable_segments))))
     for size in param_sizes + adapter_sizes:
         allocator.malloc(size)
     handles: dict[int, int | None] = {}
@@ -151,7 +157,32 @@ def replay(events: list[tuple], param_sizes: list[int], adapter_sizes: list[int]
             h = handles.pop(event[1], None)
             if h is not None:
                 allocator.free(h)
+        elif event[0] == "C":  # torch.cuda.empty_cache()
+            allocator.empty_cache()
     return allocator
+
+
+def load_unused_bytes(expandable_segments: bool) -> int:
+    """Reserved but unallocated memory as from_pretrained starts under SPEC's protocol: the context
+    probe's freed 2 MiB small-pool segment (calibration.LOAD_UNUSED_RESERVED_BYTES) and, with
+    expandable segments, the unused part of the 20 MiB pages mapped for cuBLAS's workspace (the
+    probe's first matmul made it; without them it is a segment of its own size)."""
+    unused = calibration.LOAD_UNUSED_RESERVED_BYTES
+    if expandable_segments:
+        unused += -calibration.CUBLAS_WORKSPACE_BYTES % (20 * 1024**2)  # CUDACachingAllocator.cpp: kLargeBuffer pages
+    return unused
+
+
+def warmup_bytes(byte_count: int, unused: int = calibration.LOAD_UNUSED_RESERVED_BYTES) -> int:
+    """The block transformers' `caching_allocator_warmup` allocates and frees before the weights
+    load, for weights of `byte_count` bytes (transformers 5.17 modeling_utils.py), when `unused`
+    bytes are already reserved but unallocated (`load_unused_bytes`). Its cap (the device's memory
+    less 1.2 GiB) never binds on the GPUs the replay stands for."""
+    if byte_count - unused > unused:
+        return byte_count - unused
+    if byte_count - unused > 1.5 * 1024**3:
+        return unused + 1
+    return 0
 
 
 class _Bnb8bitStandIn:
@@ -263,89 +294,7 @@ def _unpacked_positions():
 
 
 # ---- what CUDA kernels request beyond their outputs -------------------------------------------
-# The device the trace stands for: an H100/H200 (sm90), 132 SMs of 2048 threads each (a reduction's
-# grid is sized by them), as `stream.bnb_4bit_fused` assumes too.
-SM_COUNT = 132
-THREADS_PER_SM = 2048
-WARP = 32
-
-
-def _last_pow2(n: int) -> int:
-    return max(1, 1 << (int(n).bit_length() - 1))
-
-
-def reduce_staging_bytes(shape, stride, dims, out_elements_per_vec: int = 4, element_size: int = 4,
-                         sms: int = SM_COUNT) -> int:
-    """The global-memory staging buffer ATen's CUDA reduction allocates when it splits each output's
-    inputs across thread blocks (aten/src/ATen/native/cuda/Reduce.cuh: `setReduceConfig`,
-    `ReduceConfig::global_memory_size`; read from the pinned CPU torch 2.13's headers, whose
-    reduction config the box's 2.11 shares), for a reduction of a tensor of `shape` and `stride`
-    (elements) over `dims`. `element_size` is the accumulator's (float for half, bfloat16 and float
-    inputs). 0 when the reduction stays inside one block."""
-    ndim = len(shape)
-    dims = {d % ndim for d in dims} if ndim else set()
-    # TensorIterator: reduced dims first, each group by the input's strides (fastest first), then
-    # adjacent dims of one kind coalesced where their strides chain
-    order = sorted(range(ndim), key=lambda d: (d not in dims, stride[d]))
-    groups: list[list] = []  # [size, stride, reduced]
-    for d in order:
-        if shape[d] == 1:
-            continue
-        if groups and groups[-1][2] == (d in dims) and groups[-1][1] * groups[-1][0] == stride[d]:
-            groups[-1][0] *= shape[d]
-        else:
-            groups.append([shape[d], stride[d], d in dims])
-    reduce_groups = [g for g in groups if g[2]]
-    out_groups = [g for g in groups if not g[2]]
-    num_outputs = math.prod(g[0] for g in out_groups)
-    inputs = math.prod(g[0] for g in reduce_groups)
-    if not reduce_groups or inputs <= 1:
-        return 0
-    on_fastest = not out_groups or reduce_groups[0][1] < out_groups[0][1]
-    if on_fastest:
-        dim0, dim1, fastest = inputs, num_outputs, reduce_groups[0][1]
-    else:
-        dim0, dim1, fastest = num_outputs, inputs, out_groups[0][1]
-    output_vec = 1
-    if fastest == 1:
-        if on_fastest and dim0 >= 128 and len(reduce_groups) == 1:
-            dim0 //= 4  # vectorized along the input (input_vec_size = vt0 = 4)
-        elif not on_fastest:
-            output_vec = out_elements_per_vec
-            strides = [g[1] for g in reduce_groups] + [g[1] for g in out_groups[1:]]
-            for n in [out_groups[0][0]] + strides:
-                while n % output_vec:
-                    output_vec //= 2
-            dim0 //= output_vec
-    max_threads = 512 // output_vec
-    d0 = _last_pow2(dim0) if dim0 < max_threads else max_threads
-    d1 = _last_pow2(dim1) if dim1 < max_threads else max_threads
-    width = min(d0, WARP)
-    height = min(d1, max_threads // width)
-    width = min(d0, max_threads // height)
-    step_input, step_output = 1, 1
-    if on_fastest:
-        step_input *= width
-    else:
-        step_output *= width
-    per_thread = -(-inputs // step_input)
-    split_warps = per_thread >= min(height * 16, 256)
-    if split_warps:
-        step_input *= height
-    else:
-        step_output *= height
-    per_thread = -(-inputs // step_input)
-    grid = -(-(num_outputs // output_vec) // step_output)
-    target = sms * (THREADS_PER_SM // (width * height))
-    if not (split_warps and per_thread >= 256 and grid <= target):
-        return 0
-    ctas = max(min(-(-target // grid), -(-per_thread // 16)), -(-per_thread // 256))
-    if ctas <= 1:
-        return 0
-    size = element_size * num_outputs * ctas
-    if not on_fastest:  # no reduction across a block's x dimension: staged per lane
-        size *= width * output_vec
-    return size
+# (the launch configurations: estimator.cuda_kernels)
 
 
 # cuDNN's fused attention backward (the SDPA kernel torch 2.11 picks on the H200 for bf16 and fp16
@@ -377,7 +326,18 @@ class CudaTransients:
         self.matmuls = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
         self.attention_backward = {aten._scaled_dot_product_flash_attention_for_cpu_backward.default}
         self.embedding_backward = aten.embedding_dense_backward.default
+        self.addmm = aten.addmm.default
+        self.native_dropout = aten.native_dropout.default
         self.cublas_backward = False
+        self.lt_threads: set[bool] = set()  # threads (the autograd engine's or not) with a cuBLASLt workspace
+
+    def order(self, func, outputs):
+        """The order in which CUDA allocates an op's outputs, where it differs from the returned
+        tuple's: `dropout_cuda` (aten/src/ATen/native/cuda/Dropout.cu) makes the mask before the
+        output."""
+        if func is self.native_dropout:
+            return list(reversed(outputs))
+        return outputs
 
     def __call__(self, func, args, kwargs, out):
         torch = self.torch
@@ -390,11 +350,17 @@ class CudaTransients:
                     return ((size, False),)
             return ()
         if func in self.matmuls:
-            if not self.cublas_backward and torch._C._current_graph_task_id() != -1:
+            made = []
+            backward = torch._C._current_graph_task_id() != -1
+            if not self.cublas_backward and backward:
                 # the autograd thread's first matmul: its cuBLAS handle's workspace, cached for good
                 self.cublas_backward = True
-                return ((calibration.CUBLAS_WORKSPACE_BYTES, True),)
-            return ()
+                made.append((calibration.CUBLAS_WORKSPACE_BYTES, True))
+            if (func is self.addmm and args[0].dim() == 1 and kwargs.get("beta", 1) == 1
+                    and backward not in self.lt_threads):  # the bias epilogue: cuBLASLt's workspace
+                self.lt_threads.add(backward)
+                made.append((calibration.CUBLASLT_WORKSPACE_BYTES, True))
+            return tuple(made)
         if func is self.embedding_backward:
             grad, indices = args[0], args[1]
             n = indices.numel()
@@ -479,8 +445,11 @@ def _trace(config_json: str, regime: Regime, batch: int, seq_len: int, accumulat
     if composed is not None:
         (prefix, first), count, param_sizes, adapter_sizes = composed
         return prefix + first + _later_steps(first, count, TRACED_STEPS - 1), param_sizes, adapter_sizes
-    model, param_sizes, adapter_sizes = _build(raw, regime)
-    with _step_context(model._trace_fake_mode, _math_attention(model, regime)) as mode:
+    model, param_sizes, adapter_sizes, load = _build(raw, regime)
+    if load is not None:  # 4-bit: the load's own requests come first, numbered apart from the step's
+        load = _load_program(load, regime)
+    with _step_context(model._trace_fake_mode, model, _math_attention(model, regime),
+                       quantized=load is not None) as mode, _leaf_grads(model, mode) as pairs:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = _optimizer(regime, params, _embedding_weights(model))
         if regime.trainer:
@@ -492,8 +461,10 @@ def _trace(config_json: str, regime: Regime, batch: int, seq_len: int, accumulat
                 _forward_backward(model, regime, ids)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    first = _in_place_accumulation(list(mode.events), mode.accumulations)
-    return first + _later_steps(first, mode.count, TRACED_STEPS - 1), param_sizes, adapter_sizes
+    aliases: dict = {}
+    first = _in_place_accumulation(list(mode.events), mode.accumulations, aliases)
+    first = _grad_first(first, [(t, aliases.get(g, g)) for t, g in pairs])
+    return (load or []) + first + _later_steps(first, mode.count, TRACED_STEPS - 1), param_sizes, adapter_sizes
 
 
 def _embedding_weights(model) -> frozenset:
@@ -504,7 +475,8 @@ def _embedding_weights(model) -> frozenset:
 
 def _build(raw: dict, regime: Regime):
     """The job's model on fake CPU tensors (LoRA-wrapped as PEFT wraps it, gradient checkpointing on
-    as the harness turns it on), with its base parameters' and its adapters' bytes."""
+    as the harness turns it on), with its base parameters' and its adapters' bytes, and for a 4-bit
+    job what its load is made of instead (`_load_spec`; the two byte lists are then empty)."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -512,12 +484,22 @@ def _build(raw: dict, regime: Regime):
 
     text_raw, multimodal = inventory_module._text_config(raw)
     dtype = getattr(torch, regime.load.torch)
+    quantized = regime.quantizer is not None
     # the inventory's lock too: transformers' model building is not meant to run concurrently
     with inventory_module._BUILD_LOCK, inventory_module._quiet_transformers():
         model, _ = inventory_module._meta_model(raw, text_raw, multimodal, dtype=dtype,
                                                  attn_implementation=regime.attn.value)
         model.config.use_cache = False
-        if regime.gradient_checkpointing:
+        spec = None
+        if quantized:  # as the harness loads it: BitsAndBytesConfig, then prepare_model_for_kbit_training
+            with _quiet_bitsandbytes():
+                from peft import prepare_model_for_kbit_training
+
+            bnb_trace.quantize_meta(model, regime)
+            spec = _load_spec(model, regime)
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=regime.gradient_checkpointing,
+                                                    gradient_checkpointing_kwargs={"use_reentrant": False})
+        elif regime.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base = {id(p) for p in model.parameters()}
         if regime.mode in (Mode.LORA, Mode.QLORA):
@@ -534,18 +516,149 @@ def _build(raw: dict, regime: Regime):
         with fake:  # the meta model's tensors become fake CPU ones, uninitialized
             model.to_empty(device="cpu")
             (model.get_base_model() if hasattr(model, "get_base_model") else model).tie_weights()
+            if quantized:
+                bnb_trace.pack(model, regime)
     model._trace_fake_mode = fake
     named = dict(model.named_parameters())
+    if quantized:
+        compute = getattr(torch, regime.quantizer.compute.torch).itemsize
+        spec["adapters"] = [(name, (p.numel() * compute, p.untyped_storage().nbytes()))
+                            for name, p in named.items() if name in adapters]
+        return model, [], [], spec
     param_sizes = _storages(p for name, p in named.items() if name not in adapters)
     # PEFT moves each new adapter to its base layer's device as it builds it: one request each
     adapter_sizes = _storages(p for name, p in named.items() if name in adapters)
-    return model, param_sizes, adapter_sizes
+    return model, param_sizes, adapter_sizes, None
+
+
+LOAD_NUMBERS = -(1 << 40)  # a 4-bit load's events are numbered from here, below any step's
+
+
+def _load_program(spec: dict, regime: Regime) -> list[tuple]:
+    """A 4-bit load's events (train_trace_bnb.load_events), its weights in the order from_pretrained
+    loads them: the state dict sorted by name, layer indices as numbers (transformers'
+    `core_model_loading.dot_natural_key`)."""
+    from transformers.core_model_loading import dot_natural_key
+
+    weights = [item for _, item in sorted(spec["weights"], key=lambda entry: dot_natural_key(entry[0]))]
+    return bnb_trace.load_events(weights, spec["buffers"], spec["casts"], [a for _, a in spec["adapters"]],
+                                 regime.double_quant, LOAD_NUMBERS,
+                                 warmup=lambda n: warmup_bytes(n, load_unused_bytes(regime.expandable_segments)))[0]
+
+
+def _whole_load_spec(spec: dict, stack_name: str, layers: int) -> dict:
+    """A 4-bit load's spec (`_load_spec`) for the whole model, from that of TEMPLATE_LAYERS: as
+    `_whole_parameters` does, the first and last layers as the traced ones, the middle one for
+    every layer between, each renamed to its own index (the load's order sorts by name)."""
+    k, last = TEMPLATE_LAYERS, layers - 1
+
+    def expand(entries, prefix):
+        head = f"{prefix}."
+        before, after, per_layer = [], [], {i: [] for i in range(k)}
+        seen = False
+        for name, value in entries:
+            if name.startswith(head) and name[len(head):].split(".", 1)[0].isdigit():
+                index, rest = name[len(head):].split(".", 1)
+                per_layer[int(index)].append((rest, value))
+                seen = True
+            else:
+                (after if seen else before).append((name, value))
+        out = list(before)
+        for i in range(layers):
+            t = i if i <= 1 else k - 1 - (last - i) if i >= last - 1 else 2
+            out += [(f"{head}{i}.{rest}", value) for rest, value in per_layer[t]]
+        return out + after
+
+    base_stack = stack_name.removeprefix("base_model.model.")
+    casts = expand([(name, (name, size)) for name, size in spec["casts"]], base_stack)
+    return {"weights": [(name, item if item[0] == "q" else ("p", name, item[2]))
+                        for name, item in expand(spec["weights"], base_stack)],
+            "buffers": spec["buffers"],
+            "casts": [(name, size) for name, (_, size) in casts],
+            "adapters": expand(spec["adapters"], stack_name)}
+
+
+def _load_spec(model, regime: Regime) -> dict:
+    """What a 4-bit load requests, read off the quantized meta model before
+    prepare_model_for_kbit_training (train_trace_bnb.load_events): the checkpoint's weights by name
+    (a 4-bit one by its shape and 16-bit bytes, another by its bytes in the load dtype), the
+    buffers, and the fp32 casts in `parameters()` order. PEFT's adapters are added once it has
+    wrapped the model."""
+    import torch
+
+    linears = {id(m.weight): m for m in bnb_trace.linears_4bit(model)}
+    size = getattr(torch, regime.load.torch).itemsize
+    weights, casts = [], []
+    for name, p in model.named_parameters():  # a tied weight once
+        m = linears.get(id(p))
+        if m is not None:
+            weights.append((name, ("q", m.out_features, m.in_features, m.out_features * m.in_features * size)))
+        else:
+            weights.append((name, ("p", name, p.numel() * p.element_size())))
+            if p.dtype in (torch.float16, torch.bfloat16):  # prepare_model_for_kbit_training's rule
+                casts.append((name, p.numel() * 4))
+    buffers = [b.numel() * b.element_size() for b in model.buffers()]
+    return {"weights": weights, "buffers": buffers, "casts": casts}
+
+
+class _FirstSeenSet(set):
+    """A set that iterates in the order its elements were first added. transformers builds
+    per-layer-type tensors (Gemma 3's two rotary tables, masks keyed by layer type) while iterating
+    `set(config.layer_types)`, whose order follows the process's string hash seed: the same job
+    makes the same requests in a different order from one process to the next, and reserves up to a
+    segment more or less. The trace takes one order, the layer types' order in the config, so that
+    an estimate is the same in every process."""
+
+    def __init__(self, iterable=()) -> None:
+        items = list(dict.fromkeys(iterable))
+        super().__init__(items)
+        self._order = items
+
+    def add(self, item) -> None:
+        if item not in self:
+            self._order.append(item)
+        super().add(item)
+
+    def update(self, *iterables) -> None:
+        for iterable in iterables:
+            for item in iterable:
+                self.add(item)
+
+    def __iter__(self):
+        ordered = [x for x in self._order if set.__contains__(self, x)]
+        known = set(ordered)
+        return iter(ordered + [x for x in set.__iter__(self) if x not in known])
 
 
 @contextlib.contextmanager
-def _step_context(fake, math_attention: bool = False):
+def _first_seen_sets(model):
+    """`set(...)` in the modules that define the model's layers, and in transformers' mask
+    creation, made `_FirstSeenSet` for the step (see there)."""
+    import sys
+
+    names = {type(m).__module__ for m in model.modules()} | {"transformers.masking_utils"}
+    modules = [sys.modules[n] for n in sorted(names)
+               if n.startswith("transformers.") and n in sys.modules]
+    missing = object()
+    kept = [(m, m.__dict__.get("set", missing)) for m in modules]
+    for m in modules:
+        m.set = _FirstSeenSet
+    try:
+        yield
+    finally:
+        for m, old in kept:
+            if old is missing:
+                del m.set
+            else:
+                m.set = old
+
+
+@contextlib.contextmanager
+def _step_context(fake, model=None, math_attention: bool = False, quantized: bool = False):
     """The model's fake mode and the CUDA rules a step runs under; yields the recording mode.
-    `math_attention`: SDPA runs its math kernel, as CUDA's does for this job (`_math_attention`)."""
+    `model`: the one the step runs (its modules iterate sets in a fixed order: `_first_seen_sets`);
+    `math_attention`: SDPA runs its math kernel, as CUDA's does for this job (`_math_attention`);
+    `quantized`: bitsandbytes' 4-bit matmuls as their CUDA kernels allocate (train_trace_bnb)."""
     import torch.nn.attention
 
     from estimator import inventory as inventory_module
@@ -555,8 +668,10 @@ def _step_context(fake, math_attention: bool = False):
     kernel = contextlib.nullcontext()
     if math_attention:
         kernel = torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH)
+    ordered = _first_seen_sets(model) if model is not None else contextlib.nullcontext()
+    matmuls = bnb_trace.cuda_matmuls() if quantized else contextlib.nullcontext()
     with inventory_module._quiet_transformers(), fake, mode, _no_data(), _unpacked_positions(), \
-            _fused_dropout(keep_attention_dropout=math_attention), kernel:
+            _fused_dropout(keep_attention_dropout=math_attention), kernel, ordered, matmuls, _autocast_query():
         yield mode
 
 
@@ -582,6 +697,26 @@ def _autocast(regime: Regime):
     import torch
 
     return torch.autocast("cpu", dtype=torch.bfloat16) if regime.autocast else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _autocast_query():
+    """`torch.is_autocast_enabled()` asked without a device (CUDA's, in torch 2.x) answered by the
+    CPU autocast that stands for CUDA's, for the whole step: PEFT's LoRA layers cast their input
+    and output only outside autocast, and gradient checkpointing's recomputed forwards run under
+    the autocast state it saved."""
+    import torch
+
+    kept = torch.is_autocast_enabled
+
+    def enabled(device_type=None):
+        return kept("cpu") if device_type in (None, "cuda") else kept(device_type)
+
+    torch.is_autocast_enabled = enabled
+    try:
+        yield
+    finally:
+        torch.is_autocast_enabled = kept
 
 
 def _forward_backward(model, regime: Regime, ids) -> None:
@@ -703,11 +838,12 @@ def _composed_step(raw: dict, regime: Regime, batch: int, seq_len: int, layers: 
 
     from estimator import inventory as inventory_module
 
-    small, _, _ = _build(_truncated(raw, TEMPLATE_LAYERS), regime)
+    small, _, _, spec = _build(_truncated(raw, TEMPLATE_LAYERS), regime)
     found = inventory_module._layer_stack(small, TEMPLATE_LAYERS)
     if found is None or not _alike(found[1]):
         return None
-    with _step_context(small._trace_fake_mode, _math_attention(small, regime)) as mode:
+    with _step_context(small._trace_fake_mode, small, _math_attention(small, regime), quantized=spec is not None) as mode, \
+            _leaf_grads(small, mode) as pairs:
         if not regime.trainer:
             ids = torch.zeros((batch, seq_len), dtype=torch.long)
         start = len(mode.events)
@@ -725,6 +861,7 @@ def _composed_step(raw: dict, regime: Regime, batch: int, seq_len: int, layers: 
                  if p.grad is not None and p.grad.untyped_storage()._cdata in mode.keys}
     aliases: dict = {}
     events = _in_place_accumulation(list(mode.events), mode.accumulations, aliases)
+    events = _grad_first(events, [(t, aliases.get(g, g)) for t, g in pairs])
     grads = {aliases.get(n, n) for n in grads}
     prefix, step = events[:start], events[start:]
     composed = _compose(step, grads, layers, mode.count)
@@ -736,6 +873,9 @@ def _composed_step(raw: dict, regime: Regime, batch: int, seq_len: int, layers: 
     embeddings = _embedding_weights(small)
     param_sizes = [p.untyped_storage().nbytes() for p, adapter, _ in params if not adapter]
     adapter_sizes = [p.untyped_storage().nbytes() for p, adapter, _ in params if adapter]
+    if spec is not None:  # 4-bit: the whole model's load, written out, comes first
+        prefix = _load_program(_whole_load_spec(spec, found[0], layers), regime) + prefix
+        param_sizes, adapter_sizes = [], []
     # the optimizer's step over them, their gradients in place, then zero_grad: it frees every
     # gradient the composed backward made
     with small._trace_fake_mode:
@@ -966,6 +1106,48 @@ def _later_steps(step: list[tuple], numbered: int, count: int) -> list[tuple]:
         offset = numbered * (k + 1)
         out += [(e[0], e[1] + offset) + tuple(e[2:]) for e in step if e[1] not in kept]
     return out
+
+
+@contextlib.contextmanager
+def _leaf_grads(model, mode):
+    """Yields the (tensor, its .grad) allocation numbers (the gradient's before
+    `_in_place_accumulation` resolves a sum to the storage that holds it) of the step's leaf
+    tensors that are not parameters and get a gradient: the input embeddings' output, made a leaf that requires grad by
+    transformers' `enable_input_require_grads` (PEFT turns it on with gradient checkpointing)."""
+    pairs: list[tuple[int, int]] = []
+
+    def accumulated(t):
+        keys = mode.keys.get(t.untyped_storage()._cdata), mode.keys.get(t.grad.untyped_storage()._cdata)
+        if None not in keys and keys not in pairs:
+            pairs.append(keys)
+
+    def hook(module, args, out):
+        if getattr(out, "is_leaf", False) and out.requires_grad:
+            out.register_post_accumulate_grad_hook(accumulated)
+
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    handle = embeddings.register_forward_hook(hook) if embeddings is not None else None
+    try:
+        yield pairs
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def _grad_first(events: list[tuple], pairs: list[tuple[int, int]]) -> list[tuple]:
+    """A dying tensor releases its `.grad` before its own storage (C++ frees the TensorImpl's
+    autograd meta first); on fake tensors the Python object's finalizer reports the tensor first.
+    Where a pair's two frees come one right after the other in that order, they are swapped."""
+    if not pairs:
+        return events
+    events = list(events)
+    at = {e[1]: i for i, e in enumerate(events) if e[0] == "F"}
+    for tensor, grad in pairs:
+        i, j = at.get(tensor), at.get(grad)
+        if i is not None and j == i + 1:
+            events[i], events[j] = events[j], events[i]
+            at[tensor], at[grad] = j, i
+    return events
 
 
 def _in_place_accumulation(events: list[tuple], accumulations: list[tuple[int, int]], aliases: dict | None = None) -> list[tuple]:

@@ -1,11 +1,12 @@
 """Training's traced request stream (estimator.train_trace) against allocator histories measured on
 the H200, and its parts: the CUDA rules, composing a deep stack from a few layers, the later steps.
 
-validation/results_h200/streams/ holds the allocator histories of six training steps, four of
-SPEC's plain loop and two of the Trainer (torch.cuda.memory._record_memory_history, compacted by
-validation.snapshot). The trace runs the same job on fake tensors; replayed through the allocator
-model, it must reach the real reserved and allocated peaks (within 0.2%; they are within 0.1%).
-No GPU is needed: the histories are committed.
+validation/results_h200/streams/ holds the allocator histories of the training steps the trace's
+rules were read off: six in 16 bits (four of SPEC's plain loop, two of the Trainer) and round e's
+three 4-bit references (QLoRA, two of the loop, one of the Trainer; recorded with each request's
+line) (torch.cuda.memory._record_memory_history, compacted by validation.snapshot). The trace runs
+the same job on fake tensors; replayed through the allocator model, it must reach the real
+reserved and allocated peaks (within 0.3%). No GPU is needed: the histories are committed.
 """
 
 from __future__ import annotations
@@ -33,9 +34,10 @@ def _case(case_id: str):
     if "-trainer-" in case_id:  # transformers.Trainer's cases, as the report estimates them
         from validation.trainer_cases import estimator_job, load_trainer_cases
 
-        for case in load_trainer_cases(ROOT / "validation" / "cases_trainer.yaml"):
-            if case.id == case_id:
-                return SimpleNamespace(model=case.model, job=Job.from_dict(dict(estimator_job(case), trainer=True)))
+        for path in ("cases_trainer.yaml", "cases_trainer_e.yaml"):
+            for case in load_trainer_cases(ROOT / "validation" / path):
+                if case.id == case_id:
+                    return SimpleNamespace(model=case.model, job=Job.from_dict(dict(estimator_job(case), trainer=True)))
         raise KeyError(case_id)
     for path in sorted((ROOT / "validation").glob("cases*.yaml")):
         try:
@@ -58,6 +60,8 @@ HISTORIES = (
     "gemma-3-4b-it-full-amp_bf16-b1-s512-adamw_8bit",
     "qwen2.5-0.5b-trainer-full-amp_bf16-b4-g1-s1024-sgd-clip0",
     "qwen2.5-0.5b-trainer-full-bf16-b4-g1-s1024-adafactor",
+    "llama-3.2-1b-qlora-b4-s1024-r16",
+    "llama-3.2-1b-trainer-qlora-b4-g1-s1024-r16-adamw_torch_fused",
 )
 
 
@@ -70,7 +74,11 @@ def test_traced_step_reaches_the_real_peaks(name):
     regime = regime_of(case.job)
     assert tt.untraced_reason(inv, regime) is None
     reserved, allocated = tt.step_reserve(inv, regime, sizes_of(case.job))
-    assert reserved == pytest.approx(real["peak_reserved_bytes"], rel=0.002)
+    # 0.3%: the load's parameters go in `named_parameters` order, where transformers' loader
+    # materializes them from worker threads in a near-sorted order; which ones land past the
+    # warm-up block (2 MiB short: train_trace.warmup_bytes) moves Llama-3.2-3B's paged 8-bit
+    # history +0.27% (its step's requests are the real ones, size for size)
+    assert reserved == pytest.approx(real["peak_reserved_bytes"], rel=0.003)
     assert allocated == pytest.approx(real["peak_allocated_bytes"], rel=0.002)
     # and the estimate's device total is that reserved peak plus the context
     e = estimate(inv, case.job)
@@ -148,9 +156,89 @@ def test_later_steps_drop_what_the_first_made_for_good():
     assert tt._later_steps(first, 3, 2) == [("A", 3, 10), ("F", 3), ("A", 6, 10), ("F", 6)]
 
 
+def _requests(events, minimum=0):
+    """("A", bytes rounded as the allocator rounds them) and ("F", which earlier request it frees,
+    by its ordinal) of a request stream: what the allocator sees, numbers and addresses aside."""
+    from estimator.allocator import round_size
+
+    out, ordinal = [], {}
+    for e in events:
+        if e[0] == "A" and e[2] > minimum:
+            ordinal[e[1]] = len(ordinal)
+            out.append(("A", round_size(e[2])))
+        elif e[0] == "F" and e[1] in ordinal:
+            out.append(("F", ordinal[e[1]]))
+    return out
+
+
+@pytest.mark.parametrize("name", ["llama-3.2-1b-qlora-b4-s1024-r16", "qwen2-1.5b-instruct-qlora-b4-s1024-r16-gc"])
+def test_a_4bit_load_makes_the_real_loads_requests(name):
+    """A QLoRA load, written out from the pinned sources (train_trace_bnb.load_events: the warm-up
+    block, each weight quantized as it loads, the buffers, prepare_model_for_kbit_training's fp32
+    casts and empty_cache, PEFT's adapters made and cast), is the real history's request for
+    request, the small ones included, up to the step's first request."""
+    case = _case(name)
+    inv = inventory_from_config(find_entry(case.model).config())
+    regime, sizes = regime_of(case.job), sizes_of(case.job)
+    events, param_sizes, adapter_sizes = tt._trace(inv.config_json, regime, sizes.batch, sizes.seq_len)
+    assert param_sizes == adapter_sizes == []
+    load = [e for e in events if e[0] != "C" and e[1] < 0]
+    with gzip.open(STREAMS / f"{name}.json.gz", "rt") as handle:
+        real = json.load(handle)["events"]
+    numbered, at = [], {}  # the real stream as ("A", number, size) / ("F", number)
+    for action, address, size in real:
+        if action == "alloc":
+            at[address] = len(numbered)
+            numbered.append(("A", len(numbered), size))
+        elif action == "free_completed" and address in at:
+            numbered.append(("F", at.pop(address)))
+    mine = _requests(load)
+    assert mine == _requests(numbered)[: len(mine)]
+    assert len(mine) > 1000 and sum(1 for r in mine if r[0] == "A") > 500
+
+
+def test_4bit_matmuls_allocate_as_the_cuda_kernel_does():
+    """bitsandbytes' gemm_4bit on CUDA: past its fused kernel's rows (sm90: more than 1536) it
+    dequantizes — with double quantization, the fp32 absmax and its offset sum, then the [N, K]
+    weight in the input's dtype — and runs F.linear; the backward dequantizes again (absmax, then
+    the weight in the state's dtype) for grad_output @ W. A single row takes the fused kernel:
+    its output only. Worked on a [256, 128] weight (512 blocks of 64)."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from estimator import train_trace_bnb as bnb_trace
+    from estimator.meta_trace import _live_bytes_mode
+
+    with tt._quiet_bitsandbytes():
+        import bitsandbytes as bnb
+
+    regime = regime_of(Job(mode="qlora"))
+    module = bnb.nn.Linear4bit(128, 256, bias=False, compute_dtype=torch.bfloat16, device="meta")
+    holder = torch.nn.Sequential(module)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        holder.to_empty(device="cpu")
+        bnb_trace.pack(holder, regime)
+        state = module.weight.quant_state
+        assert module.weight.shape == (256 * 128 // 2, 1) and state.absmax.shape == (512,) and state.nested
+        x = torch.empty((2, 1024, 128), dtype=torch.bfloat16, requires_grad=True)
+        mode = _live_bytes_mode()
+        with mode, bnb_trace.cuda_matmuls():
+            y = bnb.matmul_4bit(x, module.weight, quant_state=state)
+            y.backward(torch.empty_like(y))
+            one = bnb.matmul_4bit(torch.empty((1, 128), dtype=torch.bfloat16), module.weight, quant_state=state)
+    sizes = [e[2] for e in mode.events if e[0] == "A"]
+    forward = [512 * 4, 512 * 4, 256 * 128 * 2, 2 * 1024 * 256 * 2]  # absmax_dq, + offset, B_dq, y
+    backward = [512 * 4, 256 * 128 * 2, 2 * 1024 * 128 * 2]  # absmax, W, grad_A
+    assert sizes[:4] == forward
+    assert sizes[4] == 2 * 1024 * 256 * 2  # the incoming gradient (empty_like)
+    assert sizes[5:8] == backward
+    assert sizes[-1] == 256 * 2 and one.shape == (1, 256)  # fused: the output alone
+
+
 def test_untraced_jobs_name_why():
     inv = inventory_from_config(find_entry("meta-llama/Llama-3.2-1B").config())
-    assert "bitsandbytes" in tt.untraced_reason(inv, regime_of(Job(mode="qlora")))
+    assert tt.untraced_reason(inv, regime_of(Job(mode="qlora"))) is None
+    assert "LLM.int8" in tt.untraced_reason(inv, regime_of(Job(mode="qlora", quant="int8")))
     assert "TRL" in tt.untraced_reason(inv, regime_of(Job(mode="lora", sft=True)))
     assert tt.untraced_reason(inv, regime_of(Job(mode="lora", trainer=True))) is None
     assert tt.untraced_reason(inv, regime_of(Job(mode="inference"))) == "not a training job"
