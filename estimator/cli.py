@@ -266,11 +266,12 @@ def main(argv: list[str] | None = None) -> int:
                 fit = fit_on(result, gpu, strategy, args.num_gpus)
                 speed = speed_of(result, gpu, args.tokens, price)
                 if args.suggest:
-                    from estimator.suggest import suggest
+                    from estimator.suggest import confirmed, suggest
 
-                    # the variants with training's reserve by the formula (a traced step is about
-                    # a second each), as the app's suggestions are
+                    # searched with training's reserve by the formula (a traced step is about a
+                    # second each), as the app's suggestions are; the few found are then traced
                     suggestions = suggest(result, gpu, lambda j: result if j == job else estimate(source.config, j, trace=False))
+                    suggestions = confirmed(suggestions, gpu, lambda j: result if j == job else estimate(source.config, j))
                 if args.plot:
                     from estimator.present import memory_plot, write_plot_html
 

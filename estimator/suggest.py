@@ -125,6 +125,21 @@ def suggest(result: Estimate, gpu, estimate_of: Callable[[Job], Estimate], limit
     return found[:limit]
 
 
+def confirmed(found: list[Suggestion], gpu, estimate_of: Callable[[Job], Estimate]) -> list[Suggestion]:
+    """The suggestions searched with a cheaper estimate (training's reserve by the formula), each
+    one-GPU change re-estimated with `estimate_of` (its step traced) and kept, with those figures,
+    where it still fits: what a user reruns with the suggested options is what is shown."""
+    out = []
+    for s in found:
+        if s.gpus != 1:
+            out.append(s)
+            continue
+        checked = _try(s.change, s.options, s.job, gpu, estimate_of)
+        if checked is not None:
+            out.append(checked)
+    return out
+
+
 def _combination(job: Job, chosen: list[_Change]) -> tuple[str, tuple[str, ...], Job]:
     """The changes applied in order; a later change of the same field replaces an earlier one."""
     by_field: dict[frozenset, _Change] = {}

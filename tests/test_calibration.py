@@ -59,15 +59,17 @@ def test_the_estimate_uses_the_reference_gpu():
 
 
 def test_the_tight_band_is_the_cap_the_residuals_exceed():
-    """The band's width (calibration.yaml): at most 5% of the card, and the p90 under-estimate of
-    the non-edge cases (measured at >= 20% of their card) is above it, so the cap binds."""
+    """The band's width (calibration.yaml): at most 5% of the card, fixed at that cap when the p90
+    under-estimate of the non-edge cases (measured at >= 20% of their card) was above it, and not
+    re-fixed since; today's p90, recomputed, is what calibration.yaml says, and the band covers it."""
     from validation import report
 
     assert 0 < calibration.TIGHT_BAND_FRACTION <= 0.05
     h100 = [(c, 85_017_493_504) for c in (report.compare(r) for r in report.load_rows())]
     sets = report.h200_sets()
-    # the sets measured when the band was fixed (the families rounds and round c came later)
-    then = [name for name, _ in sets if "new families" not in name and "round c" not in name]
+    # the sets measured when the band was fixed (the families rounds and rounds c to f came later)
+    later = ("new families", "round c", "round d", "round e", "round f")
+    then = [name for name, _ in sets if not any(k in name for k in later)]
 
     def p90(names):
         h200 = [(c, 150_109_880_320) for name, group in sets if name in names for c in group]
@@ -76,8 +78,8 @@ def test_the_tight_band_is_the_cap_the_residuals_exceed():
         assert len(under) >= 40
         return under[int(0.9 * len(under))]
 
-    # calibration.yaml quotes 8.1% at the time the band was fixed, and 5.1% since training's step
-    # is traced: the band was not re-fixed on these residuals, and the cap still binds
-    assert p90(then) == pytest.approx(0.051, abs=0.005)
-    assert p90(then) >= calibration.TIGHT_BAND_FRACTION
-    assert p90([name for name, _ in sets]) >= calibration.TIGHT_BAND_FRACTION  # with every set since, the cap still binds
+    # calibration.yaml quotes 8.1% when the band was fixed, 5.1% once training's step was traced,
+    # and 0.7% (1.0% with every set since) with QLoRA traced: the band was not re-fixed on them
+    assert p90(then) == pytest.approx(0.007, abs=0.002)
+    assert p90([name for name, _ in sets]) == pytest.approx(0.010, abs=0.002)
+    assert p90([name for name, _ in sets]) <= calibration.TIGHT_BAND_FRACTION

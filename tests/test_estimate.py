@@ -163,8 +163,8 @@ def test_expandable_segments_run_in_page_rounding_and_hold_the_traced_replay():
         needed = answer.per_gpu.needed_bytes - (answer.per_gpu.device_total_bytes - held)
         assert 2 * 1024**2 <= needed < 22 * 1024**2 < default.breakdown["allocator_reserve"]
         assert answer.headroom_bytes == answer.capacity_bytes - answer.per_gpu.needed_bytes
-        if job.mode.value in ("full", "lora"):  # traced: the replay's holes are held
+        if job.mode.value in ("full", "lora", "qlora"):  # traced: the replay's holes are held
             assert held > 22 * 1024**2 and answer.per_gpu.required_bytes < answer.per_gpu.device_total_bytes
             assert any("expandable segments" in n for n in answer.notes)
-        else:  # not traced: page rounding both ways
+        else:  # inference: page rounding both ways
             assert held == needed and answer.per_gpu.required_bytes is None

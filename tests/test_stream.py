@@ -21,7 +21,7 @@ from estimator.catalog import find_entry
 from estimator.inventory import inventory_from_config
 from estimator.regime import regime_of, sizes_of
 from estimator import stream
-from validation.snapshot import replay
+from validation.snapshot import expandable, replay
 
 STREAMS = Path(__file__).resolve().parents[1] / "validation" / "results_h200" / "streams"
 
@@ -139,15 +139,16 @@ def test_the_recorded_decoding_program_replays_exactly_what_writing_every_step_o
 @pytest.mark.parametrize("name", sorted(p.name.removesuffix(".json.gz") for p in STREAMS.glob("*.json.gz")))
 def test_the_allocator_model_replays_every_real_history(name):
     """Every committed allocator history (training steps of SPEC's loop and the Trainer, paged 8-bit
-    AdamW among them; decodes, MoE ones among them), load included, every allocation and free
-    replayed through estimator/allocator.py with each segment where cudaMalloc put it (equal-size
-    free blocks go lowest address first): the reserved peak within 0.2% of what the real
-    allocator's segments reached (the small pool's segment made before the recording began is the
-    2 MiB that remains)."""
+    AdamW and QLoRA among them; decodes, MoE ones among them), load included, every allocation and
+    free replayed through estimator/allocator.py with each segment where cudaMalloc put it
+    (equal-size free blocks go lowest address first), under the allocator setting it was recorded
+    with, releasing cached memory where the real one did (prepare_model_for_kbit_training's
+    empty_cache): the reserved peak within 0.25% of what the real allocator's segments reached (the
+    small pool's segment made before the recording began is the 2 MiB that remains)."""
     with gzip.open(STREAMS / f"{name}.json.gz", "rt") as handle:
         data = json.load(handle)
-    result = replay(data["events"])
-    assert result.peak_reserved_bytes == pytest.approx(data["peak_reserved_bytes"], rel=0.002)
+    result = replay(data["events"], expandable_segments=expandable(data["events"]))
+    assert result.peak_reserved_bytes == pytest.approx(data["peak_reserved_bytes"], rel=0.0025)
     # allocated within 1%: a block whose rest is too small to split off counts whole in the replay
     assert result.peak_allocated_bytes == pytest.approx(data["peak_allocated_bytes"], rel=0.01)
 

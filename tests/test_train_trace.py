@@ -238,7 +238,12 @@ def test_4bit_matmuls_allocate_as_the_cuda_kernel_does():
 def test_untraced_jobs_name_why():
     inv = inventory_from_config(find_entry("meta-llama/Llama-3.2-1B").config())
     assert tt.untraced_reason(inv, regime_of(Job(mode="qlora"))) is None
-    assert "LLM.int8" in tt.untraced_reason(inv, regime_of(Job(mode="qlora", quant="int8")))
+    import dataclasses
+
+    from estimator.quantizers import QUANTIZERS
+
+    int8 = dataclasses.replace(regime_of(Job(mode="qlora")), quantizer=QUANTIZERS["int8"])
+    assert "LLM.int8" in tt.untraced_reason(inv, int8)
     assert "TRL" in tt.untraced_reason(inv, regime_of(Job(mode="lora", sft=True)))
     assert tt.untraced_reason(inv, regime_of(Job(mode="lora", trainer=True))) is None
     assert tt.untraced_reason(inv, regime_of(Job(mode="inference"))) == "not a training job"

@@ -65,7 +65,17 @@ def replay(events: list[list], *, expandable_segments: bool = False, capacity_by
             alloc.next_segment_address = segment_address = None
         elif action == "free_completed" and address in live:
             alloc.free(live.pop(address))
+        elif action in ("segment_free", "segment_unmap"):
+            # the real allocator released cached memory (torch.cuda.empty_cache, as
+            # prepare_model_for_kbit_training calls it, or the out-of-memory retry): so does the replay
+            alloc.empty_cache()
     return alloc
+
+
+def expandable(events: list[list]) -> bool:
+    """Whether a history was recorded under expandable segments (its pages are mapped, not its
+    segments allocated)."""
+    return any(action == "segment_map" for action, _, _ in events)
 
 
 LIBRARIES = ("transformers/", "peft/", "bitsandbytes/", "accelerate/", "trl/", "liger_kernel/", "validation/")
@@ -147,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", help="write each snapshot's compact stream here")
     parser.add_argument("--replay", action="store_true",
                         help="replay compact streams (.json.gz) through estimator.allocator and print both reserved peaks")
-    parser.add_argument("--expandable-segments", action="store_true", help="replay under expandable segments")
+    parser.add_argument("--expandable-segments", action="store_true",
+                        help="replay under expandable segments (a history recorded under them is replayed so anyway)")
     parser.add_argument("--explain", action="store_true",
                         help="for each snapshot (.pickle, recorded with frames), print what was alive at peak allocated, by the line that allocated it")
     args = parser.parse_args(argv)
@@ -163,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.snapshots:
             with gzip.open(name, "rt") as handle:
                 data = json.load(handle)
-            alloc = replay(data["events"], expandable_segments=args.expandable_segments)
+            alloc = replay(data["events"], expandable_segments=args.expandable_segments or expandable(data["events"]))
             real = data["peak_reserved_bytes"]
             print(f"{data['case']}: real reserved peak {real / 2**20:,.0f} MiB (allocated {data['peak_allocated_bytes'] / 2**20:,.0f}), "
                   f"replayed {alloc.peak_reserved_bytes / 2**20:,.0f} MiB ({alloc.peak_reserved_bytes / real - 1:+.1%})")
