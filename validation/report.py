@@ -37,7 +37,12 @@ H200_SETS = (
     ("plain loop: device-total holdouts, round b", Path(__file__).resolve().parent / "results_h200" / "h200-device-b.jsonl"),
     ("plain loop: device-total holdouts, round c (MoE decodes)", Path(__file__).resolve().parent / "results_h200" / "h200-device-c.jsonl"),
     ("plain loop: device-total holdouts, round d (traced training steps)", Path(__file__).resolve().parent / "results_h200" / "h200-device-d.jsonl"),
+    ("plain loop: QLoRA, round e", Path(__file__).resolve().parent / "results_h200" / "h200-device-e.jsonl"),
+    ("plain loop: expandable segments, round f (holdouts)", Path(__file__).resolve().parent / "results_h200" / "h200-device-f.jsonl"),
     ("Trainer holdouts", Path(__file__).resolve().parent / "results_trainer" / "h200-trainer.jsonl"),
+    ("Trainer: QLoRA, round e", Path(__file__).resolve().parent / "results_trainer" / "h200-trainer-e.jsonl"),
+    ("Trainer and SFTTrainer: reference histories, round f (Liger, TRL; not holdouts)",
+     Path(__file__).resolve().parent / "results_trainer" / "h200-references-f.jsonl"),
     ("TRL SFTTrainer holdouts", Path(__file__).resolve().parent / "results_trainer" / "h200-sft.jsonl"),
     ("plain loop: new families, round a (issue 13)", Path(__file__).resolve().parent / "results_h200" / "h200-families.jsonl"),
     ("plain loop: new families, round b (issue 13)", Path(__file__).resolve().parent / "results_h200" / "h200-families-b.jsonl"),
@@ -336,6 +341,8 @@ def render_h200(sets: list[tuple[str, list[Comparison]]], command: str) -> str:
     everything = [c for _, group in sets for c in group]
     for name, group in sets + [("all", everything)]:
         ok = [c for c in group if c.status == "ok" and not c.refused]
+        if name != "all" and _mixed(group):  # a round with reference histories: its holdouts are scored
+            ok, name = [c for c in ok if c.holdout], f"{name}, holdouts"
         peak, device = summarize([c.peak_error for c in ok]), summarize([c.device_error for c in ok])
         lines.append(f"| {name} | {len(ok)} | {_pct(peak[1])} / {_pct(peak[2])} | {_pct(device[1])} / {_pct(device[2])} |")
     for name, group in sets:
@@ -347,6 +354,8 @@ def render_h200(sets: list[tuple[str, list[Comparison]]], command: str) -> str:
                   "|---|---:|---:|---:|---:|---:|---:|" + ("---|" if trainable else "")]
         for c in group:
             extra = f" {_trainable_cell(c)} |" if trainable else ""
+            if _mixed(group) and not c.holdout:  # its rules were read off this history: not scored
+                c = dataclasses.replace(c, case=f"{c.case} (reference)")
             if c.refused:  # the estimator refuses it; the row says whether the run failed too
                 lines.append(f"| {c.case} | {c.status} | refused | | | refused | |{extra}")
                 refusals.append(f"- {c.case} ({c.status} on the GPU): {c.refused}")
@@ -365,6 +374,12 @@ def render_h200(sets: list[tuple[str, list[Comparison]]], command: str) -> str:
     lines += render_edges(edge_rows())
     lines.append("")
     return "\n".join(lines)
+
+
+def _mixed(group: list[Comparison]) -> bool:
+    """Whether a set holds both holdouts and reference cases (a round whose references the
+    estimator's rules were read off, beside its holdouts)."""
+    return any(c.holdout for c in group) and not all(c.holdout for c in group)
 
 
 def _trainable_cell(c: Comparison) -> str:
