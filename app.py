@@ -454,7 +454,7 @@ def estimate_page(pool: list, stage) -> None:
     )
     cols = st.columns(3)
     cols[0].metric("Peak allocated, one GPU", f"{result.peak_allocated_bytes / GIB:.2f} GiB", help="torch.cuda.max_memory_allocated()")
-    cols[1].metric("Device total, one GPU", f"{result.device_total_bytes / GIB:.2f} GiB", help="What nvidia-smi shows: the allocator's reserve, the CUDA context, paged memory. This decides whether it fits.")
+    cols[1].metric("Device total, one GPU", f"{result.device_total_bytes / GIB:.2f} GiB", help="What nvidia-smi shows: the allocator's reserve, the CUDA context, paged memory. This decides whether it fits (with expandable segments, what it runs in near the card's limit does: the note says how much).")
     measured = "measured" if gpu.process_total_measured else "the driver's reservation interpolated from two measured cards"
     cols[2].metric(f"{gpu.name} usable", f"{fit.capacity_bytes / GIB:.1f} GiB",
                    help=f"What one process can allocate: the driver reports {gpu.memory_gib:.1f} GiB "

@@ -569,12 +569,11 @@ def _whole_load_spec(spec: dict, stack_name: str, layers: int) -> dict:
             out += [(f"{head}{i}.{rest}", value) for rest, value in per_layer[t]]
         return out + after
 
-    base_stack = stack_name.removeprefix("base_model.model.")
-    casts = expand([(name, (name, size)) for name, size in spec["casts"]], base_stack)
-    return {"weights": [(name, item if item[0] == "q" else ("p", name, item[2]))
+    base_stack = stack_name.removeprefix("base_model.model.")  # the weights' names are PEFT's base model's
+    return {"weights": [(name, item if item[0] == "q" else ("p", name, item[2]))  # a plain one keyed by its new name
                         for name, item in expand(spec["weights"], base_stack)],
             "buffers": spec["buffers"],
-            "casts": [(name, size) for name, (_, size) in casts],
+            "casts": expand(spec["casts"], base_stack),
             "adapters": expand(spec["adapters"], stack_name)}
 
 
