@@ -63,17 +63,15 @@ def linears_4bit(model) -> list:
     return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
 
 
-def pack(model, regime) -> dict[int, tuple[int, int]]:
+def pack(model, regime) -> None:
     """Each Linear4bit's weight made its packed codes ([(N·K+1)/2, 1] uint8, frozen) with the
     QuantState `quantize_4bit` leaves (fp32 absmax per 64-block, or its 8-bit codes, offset and
-    nested absmax), on fake tensors (call inside the model's fake mode). Returns, per packed
-    weight's id, its (out_features, in_features)."""
+    nested absmax), on fake tensors (call inside the model's fake mode)."""
     import torch
     from bitsandbytes.functional import QuantState
 
     nested = regime.double_quant
     dtype = getattr(torch, regime.load.torch)
-    shapes = {}
     for m in linears_4bit(model):
         n, k = m.out_features, m.in_features
         blocks = math.ceil(n * k / BNB_4BIT_BLOCKSIZE)
@@ -92,8 +90,6 @@ def pack(model, regime) -> dict[int, tuple[int, int]]:
         weight.quant_state = state
         m.weight = weight
         m.quant_state = state
-        shapes[id(weight)] = (n, k)
-    return shapes
 
 
 # ---- the step: MatMul4Bit and the CUDA gemm_4bit kernel ------------------------------------------
