@@ -96,8 +96,12 @@ def untraced_reason(inv: Inventory, regime: Regime) -> str | None:
         return "Liger's kernels and TRL's chunked head are not traced"
     if regime.attn is Attention.FLASH_ATTENTION_2:
         return "flash-attention-2 is not installed here"
-    if inv.moe is not None:
-        return "MoE blocks are not traced in training yet"
+    if inv.moe is not None and inv.num_layers > COMPOSE_ABOVE and (
+            len(inv.moe.layers) != inv.num_layers or not _composable(inv.config_json)):
+        # DeepSeek's dense first layers, Llama 4's interleaved ones, Qwen3-Next's two attentions: the
+        # stack is not composed from a few traced layers, and tracing every layer of such a model
+        # takes a minute or more
+        return "an MoE stack whose layers differ is not composed from a few traced layers"
     if regime.optimizer is None:
         return "no optimizer"
     return None
@@ -404,7 +408,18 @@ def _fused_dropout(keep_attention_dropout: bool = False):
         # CUDA's fused kernels apply dropout inside and keep only the RNG's seed and offset for the
         # backward, so their memory is that of the kernel without dropout (where CUDA runs the
         # math kernel too, its dropout stays)
-        return sdpa(query, key, value, attn_mask, dropout_p if keep_attention_dropout else 0.0, *args, **kwargs)
+        p = dropout_p if keep_attention_dropout else 0.0
+        narrow = value.shape[-1] < query.shape[-1]
+        if narrow and not keep_attention_dropout:
+            # a value head narrower than the query's (MLA: DeepSeek's 128 against 192): CUDA's
+            # memory-efficient kernel takes it in O(S) memory, where the CPU's flash kernel refuses
+            # it and its math kernel would hold the B·H·S² scores. The trace runs the flash kernel
+            # on the value zero-padded to the query's width and keeps the value's columns: the
+            # fused kernel's memory, plus the padded value (B·H·S·(Dq − Dv) more per layer)
+            width = value.shape[-1]
+            padded = functional.pad(value, (0, query.shape[-1] - width))
+            return sdpa(query, key, padded, attn_mask, p, *args, **kwargs)[..., :width]
+        return sdpa(query, key, value, attn_mask, p, *args, **kwargs)
 
     functional.dropout = fused
     functional.scaled_dot_product_attention = fused_attention
@@ -413,6 +428,59 @@ def _fused_dropout(keep_attention_dropout: bool = False):
     finally:
         functional.dropout = dropout
         functional.scaled_dot_product_attention = sdpa
+
+
+_GROUPED_MM: list = []
+
+
+def _grouped_mm_function():
+    """`torch._grouped_mm` for inputs other than bf16, as CUDA runs it: ATen's fallback (one
+    `mm_out` per group into an output made once, GroupedBlas.cpp) whose backward is another grouped
+    matmul per input that needs a gradient (derivatives.yaml). The meta kernel, which fake tensors
+    run, accepts bf16 only, so QLoRA's experts, which prepare_model_for_kbit_training upcasts to
+    fp32, would not trace."""
+    import torch
+
+    class GroupedMM(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, input, weight, offs):
+            ctx.save_for_backward(input, weight)
+            return input.new_empty((input.shape[0], weight.shape[-1]))
+
+        @staticmethod
+        def backward(ctx, grad):
+            input, weight = ctx.saved_tensors
+            grad_input = torch.empty_like(input) if ctx.needs_input_grad[0] else None
+            grad_weight = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
+            return grad_input, grad_weight, None
+
+    return GroupedMM
+
+
+@contextlib.contextmanager
+def _grouped_mm_any_dtype():
+    """`torch.nn.functional.grouped_mm` (what transformers' grouped_mm experts call) made to take
+    fp32 inputs as CUDA does (`_grouped_mm_function`); bf16 goes to the real op."""
+    import torch
+
+    functional = torch.nn.functional
+    kept = getattr(functional, "grouped_mm", None)
+    if kept is None:
+        yield
+        return
+    if not _GROUPED_MM:
+        _GROUPED_MM.append(_grouped_mm_function())
+
+    def grouped_mm(input, weight, offs=None, *args, **kwargs):
+        if input.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16:
+            return kept(input, weight, *args, offs=offs, **kwargs)
+        return _GROUPED_MM[0].apply(input, weight, offs)
+
+    functional.grouped_mm = grouped_mm
+    try:
+        yield
+    finally:
+        functional.grouped_mm = kept
 
 
 def _storages(tensors) -> list[int]:
@@ -569,9 +637,18 @@ def _whole_load_spec(spec: dict, stack_name: str, layers: int) -> dict:
             out += [(f"{head}{i}.{rest}", value) for rest, value in per_layer[t]]
         return out + after
 
+    def keyed(name, item):  # a plain weight or an expert stack keyed by its own layer's parameter name
+        if item[0] == "q":
+            return item
+        head = f"{base_stack}."
+        key = item[1]
+        if name.startswith(head) and key.startswith(head):  # the layer the entry was expanded to
+            index = name[len(head):].split(".", 1)[0]
+            key = f"{head}{index}.{key[len(head):].split('.', 1)[1]}"
+        return (item[0], key) + item[2:]
+
     base_stack = stack_name.removeprefix("base_model.model.")  # the weights' names are PEFT's base model's
-    return {"weights": [(name, item if item[0] == "q" else ("p", name, item[2]))  # a plain one keyed by its new name
-                        for name, item in expand(spec["weights"], base_stack)],
+    return {"weights": [(name, keyed(name, item)) for name, item in expand(spec["weights"], base_stack)],
             "buffers": spec["buffers"],
             "casts": expand(spec["casts"], base_stack),
             "adapters": expand(spec["adapters"], stack_name)}
@@ -587,17 +664,62 @@ def _load_spec(model, regime: Regime) -> dict:
 
     linears = {id(m.weight): m for m in bnb_trace.linears_4bit(model)}
     size = getattr(torch, regime.load.torch).itemsize
+    checkpoint_name, conversions = _checkpoint_names(model)
     weights, casts = [], []
     for name, p in model.named_parameters():  # a tied weight once
         m = linears.get(id(p))
         if m is not None:
-            weights.append((name, ("q", m.out_features, m.in_features, m.out_features * m.in_features * size)))
+            weights.append((checkpoint_name(name), ("q", m.out_features, m.in_features, m.out_features * m.in_features * size)))
+        elif name in conversions:  # stacked from per-expert checkpoint tensors as it loads
+            first, patterns = conversions[name]
+            experts = p.shape[0]
+            weights.append((first, ("x", name, experts, p.numel() * p.element_size() // (experts * patterns), patterns)))
+            if p.dtype in (torch.float16, torch.bfloat16):
+                casts.append((name, p.numel() * 4))
         else:
-            weights.append((name, ("p", name, p.numel() * p.element_size())))
+            weights.append((checkpoint_name(name), ("p", name, p.numel() * p.element_size())))
             if p.dtype in (torch.float16, torch.bfloat16):  # prepare_model_for_kbit_training's rule
                 casts.append((name, p.numel() * 4))
     buffers = [b.numel() * b.element_size() for b in model.buffers()]
     return {"weights": weights, "buffers": buffers, "casts": casts}
+
+
+def _checkpoint_names(model):
+    """How the checkpoint names what the model holds, for the load's sorted order (transformers 5.17
+    conversion_mapping, read backwards): a function from a parameter's name to its checkpoint name
+    (plain WeightRenaming rules undone, as `.mlp.` back to Mixtral's `.block_sparse_moe.`), and the
+    3-D expert parameters stacked from per-expert checkpoint tensors as they load (a WeightConverter
+    with MergeModulelist), by name: (the checkpoint name of the first source, which places the stack
+    in that order; how many source patterns it stacks, 2 where gate and up are concatenated). A
+    model with no rules keeps its names and converts nothing."""
+    import re
+
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+        rules = get_checkpoint_conversion_mapping(model.config.model_type) or []
+    except Exception:  # noqa: BLE001 - an older transformers converts nothing
+        rules = []
+    plain = [(rule.target_patterns[0], rule.source_patterns[0]) for rule in rules
+             if type(rule).__name__ == "WeightRenaming" and len(rule.source_patterns) == len(rule.target_patterns) == 1
+             and all(re.fullmatch(r"[\w.]+", x) for x in (rule.source_patterns[0], rule.target_patterns[0]))]
+
+    def checkpoint_name(name: str) -> str:
+        for target, source in plain:
+            name = name.replace(target, source)
+        return name
+
+    conversions = {}
+    for rule in rules:
+        if not any(type(op).__name__ == "MergeModulelist" for op in getattr(rule, "operations", ())):
+            continue
+        target = rule.target_patterns[0]
+        for name, p in model.named_parameters():
+            if p.dim() == 3 and name.endswith(target):
+                prefix = name[: len(name) - len(target)]
+                first = checkpoint_name(prefix + rule.source_patterns[0].replace("*", "0"))
+                conversions[name] = (first, len(rule.source_patterns))
+    return checkpoint_name, conversions
 
 
 class _FirstSeenSet(set):
@@ -670,7 +792,8 @@ def _step_context(fake, model=None, math_attention: bool = False, quantized: boo
     ordered = _first_seen_sets(model) if model is not None else contextlib.nullcontext()
     matmuls = bnb_trace.cuda_matmuls() if quantized else contextlib.nullcontext()
     with inventory_module._quiet_transformers(), fake, mode, _no_data(), _unpacked_positions(), \
-            _fused_dropout(keep_attention_dropout=math_attention), kernel, ordered, matmuls, _autocast_query():
+            _fused_dropout(keep_attention_dropout=math_attention), kernel, ordered, matmuls, _autocast_query(), \
+            _grouped_mm_any_dtype():
         yield mode
 
 
@@ -775,6 +898,12 @@ def _clip(params) -> None:
 TEMPLATE_LAYERS = 5
 COMPOSE_ABOVE = 8
 _IGNORED_ATTRIBUTES = {"layer_idx", "layer_id", "idx", "layer_number", "training", "_is_hf_initialized"}
+
+
+@lru_cache(maxsize=256)
+def _composable(config_json: str) -> bool:
+    """Whether the config builds its decoder layers alike, so a few traced ones compose the stack."""
+    return _alike_layers(json.loads(config_json)) > COMPOSE_ABOVE
 
 
 def _alike_layers(raw: dict) -> int:

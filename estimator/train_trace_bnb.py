@@ -192,7 +192,9 @@ def load_events(weights: list[tuple], buffers: list[int], casts: list[tuple], ad
 
     `weights`, in the checkpoint's order (its names sorted, a tied weight once): ("q", out_features,
     in_features, value_bytes) for a weight the quantizer converts (its 16-bit value's bytes),
-    ("p", key, bytes) for any other. `buffers`: the buffers from_pretrained moves off the meta device
+    ("p", key, bytes) for any other; ("x", key, experts, bytes of one source, patterns) for a 3-D
+    expert parameter stacked from per-expert checkpoint tensors (train_trace._expert_conversions),
+    placed at its first source's name. `buffers`: the buffers from_pretrained moves off the meta device
     after the weights (`_move_missing_keys_from_meta_to_device`). `casts`, in `model.parameters()`
     order: (key, fp32 bytes) of each plain weight prepare_model_for_kbit_training casts to fp32.
     `adapters`, in PEFT's order: (bytes as made, bytes after cast_adapter_dtype): PEFT moves each new
@@ -208,7 +210,12 @@ def load_events(weights: list[tuple], buffers: list[int], casts: list[tuple], ad
         return number
 
     # caching_allocator_warmup: param_element_size is 0.5 for a weight the quantizer converts
-    warm = warmup(sum(int(w[1] * w[2] * 0.5) if w[0] == "q" else w[2] for w in weights))
+    def loaded(w):
+        if w[0] == "q":
+            return int(w[1] * w[2] * 0.5)
+        return w[2] * w[3] * w[4] if w[0] == "x" else w[2]
+
+    warm = warmup(sum(loaded(w) for w in weights))
     if warm:
         events.append(("F", alloc(warm)))
     dynamic_made = False
@@ -216,6 +223,20 @@ def load_events(weights: list[tuple], buffers: list[int], casts: list[tuple], ad
     for w in weights:
         if w[0] == "p":
             plain[w[1]] = alloc(w[2])
+            continue
+        if w[0] == "x":  # experts stacked as they load (core_model_loading, no thread pool under a quantizer)
+            _, key, experts, source_bytes, patterns = w
+            # materialize_tensors: every source of the target, pattern after pattern
+            sources = [[alloc(source_bytes) for _ in range(experts)] for _ in range(patterns)]
+            stacks = []
+            for group in sources:  # MergeModulelist: one torch.stack per pattern, then its list of
+                stacks.append(alloc(source_bytes * experts))  # sources dropped (CPython frees a list's
+                events.extend(("F", s) for s in reversed(group))  # items last to first)
+            if patterns > 1:  # Concatenate: gate and up into gate_up, the two stacks then freed
+                plain[key] = alloc(source_bytes * experts * patterns)
+                events.extend(("F", s) for s in stacks)
+            else:
+                plain[key] = stacks[0]
             continue
         _, n, k, value_bytes = w
         blocks = math.ceil(n * k / BNB_4BIT_BLOCKSIZE)

@@ -85,6 +85,101 @@ def test_traced_step_reaches_the_real_peaks(name):
     assert e.device_total_bytes - e.breakdown["cuda_context"] - e.breakdown["paged_optimizer_state"] == max(reserved, e.peak_allocated_bytes)
 
 
+def _family_case(name):
+    """A family case (config_overrides applied, as the harness built its checkpoint) and its inventory."""
+    from validation.measure import case_config
+
+    case = _case(name)
+    return case, inventory_from_config(case_config(case.model, case.config_overrides))
+
+
+# MoE training steps (grouped_mm experts, PEFT's ParamWrapper on them): Mixtral's QLoRA, whose
+# experts are stacked as they load and upcast to fp32, and gpt-oss's LoRA on its stored stacks.
+MOE_HISTORIES = (
+    "mixtral-8x7b-v0.1-qlora-b4-s1024-r16-drop0.0-gc-L4",
+    "gpt-oss-20b-lora-b2-s1024-r16-drop0.0-eager-L4-noquant",
+)
+
+
+@pytest.mark.parametrize("name", MOE_HISTORIES)
+def test_traced_moe_step_reaches_the_real_peaks(name):
+    case, inv = _family_case(name)
+    with gzip.open(STREAMS / f"{name}.json.gz", "rt") as handle:
+        real = json.load(handle)
+    regime = regime_of(case.job)
+    assert inv.moe is not None and tt.untraced_reason(inv, regime) is None
+    reserved, allocated = tt.step_reserve(inv, regime, sizes_of(case.job))
+    assert reserved == pytest.approx(real["peak_reserved_bytes"], rel=0.003)
+    assert allocated == pytest.approx(real["peak_allocated_bytes"], rel=0.002)
+
+
+def test_a_4bit_load_stacks_the_experts_as_the_real_load_does():
+    """transformers 5.17 loads a quantized model without its thread pool: each 3-D expert
+    parameter's per-expert checkpoint tensors are materialized, stacked pattern by pattern (each
+    list of sources then freed, last to first) and gate and up concatenated, in the checkpoint's
+    sorted order (Mixtral's `block_sparse_moe` before its norms). The written load is Mixtral's
+    real 4-bit load request for request, through prepare_model_for_kbit_training's casts."""
+    name = "mixtral-8x7b-v0.1-qlora-b4-s1024-r16-drop0.0-gc-L4"
+    case, inv = _family_case(name)
+    regime, sizes = regime_of(case.job), sizes_of(case.job)
+    events, _, _ = tt._trace(inv.config_json, regime, sizes.batch, sizes.seq_len)
+    load = [e for e in events[: events.index(("C",))] if e[1] < 0]  # up to empty_cache
+    with gzip.open(STREAMS / f"{name}.json.gz", "rt") as handle:
+        real = json.load(handle)["events"]
+    numbered, at = [], {}
+    for action, address, size in real:
+        if action == "alloc":
+            at[address] = len(numbered)
+            numbered.append(("A", len(numbered), size))
+        elif action == "free_completed" and address in at:
+            numbered.append(("F", at.pop(address)))
+    mine = _requests(load)
+    assert mine == _requests(numbered)[: len(mine)]
+    stacks = [r for r in mine if r == ("A", 8 * 14336 * 4096 * 2)]  # one expert projection stacked: 896 MiB
+    assert len(stacks) == 4 * 3  # gate, up and down in each of the 4 layers
+
+
+def test_grouped_mm_takes_fp32_as_cuda_does():
+    """QLoRA's fp32 experts: grouped_mm's output [S, N], then in the backward the input's gradient
+    [S, K] (the frozen experts get none); the meta kernel alone would refuse fp32."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from estimator.meta_trace import _live_bytes_mode
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x = torch.empty((96, 64), dtype=torch.float32, requires_grad=True)
+        w = torch.empty((4, 64, 32), dtype=torch.float32)
+        offs = torch.empty((4,), dtype=torch.int32)
+        mode = _live_bytes_mode()
+        with mode, tt._grouped_mm_any_dtype():
+            y = torch.nn.functional.grouped_mm(x, w, offs=offs)
+            y.backward(torch.empty_like(y))
+    sizes = [e[2] for e in mode.events if e[0] == "A"]
+    assert y.shape == (96, 32) and x.grad.shape == (96, 64)
+    assert sizes == [96 * 32 * 4, 96 * 32 * 4, 96 * 64 * 4]  # y, the incoming gradient, grad x
+
+
+def test_a_narrower_value_head_takes_a_fused_kernel():
+    """MLA's value head (128) narrower than its query's (192): the trace's SDPA holds no B·H·S²
+    scores, as CUDA's memory-efficient kernel does not, where the CPU's math kernel would."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from estimator.meta_trace import _live_bytes_mode
+
+    b, h, s, dq, dv = 1, 2, 256, 192, 128
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        q, k = (torch.empty((b, h, s, dq), dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+        v = torch.empty((b, h, s, dv), dtype=torch.bfloat16, requires_grad=True)
+        mode = _live_bytes_mode()
+        with mode, tt._fused_dropout():
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            out.backward(torch.empty_like(out))
+    assert out.shape == (b, h, s, dv) and v.grad.shape == v.shape
+    assert max(e[2] for e in mode.events if e[0] == "A") < b * h * s * s * 2
+
+
 @pytest.mark.parametrize("model,job", [
     ("meta-llama/Llama-3.2-3B", Job(mode="lora", lora_r=64, batch_size=2, seq_len=2048, gradient_checkpointing=True)),
     ("meta-llama/Llama-3.2-1B", Job(mode="full", precision="amp_bf16", batch_size=2, seq_len=1024, optimizer="adamw")),
@@ -249,7 +344,9 @@ def test_untraced_jobs_name_why():
     assert tt.untraced_reason(inv, regime_of(Job(mode="inference"))) == "not a training job"
     assert tt.untraced_reason(inv, regime_of(Job(mode="full"))) is None
     moe = inventory_from_config(find_entry("mistralai/Mixtral-8x7B-v0.1").config())
-    assert "MoE" in tt.untraced_reason(moe, regime_of(Job(mode="lora")))
+    assert tt.untraced_reason(moe, regime_of(Job(mode="lora", lora_dropout=0.0))) is None  # alike layers compose
+    dense_first = inventory_from_config(find_entry("deepseek-ai/DeepSeek-V3").config())
+    assert "MoE stack" in tt.untraced_reason(dense_first, regime_of(Job(mode="lora", lora_dropout=0.0)))
 
 
 def test_gradient_accumulation_traces_every_micro_batch():
