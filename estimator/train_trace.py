@@ -90,10 +90,10 @@ def untraced_reason(inv: Inventory, regime: Regime) -> str | None:
         return "the inventory has no config to rebuild the model from"
     if regime.quantizer is not None and not regime.quantizer.is_4bit:
         return "LLM.int8's linears are not traced yet"
-    if regime.sft:
-        return "TRL's SFTTrainer is not traced yet"
-    if regime.liger_kernels or regime.loss is not Loss.STANDARD:
-        return "Liger's kernels and TRL's chunked head are not traced"
+    if regime.liger_kernels or regime.loss is Loss.LIGER:
+        return "Liger's kernels are not traced"
+    if regime.loss is Loss.CHUNKED and not regime.sft:
+        return "TRL's chunked head outside SFTTrainer is not traced"
     if regime.attn is Attention.FLASH_ATTENTION_2:
         return "flash-attention-2 is not installed here"
     if inv.moe is not None and inv.num_layers > COMPOSE_ABOVE and (
@@ -310,6 +310,12 @@ def _unpacked_positions():
 CUDNN_SDPA_BACKWARD_BYTES_PER_ROW = (8, 4)  # (per head dim, fixed), bytes per (batch, head, position)
 CUDNN_SDPA_BACKWARD_FIXED_BYTES = 256
 
+# _foreach_norm on CUDA (aten/src/ATen/native/cuda/ForeachReduceOp.cu, foreach_tensor_norm_cuda)
+# first zeros one partial result per chunk of kChunkSize elements (MultiTensorApply.cuh) for every
+# tensor, as many chunks per tensor as its largest has, in the op-math dtype (fp32 below double),
+# and frees it when the norms are out: the Trainer's gradient clipping requests it once per step
+FOREACH_CHUNK_SIZE = 65536
+
 # embedding_dense_backward_cuda sorts the indices for N > 3072 and sums each index's rows in
 # partial segments: `grad_weight_per_segment` is [N / NROWS_PER_THREAD + min(N, V), hidden rounded
 # to a warp] in the accumulator's dtype (aten/src/ATen/native/cuda/Embedding.cu,
@@ -327,9 +333,10 @@ class CudaTransients:
         aten = torch.ops.aten
         self.torch = torch
         self.reductions = {aten.sum.dim_IntList, aten.mean.dim}
-        self.matmuls = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
+        self.matmuls = {aten.mm.default, aten.mm.out, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
         self.attention_backward = {aten._scaled_dot_product_flash_attention_for_cpu_backward.default}
         self.embedding_backward = aten.embedding_dense_backward.default
+        self.foreach_norm = aten._foreach_norm.Scalar
         self.addmm = aten.addmm.default
         self.native_dropout = aten.native_dropout.default
         self.cublas_backward = False
@@ -365,6 +372,13 @@ class CudaTransients:
                 self.lt_threads.add(backward)
                 made.append((calibration.CUBLASLT_WORKSPACE_BYTES, True))
             return tuple(made)
+        if func is self.foreach_norm:
+            tensors = [t for t in args[0] if t.numel() > 0]
+            if not tensors:
+                return ()
+            chunks = max(-(-t.numel() // FOREACH_CHUNK_SIZE) for t in tensors)
+            width = 8 if tensors[0].dtype == torch.float64 else 4
+            return ((len(args[0]) * chunks * width, False),)
         if func is self.embedding_backward:
             grad, indices = args[0], args[1]
             n = indices.numel()
@@ -483,6 +497,24 @@ def _grouped_mm_any_dtype():
         functional.grouped_mm = kept
 
 
+def _load_order(named: list[tuple], model, distinct: bool = True) -> list[int]:
+    """The bytes of each base parameter's storage (a tied weight once) in the order from_pretrained
+    materializes them: the checkpoint's names sorted (transformers 5.17 core_model_loading sorts
+    the state dict by `dot_natural_key`; PEFT's `base_model.model.` prefix and plain renamings
+    undone, `_checkpoint_names`). Its four loader threads finish near that order; which of the
+    first few lands first is a race, not written. `distinct=False`: one request per entry (a
+    composed stack's middle layers share the traced layer's tensors)."""
+    from transformers.core_model_loading import dot_natural_key
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    checkpoint_name, _ = _checkpoint_names(base)
+    keyed = sorted(((dot_natural_key(checkpoint_name(name.removeprefix("base_model.model."))), i, p)
+                    for i, (name, p) in enumerate(named)), key=lambda row: (row[0], row[1]))
+    if not distinct:
+        return [p.untyped_storage().nbytes() for _, _, p in keyed]
+    return _storages(p for _, _, p in keyed)
+
+
 def _storages(tensors) -> list[int]:
     """The bytes of each distinct storage among `tensors`, in order (a tied weight once)."""
     seen: set[int] = set()
@@ -588,12 +620,20 @@ def _build(raw: dict, regime: Regime):
                 bnb_trace.pack(model, regime)
     model._trace_fake_mode = fake
     named = dict(model.named_parameters())
+    if regime.sft and regime.adapter is not None and regime.gradient_checkpointing:
+        model.enable_input_require_grads()  # SFTTrainer.__init__, for PEFT with checkpointing
     if quantized:
         compute = getattr(torch, regime.quantizer.compute.torch).itemsize
         spec["adapters"] = [(name, (p.numel() * compute, p.untyped_storage().nbytes()))
                             for name, p in named.items() if name in adapters]
+        if regime.sft:  # SFTTrainer.__init__: a quantized model's trainable parameters to bf16, one by one
+            with fake:
+                for name, p in named.items():
+                    if p.requires_grad and "lora_magnitude_vector" not in name:
+                        p.data = p.data.to(torch.bfloat16)
+            spec["adapters"] = [(name, sizes + (named[name].untyped_storage().nbytes(),)) for name, sizes in spec["adapters"]]
         return model, [], [], spec
-    param_sizes = _storages(p for name, p in named.items() if name not in adapters)
+    param_sizes = _load_order([(name, p) for name, p in named.items() if name not in adapters], model)
     # PEFT moves each new adapter to its base layer's device as it builds it: one request each
     adapter_sizes = _storages(p for name, p in named.items() if name in adapters)
     return model, param_sizes, adapter_sizes, None
@@ -861,20 +901,152 @@ def _trainer_micro_batches(model, regime: Regime, batch: int, seq_len: int, accu
     import torch
     from accelerate.utils import convert_to_fp32
 
-    batches = [(torch.zeros((batch, seq_len), dtype=torch.long), torch.zeros((batch, seq_len), dtype=torch.long))
-               for _ in range(accumulation)]
-    items = sum(labels.ne(-100).sum() for _, labels in batches)
+    # SFTTrainer's collator (trl 1.16 DataCollatorForLanguageModeling.torch_call): input_ids, labels,
+    # then an attention mask of ones, each int64 [B, S], moved to the device in that order
+    count = 3 if regime.sft else 2
+    batches = [tuple(torch.zeros((batch, seq_len), dtype=torch.long) for _ in range(count)) for _ in range(accumulation)]
+    items = sum(b[1].ne(-100).sum() for b in batches)
     model.train()
-    for ids, labels in batches:
+    for ids, labels, *mask in batches:
         with _autocast(regime):
-            outputs = model(input_ids=ids, labels=labels, num_items_in_batch=items)
+            if regime.sft:
+                outputs = _sft_forward(model, ids, labels, mask[0], items)
+            else:
+                outputs = model(input_ids=ids, labels=labels, num_items_in_batch=items)
         if regime.autocast:  # accelerate's convert_to_fp32: every bf16/fp16 tensor of the outputs .float()
             outputs = convert_to_fp32(outputs)
         loss = outputs["loss"]
+        if regime.sft:  # SFTTrainer.compute_loss's metrics: token counts, entropy and accuracy sums
+            for t in (outputs["label_mask"].sum(), outputs["entropy"].detach().sum(), outputs["is_top1"].sum(),
+                      mask[0].sum()):
+                del t
         del outputs
         loss.backward()
         del loss
     del batches
+
+
+# TRL 1.16's chunked head (trl/kernels/chunked_logprob.py TOKEN_CHUNK_SIZE and trl/trainer/utils.py
+# _CHUNKED_LOGPROB_CHUNK_SIZE): the projection's tile, tokens × vocabulary rows
+TRL_TOKEN_TILE = 4096
+TRL_VOCAB_TILE = 32768
+_CHUNKED_HEAD: list = []
+
+
+def _chunked_head_function():
+    """TRL 1.16's `ChunkedLogProbFunction` as it runs on CUDA, where Triton kernels fold each tile
+    into the per-token statistics in place: the requests it makes, written from its source. Forward:
+    seven fp32 [N] statistics, one [min(N, 4096), 32768] tile buffer in the compute dtype, per tile
+    the hidden chunk and the weight chunk cast to the compute dtype where they are of another, then
+    log Z, the log-probabilities, the entropy and the top-1 flags; it saves the hidden states, the
+    weight, the targets, log Z and the entropy. Backward: fp32 zeros for the hidden states' gradient
+    (and the weight's, where it is trained), a tile buffer, the casts again, the fp32 accumulation in
+    place (cuBLAS's fp32 output from bf16 inputs), and the gradients cast back to their inputs' dtypes."""
+    import torch
+
+    def compute_dtype(x):
+        return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+
+    class ChunkedHead(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, hidden, weight, targets):
+            ctx.set_materialize_grads(False)
+            n, vocab = hidden.shape[0], weight.shape[0]
+            cd = compute_dtype(hidden)
+            stats = [torch.empty((n,), dtype=torch.float32) for _ in range(7)]
+            running_max, sum_exp, x_sum_exp, _sq, _z, max_before_target, target_logit = stats
+            buffer = torch.empty((min(n, TRL_TOKEN_TILE), TRL_VOCAB_TILE), dtype=cd)
+            for start in range(0, n, TRL_TOKEN_TILE):
+                chunk = hidden[start:start + TRL_TOKEN_TILE].to(cd)
+                for v in range(0, vocab, TRL_VOCAB_TILE):
+                    w = weight[v:v + TRL_VOCAB_TILE].to(cd)
+                    torch.mm(chunk, w.t(), out=buffer[: chunk.shape[0], : w.shape[0]])
+                    del w
+                del chunk
+            log_z = running_max + torch.log(sum_exp)
+            log_probs = target_logit - log_z
+            entropy = log_z - x_sum_exp / sum_exp
+            is_top1 = (target_logit >= running_max) & (target_logit > max_before_target)
+            del buffer, stats, running_max, sum_exp, x_sum_exp, _sq, _z, max_before_target, target_logit
+            ctx.save_for_backward(hidden, weight, targets, log_z, entropy)
+            ctx.mark_non_differentiable(is_top1)
+            return log_probs, entropy, is_top1
+
+        @staticmethod
+        def backward(ctx, grad_log_probs, grad_entropy, _):
+            hidden, weight, targets, log_z, entropy = ctx.saved_tensors
+            n, vocab = hidden.shape[0], weight.shape[0]
+            cd = compute_dtype(hidden)
+            grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32) if ctx.needs_input_grad[0] else None
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+            buffer = torch.empty((min(n, TRL_TOKEN_TILE), TRL_VOCAB_TILE), dtype=cd)
+            for start in range(0, n, TRL_TOKEN_TILE):
+                chunk = hidden[start:start + TRL_TOKEN_TILE].to(cd)
+                for v in range(0, vocab, TRL_VOCAB_TILE):
+                    w = weight[v:v + TRL_VOCAB_TILE].to(cd)
+                    torch.mm(chunk, w.t(), out=buffer[: chunk.shape[0], : w.shape[0]])
+                    del w
+                del chunk
+            # cast back while the buffer lives; the function's locals then go in the order made
+            grads = (grad_hidden.to(hidden.dtype) if grad_hidden is not None else None,
+                     grad_weight.to(weight.dtype) if grad_weight is not None else None, None)
+            del grad_hidden, grad_weight, buffer
+            return grads
+
+    return ChunkedHead
+
+
+def _masked_rows_function():
+    """`x[mask]` for a boolean mask over x's leading dimensions as CUDA runs it: the mask's nonzero,
+    an int64 [N, 2] of positions, then the [N, ...] rows they pick, the positions then freed; its
+    backward puts the gradient into zeros of x's shape (`index_put_` with accumulation, whose sort
+    buffers are [N] int64). N, the mask's count, is given: fake tensors hold no mask to count."""
+    import torch
+
+    class MaskedRows(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, n):
+            ctx.shape, ctx.dtype = x.shape, x.dtype
+            where = torch.empty((n, 2), dtype=torch.long)
+            rows = x.new_empty((n,) + tuple(x.shape[2:]))
+            del where
+            return rows
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad.new_zeros(ctx.shape), None
+
+    return MaskedRows
+
+
+def _sft_forward(model, ids, labels, attention_mask, items) -> dict:
+    """The forward SFTTrainer runs (trl 1.16 `add_fused_lm_head`'s `_fused_forward` with
+    `fused_lm_head=True`, outputs log_probs, entropy and is_top1): the backbone without lm_head, its
+    last hidden states and the labels shifted by one, the scored positions gathered (every label of
+    the harness's data is scored: N = B·(S − 1); the boolean index's nonzero is an int64 [N]), the
+    chunked head over them (`_chunked_head_function`), each per-token output scattered back into
+    zeros of [B, S − 1], and the loss."""
+    import torch
+
+    if not _CHUNKED_HEAD:
+        _CHUNKED_HEAD.extend((_chunked_head_function(), _masked_rows_function()))
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    # the collator's mask is all ones (unpadded rows), which transformers' mask creation drops as no
+    # mask (`masking_utils._ignore_causal_mask_sdpa`); on fake tensors it cannot see the ones
+    # (`is_tracing`) and would materialize a [B, 1, S, S] mask, so the backbone gets none
+    outputs = base.base_model(input_ids=ids, attention_mask=None, use_cache=False)
+    hidden = outputs.last_hidden_state[:, :-1]
+    shifted = labels[:, 1:]
+    mask = shifted != -100
+    n = mask.numel()
+    lm_head = base.get_output_embeddings()
+    scored = _CHUNKED_HEAD[1].apply(hidden, n)
+    targets = _CHUNKED_HEAD[1].apply(shifted, n)
+    per_token = _CHUNKED_HEAD[0].apply(scored, lm_head.weight, targets)
+    log_probs, entropy, is_top1 = (x.new_zeros(mask.shape).masked_scatter(mask, x) for x in per_token)
+    del per_token, scored, targets, hidden, outputs
+    loss = -log_probs.sum() / items
+    return {"loss": loss, "log_probs": log_probs, "entropy": entropy, "is_top1": is_top1, "label_mask": mask}
 
 
 def _clip(params) -> None:
@@ -999,8 +1171,8 @@ def _composed_step(raw: dict, regime: Regime, batch: int, seq_len: int, layers: 
     # the whole model's parameters, in order: the traced model's with its middle layer's repeated
     params = _whole_parameters(small, found[0], layers)
     embeddings = _embedding_weights(small)
-    param_sizes = [p.untyped_storage().nbytes() for p, adapter, _ in params if not adapter]
-    adapter_sizes = [p.untyped_storage().nbytes() for p, adapter, _ in params if adapter]
+    param_sizes = _load_order([(name, p) for p, adapter, _, name in params if not adapter], small, distinct=False)
+    adapter_sizes = [p.untyped_storage().nbytes() for p, adapter, _, _ in params if adapter]
     if spec is not None:  # 4-bit: the whole model's load, written out, comes first
         prefix = _load_program(_whole_load_spec(spec, found[0], layers), regime) + prefix
         param_sizes, adapter_sizes = [], []
@@ -1008,7 +1180,7 @@ def _composed_step(raw: dict, regime: Regime, batch: int, seq_len: int, layers: 
     # gradient the composed backward made
     with small._trace_fake_mode:
         stand_ins = []
-        for p, _, original in params:
+        for p, _, original, _ in params:
             q = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=p.requires_grad)
             if q.requires_grad:
                 q.grad = torch.empty_like(q)
@@ -1027,9 +1199,9 @@ def _composed_step(raw: dict, regime: Regime, batch: int, seq_len: int, layers: 
 
 
 def _whole_parameters(small, stack_name: str, layers: int) -> list[tuple]:
-    """(parameter, is an adapter, the traced parameter it stands for) of the whole model, in
-    `named_parameters` order (a tied weight once): the traced model's, its first and last layers as
-    the whole model's, its middle layer standing for every layer between."""
+    """(parameter, is an adapter, the traced parameter it stands for, its name in the whole model)
+    of the whole model, in `named_parameters` order (a tied weight once): the traced model's, its
+    first and last layers as the whole model's, its middle layer standing for every layer between."""
     k = TEMPLATE_LAYERS
     head = f"{stack_name}."
     before, after, per_layer = [], [], {i: [] for i in range(k)}
@@ -1037,13 +1209,17 @@ def _whole_parameters(small, stack_name: str, layers: int) -> list[tuple]:
     for name, p in small.named_parameters():
         adapter = "lora_" in name
         if name.startswith(head):
-            index = int(name[len(head):].split(".", 1)[0])
-            per_layer[index].append((p, adapter, p))
+            index, rest = name[len(head):].split(".", 1)
+            per_layer[int(index)].append((p, adapter, p, rest))
             seen_layers = True
         else:
-            (after if seen_layers else before).append((p, adapter, p))
-    middle = [per_layer[2]] * (layers - 2)
-    return before + per_layer[0] + [row for rows in middle for row in rows] + per_layer[k - 1] + after
+            (after if seen_layers else before).append((p, adapter, p, name))
+
+    def layer(i, rows):
+        return [(p, adapter, original, f"{head}{i}.{rest}") for p, adapter, original, rest in rows]
+
+    middle = [row for i in range(1, layers - 1) for row in layer(i, per_layer[2])]
+    return before + layer(0, per_layer[0]) + middle + layer(layers - 1, per_layer[k - 1]) + after
 
 
 def _markers(stack, events: list) -> list:

@@ -197,8 +197,9 @@ def load_events(weights: list[tuple], buffers: list[int], casts: list[tuple], ad
     placed at its first source's name. `buffers`: the buffers from_pretrained moves off the meta device
     after the weights (`_move_missing_keys_from_meta_to_device`). `casts`, in `model.parameters()`
     order: (key, fp32 bytes) of each plain weight prepare_model_for_kbit_training casts to fp32.
-    `adapters`, in PEFT's order: (bytes as made, bytes after cast_adapter_dtype): PEFT moves each new
-    adapter to its base layer's compute dtype, then casts 16-bit adapters to fp32. `warmup(bytes)`:
+    `adapters`, in PEFT's order: (bytes as made, bytes after cast_adapter_dtype[, bytes after
+    SFTTrainer's cast]): PEFT moves each new adapter to its base layer's compute dtype, then casts
+    16-bit adapters to fp32; SFTTrainer casts a quantized model's trainable ones to bf16 after it. `warmup(bytes)`:
     caching_allocator_warmup's block for the weights' bytes (train_trace.warmup_bytes)."""
     events: list[tuple] = []
     counter = [first_number]
@@ -268,9 +269,11 @@ def load_events(weights: list[tuple], buffers: list[int], casts: list[tuple], ad
         alloc(size)
         events.append(("F", plain[key]))
     events.append(("C",))  # …then torch.cuda.empty_cache()
-    made = [alloc(first) for first, _ in adapters]
-    for number, (first, final) in zip(made, adapters):
-        if final != first:
-            alloc(final)
-            events.append(("F", number))
+    made = [alloc(sizes[0]) for sizes in adapters]
+    for stage in range(1, max((len(a) for a in adapters), default=1)):  # each pass of casts over them all
+        for i, sizes in enumerate(adapters):
+            if stage < len(sizes) and sizes[stage] != sizes[stage - 1]:
+                number = made[i]
+                made[i] = alloc(sizes[stage])
+                events.append(("F", number))
     return events, counter[0]
