@@ -48,12 +48,15 @@ What runs on a CPU differs from the GPU's run in places, each handled here:
   elements in CUDA managed memory, outside the allocator) at the first step, and its update kernels
   work in place (bitsandbytes 0.50.2, `optim/optimizer.py`).
 
-Checked against the allocator histories of six real training steps on the H200 (SPEC's loop and the
-Trainer; tests/test_train_trace.py): each reaches the real reserved and allocated peaks within 0.1%.
+Checked against the allocator histories of real training steps on the H200 (SPEC's loop, the
+Trainer, QLoRA, two MoE steps and two SFTTrainer steps; tests/test_train_trace.py): each reaches
+the real reserved and allocated peaks within 0.5%.
 
-Not traced (the caller keeps the phase model's reserve): bitsandbytes' quantized linears (QLoRA,
-LLM.int8), Liger's Triton kernels and TRL's chunked head and SFTTrainer, flash-attention-2, MoE
-blocks, and models whose forward does not run on fake tensors. Attention with a materialized mask
+Traced with stand-ins written from the libraries' code: bitsandbytes' 4-bit linears
+(train_trace_bnb.py), TRL 1.16's chunked head and SFTTrainer's step (`_sft_forward`), grouped_mm
+on fp32 experts. Not traced (the caller keeps the phase model's reserve): LLM.int8's linears,
+Liger's Triton kernels, TRL's chunked head outside SFTTrainer, flash-attention-2, MoE stacks whose
+layers differ beyond COMPOSE_ABOVE layers, and models whose forward does not run on fake tensors. Attention with a materialized mask
 (a sliding window shorter than the sequence) is traced as the CPU's kernel runs it; which CUDA
 kernel takes a masked call, and its workspace, is not modelled.
 """

@@ -193,7 +193,7 @@ def load_events(weights: list[tuple], buffers: list[int], casts: list[tuple], ad
     `weights`, in the checkpoint's order (its names sorted, a tied weight once): ("q", out_features,
     in_features, value_bytes) for a weight the quantizer converts (its 16-bit value's bytes),
     ("p", key, bytes) for any other; ("x", key, experts, bytes of one source, patterns) for a 3-D
-    expert parameter stacked from per-expert checkpoint tensors (train_trace._expert_conversions),
+    expert parameter stacked from per-expert checkpoint tensors (train_trace._checkpoint_names),
     placed at its first source's name. `buffers`: the buffers from_pretrained moves off the meta device
     after the weights (`_move_missing_keys_from_meta_to_device`). `casts`, in `model.parameters()`
     order: (key, fp32 bytes) of each plain weight prepare_model_for_kbit_training casts to fp32.

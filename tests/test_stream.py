@@ -220,3 +220,30 @@ def test_stacks_stored_in_the_checkpoint_load_without_conversion():
     for repo, overrides in (("openai/gpt-oss-20b", {"num_hidden_layers": 4, "quantization_config": None}),
                             ("meta-llama/Llama-4-Scout-17B-16E-Instruct", {"num_hidden_layers": 2, "no_rope_layers": [1, 0]})):
         assert not inventory_from_config(case_config(repo, overrides)).moe.converted_at_load
+
+
+@pytest.mark.parametrize("model,job", [
+    ("meta-llama/Llama-3.2-1B", Job(mode="inference", batch_size=16, prompt_len=1024, new_tokens=256)),
+    ("Qwen/Qwen2.5-0.5B", Job(mode="inference", batch_size=32, prompt_len=2048, new_tokens=128)),
+    ("meta-llama/Llama-3.2-3B", Job(mode="inference", weights="nf4", batch_size=16, prompt_len=2048, new_tokens=128)),
+])
+def test_an_inference_peak_is_the_written_streams(model, job):
+    """generate()'s written stream holds, at its peak, what the phase terms list and temporaries
+    they do not: the estimate's peak allocated is the resident weights plus the stream's peak, the
+    difference in `temporaries`; the listed terms keep their sizes. Without the replay (the
+    solvers' lower bound) the terms stand alone, and they are below it. Against the measured
+    dynamic peaks of these three H200 decodes (h200-device.jsonl: 1.504, 2.987 and 5.767 GiB) the
+    stream is within 4 MiB."""
+    from estimator import estimate
+    from estimator.estimate import Component
+
+    inv = inventory_from_config(find_entry(model).config())
+    regime, sizes = regime_of(job), sizes_of(job)
+    full, bound = estimate(inv, job), estimate(inv, job, replay=False)
+    _, dynamic = stream.generate_reserve(inv, regime, sizes)
+    assert full.peak_allocated_bytes == full.breakdown[Component.WEIGHTS] + dynamic
+    assert bound.peak_allocated_bytes < full.peak_allocated_bytes
+    for term in (Component.WEIGHTS, Component.KV_CACHE, Component.LOGITS):
+        assert full.breakdown[term] == bound.breakdown[term]
+    measured = {"meta-llama/Llama-3.2-1B": 1.504, "Qwen/Qwen2.5-0.5B": 2.987, "meta-llama/Llama-3.2-3B": 5.767}[model]
+    assert abs(dynamic / 1024**3 - measured) < 0.006
