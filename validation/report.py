@@ -46,9 +46,12 @@ H200_SETS = (
     ("TRL SFTTrainer holdouts", Path(__file__).resolve().parent / "results_trainer" / "h200-sft.jsonl"),
     ("plain loop: new families, round a (issue 13)", Path(__file__).resolve().parent / "results_h200" / "h200-families.jsonl"),
     ("plain loop: new families, round b (issue 13)", Path(__file__).resolve().parent / "results_h200" / "h200-families-b.jsonl"),
+    ("plain loop: MoE training, round g (holdouts)", Path(__file__).resolve().parent / "results_h200" / "h200-moe-g.jsonl"),
+    ("TRL SFTTrainer: round h (holdouts)", Path(__file__).resolve().parent / "results_trainer" / "h200-sft-h.jsonl"),
 )
 # The sets whose table also shows the trainable-parameter counts, PEFT's against ours (issue 13).
-TRAINABLE_SETS = ("plain loop: new families, round a (issue 13)", "plain loop: new families, round b (issue 13)")
+TRAINABLE_SETS = ("plain loop: new families, round a (issue 13)", "plain loop: new families, round b (issue 13)",
+                  "plain loop: MoE training, round g (holdouts)")
 GIB = 1024**3
 
 
