@@ -950,22 +950,29 @@ def _chunked_head_function():
     def compute_dtype(x):
         return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
 
+    def tiles(hidden, weight, cd):
+        """The tile buffer and each tile's projection: the hidden chunk and the weight chunk cast
+        to the compute dtype (copies where they are of another), the product into the buffer.
+        Returns the buffer, still alive."""
+        n, vocab = hidden.shape[0], weight.shape[0]
+        buffer = torch.empty((min(n, TRL_TOKEN_TILE), TRL_VOCAB_TILE), dtype=cd)
+        for start in range(0, n, TRL_TOKEN_TILE):
+            chunk = hidden[start:start + TRL_TOKEN_TILE].to(cd)
+            for v in range(0, vocab, TRL_VOCAB_TILE):
+                w = weight[v:v + TRL_VOCAB_TILE].to(cd)
+                torch.mm(chunk, w.t(), out=buffer[: chunk.shape[0], : w.shape[0]])
+                del w
+            del chunk
+        return buffer
+
     class ChunkedHead(torch.autograd.Function):
         @staticmethod
         def forward(ctx, hidden, weight, targets):
             ctx.set_materialize_grads(False)
-            n, vocab = hidden.shape[0], weight.shape[0]
-            cd = compute_dtype(hidden)
+            n = hidden.shape[0]
             stats = [torch.empty((n,), dtype=torch.float32) for _ in range(7)]
             running_max, sum_exp, x_sum_exp, _sq, _z, max_before_target, target_logit = stats
-            buffer = torch.empty((min(n, TRL_TOKEN_TILE), TRL_VOCAB_TILE), dtype=cd)
-            for start in range(0, n, TRL_TOKEN_TILE):
-                chunk = hidden[start:start + TRL_TOKEN_TILE].to(cd)
-                for v in range(0, vocab, TRL_VOCAB_TILE):
-                    w = weight[v:v + TRL_VOCAB_TILE].to(cd)
-                    torch.mm(chunk, w.t(), out=buffer[: chunk.shape[0], : w.shape[0]])
-                    del w
-                del chunk
+            buffer = tiles(hidden, weight, compute_dtype(hidden))
             log_z = running_max + torch.log(sum_exp)
             log_probs = target_logit - log_z
             entropy = log_z - x_sum_exp / sum_exp
@@ -978,18 +985,9 @@ def _chunked_head_function():
         @staticmethod
         def backward(ctx, grad_log_probs, grad_entropy, _):
             hidden, weight, targets, log_z, entropy = ctx.saved_tensors
-            n, vocab = hidden.shape[0], weight.shape[0]
-            cd = compute_dtype(hidden)
             grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32) if ctx.needs_input_grad[0] else None
             grad_weight = torch.zeros(weight.shape, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-            buffer = torch.empty((min(n, TRL_TOKEN_TILE), TRL_VOCAB_TILE), dtype=cd)
-            for start in range(0, n, TRL_TOKEN_TILE):
-                chunk = hidden[start:start + TRL_TOKEN_TILE].to(cd)
-                for v in range(0, vocab, TRL_VOCAB_TILE):
-                    w = weight[v:v + TRL_VOCAB_TILE].to(cd)
-                    torch.mm(chunk, w.t(), out=buffer[: chunk.shape[0], : w.shape[0]])
-                    del w
-                del chunk
+            buffer = tiles(hidden, weight, compute_dtype(hidden))  # the fp32 sums accumulate in place
             # cast back while the buffer lives; the function's locals then go in the order made
             grads = (grad_hidden.to(hidden.dtype) if grad_hidden is not None else None,
                      grad_weight.to(weight.dtype) if grad_weight is not None else None, None)

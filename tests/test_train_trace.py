@@ -201,15 +201,7 @@ def test_a_4bit_load_stacks_the_experts_as_the_real_load_does():
     regime, sizes = regime_of(case.job), sizes_of(case.job)
     events, _, _ = tt._trace(inv.config_json, regime, sizes.batch, sizes.seq_len)
     load = [e for e in events[: events.index(("C",))] if e[1] < 0]  # up to empty_cache
-    with gzip.open(STREAMS / f"{name}.json.gz", "rt") as handle:
-        real = json.load(handle)["events"]
-    numbered, at = [], {}
-    for action, address, size in real:
-        if action == "alloc":
-            at[address] = len(numbered)
-            numbered.append(("A", len(numbered), size))
-        elif action == "free_completed" and address in at:
-            numbered.append(("F", at.pop(address)))
+    numbered = _real_requests(name)
     mine = _requests(load)
     assert mine == _requests(numbered)[: len(mine)]
     stacks = [r for r in mine if r == ("A", 8 * 14336 * 4096 * 2)]  # one expert projection stacked: 896 MiB
@@ -343,6 +335,20 @@ def _requests(events, minimum=0):
     return out
 
 
+def _real_requests(name):
+    """A committed history's stream as ("A", number, size) / ("F", number), numbered in order."""
+    with gzip.open(STREAMS / f"{name}.json.gz", "rt") as handle:
+        real = json.load(handle)["events"]
+    numbered, at = [], {}
+    for action, address, size in real:
+        if action == "alloc":
+            at[address] = len(numbered)
+            numbered.append(("A", len(numbered), size))
+        elif action == "free_completed" and address in at:
+            numbered.append(("F", at.pop(address)))
+    return numbered
+
+
 @pytest.mark.parametrize("name", ["llama-3.2-1b-qlora-b4-s1024-r16", "qwen2-1.5b-instruct-qlora-b4-s1024-r16-gc"])
 def test_a_4bit_load_makes_the_real_loads_requests(name):
     """A QLoRA load, written out from the pinned sources (train_trace_bnb.load_events: the warm-up
@@ -355,15 +361,7 @@ def test_a_4bit_load_makes_the_real_loads_requests(name):
     events, param_sizes, adapter_sizes = tt._trace(inv.config_json, regime, sizes.batch, sizes.seq_len)
     assert param_sizes == adapter_sizes == []
     load = [e for e in events if e[0] != "C" and e[1] < 0]
-    with gzip.open(STREAMS / f"{name}.json.gz", "rt") as handle:
-        real = json.load(handle)["events"]
-    numbered, at = [], {}  # the real stream as ("A", number, size) / ("F", number)
-    for action, address, size in real:
-        if action == "alloc":
-            at[address] = len(numbered)
-            numbered.append(("A", len(numbered), size))
-        elif action == "free_completed" and address in at:
-            numbered.append(("F", at.pop(address)))
+    numbered = _real_requests(name)
     mine = _requests(load)
     assert mine == _requests(numbered)[: len(mine)]
     assert len(mine) > 1000 and sum(1 for r in mine if r[0] == "A") > 500
