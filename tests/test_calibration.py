@@ -67,8 +67,8 @@ def test_the_tight_band_is_the_cap_the_residuals_exceed():
     assert 0 < calibration.TIGHT_BAND_FRACTION <= 0.05
     h100 = [(c, 85_017_493_504) for c in (report.compare(r) for r in report.load_rows())]
     sets = report.h200_sets()
-    # the sets measured when the band was fixed (the families rounds and rounds c to f came later)
-    later = ("new families", "round c", "round d", "round e", "round f")
+    # the sets measured when the band was fixed (the families rounds and rounds c to j came later)
+    later = ("new families", "round c", "round d", "round e", "round f", "round g", "round h", "round j")
     then = [name for name, _ in sets if not any(k in name for k in later)]
 
     def p90(names):
@@ -79,7 +79,9 @@ def test_the_tight_band_is_the_cap_the_residuals_exceed():
         return under[int(0.9 * len(under))]
 
     # calibration.yaml quotes 8.1% when the band was fixed, 5.1% once training's step was traced,
-    # and 0.7% (1.0% with every set since) with QLoRA traced: the band was not re-fixed on them
+    # 0.7% (1.0% with every set since) with QLoRA traced, and 0.5% over every set since MoE and
+    # SFTTrainer steps are traced and inference peaks are the written stream's (2026-12-02): the
+    # band was not re-fixed on them
     assert p90(then) == pytest.approx(0.007, abs=0.002)
-    assert p90([name for name, _ in sets]) == pytest.approx(0.010, abs=0.002)
+    assert p90([name for name, _ in sets]) == pytest.approx(0.005, abs=0.002)
     assert p90([name for name, _ in sets]) <= calibration.TIGHT_BAND_FRACTION

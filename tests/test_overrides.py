@@ -118,9 +118,10 @@ def test_the_families_file_is_all_holdouts_on_new_families():
     assert len(cases) >= 24 and all(c.holdout for c in cases)
     type_of = {c.id: measure.case_config(c.model, c.config_overrides).get("model_type") for c in cases}
     # new against every other measured row (the families rounds' own rows excepted, and the rounds
-    # measured after this one: c's MoE decodes, d's traced steps with SmolLM3 among them, e, f)
+    # measured after this one: c's MoE decodes, d's traced steps with SmolLM3 among them, e to j)
     later = ("h200-families.jsonl", "h200-families-b.jsonl", "h200-device-c.jsonl", "h200-device-d.jsonl",
-             "h200-device-e.jsonl", "h200-trainer-e.jsonl", "h200-device-f.jsonl", "h200-references-f.jsonl")
+             "h200-device-e.jsonl", "h200-trainer-e.jsonl", "h200-device-f.jsonl", "h200-references-f.jsonl",
+             "h200-moe-g.jsonl", "h200-sft-h.jsonl", "h200-device-j.jsonl")
     measured = {json.loads(line)["model"] for d in ("results", "results_h200", "results_trainer")
                 for path in (ROOT / "validation" / d).glob("*.jsonl") if path.name not in later
                 for line in path.read_text().splitlines() if line.strip()}
