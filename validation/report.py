@@ -47,6 +47,7 @@ H200_SETS = (
     ("plain loop: new families, round a (issue 13)", Path(__file__).resolve().parent / "results_h200" / "h200-families.jsonl"),
     ("plain loop: new families, round b (issue 13)", Path(__file__).resolve().parent / "results_h200" / "h200-families-b.jsonl"),
     ("plain loop: MoE training, round g (holdouts)", Path(__file__).resolve().parent / "results_h200" / "h200-moe-g.jsonl"),
+    ("plain loop: decodes, round j (holdouts)", Path(__file__).resolve().parent / "results_h200" / "h200-device-j.jsonl"),
     ("TRL SFTTrainer: round h (holdouts)", Path(__file__).resolve().parent / "results_trainer" / "h200-sft-h.jsonl"),
 )
 # The sets whose table also shows the trainable-parameter counts, PEFT's against ours (issue 13).
