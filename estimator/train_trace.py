@@ -1007,7 +1007,7 @@ def _masked_rows_function():
     class MaskedRows(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x, n):
-            ctx.shape, ctx.dtype = x.shape, x.dtype
+            ctx.shape = x.shape
             where = torch.empty((n, 2), dtype=torch.long)
             rows = x.new_empty((n,) + tuple(x.shape[2:]))
             del where
@@ -1024,7 +1024,7 @@ def _sft_forward(model, ids, labels, attention_mask, items) -> dict:
     """The forward SFTTrainer runs (trl 1.16 `add_fused_lm_head`'s `_fused_forward` with
     `fused_lm_head=True`, outputs log_probs, entropy and is_top1): the backbone without lm_head, its
     last hidden states and the labels shifted by one, the scored positions gathered (every label of
-    the harness's data is scored: N = B·(S − 1); the boolean index's nonzero is an int64 [N]), the
+    the harness's data is scored: N = B·(S − 1); the boolean index's nonzero is an int64 [N, 2]), the
     chunked head over them (`_chunked_head_function`), each per-token output scattered back into
     zeros of [B, S − 1], and the loss."""
     import torch
