@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import statistics
 import sys
@@ -130,9 +131,20 @@ def job_of(row: dict) -> Job:
 
 def compare(row: dict) -> Comparison:
     """Today's estimate of a measured row, from the very config its checkpoint was built from: the
-    catalog's, with the row's `config_overrides` applied by the harness's own function."""
+    catalog's, with the row's `config_overrides` applied by the harness's own function.
+
+    A row is estimated once per process (the report, the H200 report, the tight band's check and
+    the accuracy page's data all compare the same rows; traced MoE steps take seconds each): the
+    result depends only on the row and on the estimator's code and catalog, which do not change
+    while a process runs."""
+    return _compare(json.dumps(row, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=None)
+def _compare(row_json: str) -> Comparison:
     from validation.measure import case_config
 
+    row = json.loads(row_json)
     job = job_of(row)
     entry = find_entry(row["model"])
     if entry is None:
@@ -265,12 +277,18 @@ def edge_rows(path: Path = EDGE_PATH) -> list[dict]:
     today's verdicts at the largest size that ran and at the smallest that failed."""
     if not path.exists():
         return []
+    return [dict(row) for row in _edge_rows(Path(path).read_text())]
+
+
+@functools.lru_cache(maxsize=None)
+def _edge_rows(text: str) -> tuple[dict, ...]:
+    """edge_rows of a file's text, once per process (each row bisects today's estimator)."""
     import gpu_db
     from estimator.fit import fit as fit_job
     from validation.edge import EdgeCase, predicted_boundary
 
     rows = {}
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         if line.strip():
             row = json.loads(line)
             rows[row["case"]] = row
@@ -291,7 +309,7 @@ def edge_rows(path: Path = EDGE_PATH) -> list[dict]:
 
         out.append({**row, "estimated": estimated, "error": error,
                     "verdict_ran": verdict(ran), "verdict_failed": verdict(failed_at)})
-    return out
+    return tuple(out)
 
 
 def edge_ok(row: dict) -> bool:
